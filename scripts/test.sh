@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Sets everything up on a fresh machine (host, venv, tiny checkpoints) and runs the whole test suite:
+# ruff, then pytest (core tests on tiny tensors + host tests through the real ComfyUI).
+# Extra arguments go to pytest, e.g.  bash scripts/test.sh -k residual
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+env_lines="$(bash scripts/setup_env.sh)"
+COMFYUI_DIR="$(sed -n 's/^COMFYUI_DIR=//p' <<<"$env_lines")"
+VENV="$(sed -n 's/^VENV=//p' <<<"$env_lines")"
+export COMFYUI_DIR
+echo "[cones2] host: $COMFYUI_DIR  venv: $VENV"
+"$VENV/bin/ruff" check .
+start=$(date +%s)
+set +e
+"$VENV/bin/python" -m pytest tests "$@"
+rc=$?
+set -e
+echo "[cones2] test wall time: $(( $(date +%s) - start )) s"
+exit $rc

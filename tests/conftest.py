@@ -1,0 +1,73 @@
+"""Shared fixtures: the real ComfyUI host (never a mock), tiny checkpoints, a running server.
+
+Host tests need ComfyUI: found by COMFYUI_DIR, the pack's grandparent in ComfyUI/custom_nodes/, or
+~/ComfyUI. Without it they skip, except under CI=true, where a missing host fails the run.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from harness import tiny_checkpoints
+from harness.host import HostNotFound, find_host
+
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+@pytest.fixture(scope="session")
+def host_dir() -> str:
+    try:
+        return find_host()
+    except HostNotFound as e:
+        if IN_CI:
+            pytest.fail(f"CI=true and no ComfyUI host: {e}")
+        pytest.skip(str(e))
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpts(host_dir) -> dict[str, str]:
+    """{family: path} for 'sd15', 'sd2v', 'sdxl', built once into the versioned cache (a subprocess, so
+    the host parses its own CPU arguments there)."""
+    out = os.environ.get("CONES2_CKPT_DIR") or tiny_checkpoints.default_cache_dir()
+    res = subprocess.run([sys.executable, tiny_checkpoints.__file__, "--comfyui", host_dir, "--out", out],
+                         capture_output=True, text=True, timeout=1200)
+    if res.returncode != 0:
+        pytest.fail(f"building tiny checkpoints failed:\n{res.stdout}\n{res.stderr[-4000:]}")
+    paths = dict(line.split("\t") for line in res.stdout.strip().splitlines())
+    assert set(paths) == set(tiny_checkpoints.FAMILIES)
+    return paths
+
+
+@pytest.fixture(scope="session")
+def comfy(host_dir):
+    """The host imported in-process (CPU), for fast tests that call nodes and models directly."""
+    from harness.host import import_host
+
+    import_host(host_dir)
+    import comfy.model_management  # noqa: F401  (initialises the CPU device)
+
+    return host_dir
+
+
+@pytest.fixture(scope="session")
+def server(host_dir, tiny_ckpts, tmp_path_factory):
+    """A real ComfyUI server with this pack and the tiny checkpoints, on a free loopback port."""
+    from harness.server import ComfyServer
+
+    srv = ComfyServer(checkpoints=tiny_ckpts, base_dir=str(tmp_path_factory.mktemp("comfy-base")), host=host_dir)
+    srv.start()
+    yield srv
+    srv.stop()
+    if os.environ.get("CONES2_KEEP_LOG"):
+        sys.stderr.write(srv.log_text())
+
+
+@pytest.fixture(scope="session")
+def client(server):
+    from harness.client import ComfyClient
+
+    return ComfyClient(server.url)
