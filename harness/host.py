@@ -55,4 +55,10 @@ def load_pack(name: str = "comfyui_cones2"):
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
     spec.loader.exec_module(module)
+    import pkgutil
+
+    for sub in ("cones2_core", "nodes"):  # import every submodule, so tests can reach them as attributes
+        pkg = importlib.import_module(f"{name}.{sub}")
+        for info in pkgutil.iter_modules(pkg.__path__):
+            importlib.import_module(f"{name}.{sub}.{info.name}")
     return module

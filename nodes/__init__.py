@@ -13,7 +13,9 @@ CATEGORY = "conditioning/cones2"
 
 def _node_modules():
     # Each feature module exposes NODES, a list of io.ComfyNode classes.
-    return []
+    from . import residual_nodes
+
+    return [residual_nodes]
 
 
 class Cones2Extension(ComfyExtension):

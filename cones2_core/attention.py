@@ -1,0 +1,182 @@
+"""Cones 2 layout guidance: a bias added to the cross-attention scores before the softmax.
+
+For one cross-attention call with scores ``S = Q K^T`` (per head, before the softmax scale)::
+
+    S' = S + guidance_weight * W * log(1 + sigma^2) * std(S)
+    out = softmax(S' * scale) V
+
+``W [pixels, tokens]`` comes from :func:`cones2_core.layout.build_weight_map`; ``std(S)`` is the unbiased
+standard deviation of one sample's scores over all its heads, pixels and tokens (the reference's
+``qk.std()`` with batch size 1), so a batch gives exactly what separate runs of its samples give.
+Everything is computed in float32; large pixel counts are processed in chunks.
+"""
+
+import torch
+
+from .errors import Cones2Error
+
+# Upper bound on the elements of one score chunk [B, H, chunk, T] (float32: 128 MiB).
+MAX_CHUNK_ELEMENTS = 1 << 25
+
+
+def _moments(s: torch.Tensor) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """Per-sample count, mean and sum of squared deviations (float64) of s [B, ...]."""
+    n = s[0].numel()
+    mean = torch.sum(s, dim=tuple(range(1, s.dim())), dtype=torch.float64) / n  # [B]
+    dev = s - mean.to(s.dtype).view(-1, *([1] * (s.dim() - 1)))
+    m2 = torch.sum(dev * dev, dim=tuple(range(1, s.dim())), dtype=torch.float64)  # [B]
+    # Correct for the rounding of the mean to float32 (exact shift formula).
+    shift = torch.sum(dev, dim=tuple(range(1, s.dim())), dtype=torch.float64)
+    return n, mean, m2 - shift * shift / n
+
+
+def _combine(a: tuple[int, torch.Tensor, torch.Tensor], b: tuple[int, torch.Tensor, torch.Tensor]):
+    """Chan et al.'s pairwise merge of two (count, mean, M2) summaries."""
+    na, mean_a, m2_a = a
+    nb, mean_b, m2_b = b
+    n = na + nb
+    delta = mean_b - mean_a
+    return n, mean_a + delta * (nb / n), m2_a + m2_b + delta * delta * (na * nb / n)
+
+
+def _std(moments: tuple[int, torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Unbiased std [B] (float64) from a (count, mean, M2) summary."""
+    n, _, m2 = moments
+    return torch.sqrt(m2.clamp_min(0) / max(n - 1, 1))
+
+
+def _coefficient(std: torch.Tensor, sigma: float | torch.Tensor, guidance_weight: float) -> torch.Tensor:
+    """guidance_weight * log(1 + sigma^2) * std per sample -> float32 [B]."""
+    batch = std.shape[0]
+    if isinstance(sigma, torch.Tensor):
+        sig = sigma.detach().to(device=std.device, dtype=torch.float64).reshape(-1)
+        if sig.numel() not in (1, batch):
+            raise Cones2Error(
+                f"sigma has {sig.numel()} values but the batch has {batch} samples; "
+                "pass one noise level per sample (shape [B]) or a single float"
+            )
+    else:
+        sig = torch.tensor([float(sigma)], dtype=torch.float64, device=std.device)
+    return (float(guidance_weight) * torch.log1p(sig * sig) * std).to(torch.float32).expand(batch)
+
+
+def _check_weight_map(weight_map: torch.Tensor, batch: int, n: int, t: int, device) -> torch.Tensor:
+    """Validate W ([B or 1, N, T], or [N, T]) and return it as float32 [B or 1, N, T] on device."""
+    w = weight_map.unsqueeze(0) if weight_map.dim() == 2 else weight_map
+    if w.dim() != 3 or w.shape[0] not in (1, batch) or tuple(w.shape[1:]) != (n, t):
+        raise Cones2Error(
+            f"the layout weight map has shape {tuple(weight_map.shape)} but this attention layer needs "
+            f"[{batch} or 1, {n}, {t}] (pixels x tokens); build it for this layer's latent grid and token count"
+        )
+    return w.to(device=device, dtype=torch.float32)
+
+
+def layout_bias(
+    scores: torch.Tensor, weight_map: torch.Tensor, sigma: float | torch.Tensor, guidance_weight: float
+) -> torch.Tensor:
+    """The additive Cones 2 bias for raw (unscaled) scores.
+
+    scores [B, H, N, T] (any float dtype), weight_map [B or 1, N, T], sigma a float or a tensor [B].
+    Returns float32 [B, H, N, T] = guidance_weight * W * log(1 + sigma^2) * std(scores[b]).
+    """
+    if scores.dim() != 4:
+        raise Cones2Error(f"scores must have shape [B, heads, pixels, tokens], got {tuple(scores.shape)}")
+    b, _, n, t = scores.shape
+    w = _check_weight_map(weight_map, b, n, t, scores.device)
+    coef = _coefficient(_std(_moments(scores.float())), sigma, guidance_weight)  # [B]
+    return (coef.view(b, 1, 1, 1) * w.unsqueeze(1)).expand(scores.shape)
+
+
+def _split_heads(x: torch.Tensor, heads: int, name: str) -> torch.Tensor:
+    """[B, L, heads*d] -> float32 [B, heads, L, d]."""
+    if x.dim() != 3 or x.shape[-1] % heads:
+        raise Cones2Error(f"{name} must have shape [B, length, heads*dim] with dim divisible by heads={heads}, "
+                          f"got {tuple(x.shape)}")
+    b, length, c = x.shape
+    return x.float().reshape(b, length, heads, c // heads).transpose(1, 2)
+
+
+def guided_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    heads: int,
+    weight_map: torch.Tensor | None,
+    sigma: float | torch.Tensor,
+    guidance_weight: float,
+    scale: float | None = None,
+    return_probs: bool = False,
+    *,
+    chunk_size: int | None = None,
+):
+    """Cross-attention with the Cones 2 layout bias.
+
+    q [B, N, heads*d], k and v [B, T, heads*d]; weight_map [B or 1, N, T] or None (plain attention).
+    Returns the output [B, N, heads*d] in q's dtype, and with return_probs=True also the float32
+    probabilities [B, heads, N, T]. chunk_size (pixels per chunk) defaults to what fits MAX_CHUNK_ELEMENTS;
+    std(S) is always taken over the whole sample.
+    """
+    if not isinstance(heads, int) or heads < 1:
+        raise Cones2Error(f"heads must be a positive integer, got {heads!r}")
+    qh, kh, vh = (_split_heads(x, heads, name) for x, name in ((q, "q"), (k, "k"), (v, "v")))
+    b, _, n, d = qh.shape
+    t = kh.shape[2]
+    if kh.shape[0] != b or vh.shape[:3] != kh.shape[:3] or kh.shape[3] != d:
+        raise Cones2Error(f"q {tuple(q.shape)}, k {tuple(k.shape)} and v {tuple(v.shape)} do not match: "
+                          "k and v need q's batch and width and the same token count")
+    scale = d**-0.5 if scale is None else float(scale)
+    if chunk_size is not None and chunk_size < 1:
+        raise Cones2Error(f"chunk_size must be a positive integer, got {chunk_size!r}")
+    chunk = chunk_size or max(1, MAX_CHUNK_ELEMENTS // max(1, b * heads * t))
+    kt = kh.transpose(-1, -2)  # [B, H, d, T]
+
+    full = None  # the whole S when it fits in one chunk
+    coef = w = None
+    if weight_map is not None and guidance_weight != 0:
+        w = _check_weight_map(weight_map, b, n, t, qh.device)
+        if n <= chunk:
+            full = qh @ kt
+            moments = _moments(full)
+        else:  # first pass: per-sample moments of S, merged over chunks
+            moments = None
+            for start in range(0, n, chunk):
+                part = _moments(qh[:, :, start : start + chunk] @ kt)
+                moments = part if moments is None else _combine(moments, part)
+        coef = _coefficient(_std(moments), sigma, guidance_weight).view(b, 1, 1, 1)
+
+    outs, probs = [], []
+    for start in range(0, n, chunk):
+        s = full if full is not None else qh[:, :, start : start + chunk] @ kt  # [B, H, c, T]
+        if coef is not None:
+            s = s + coef * w[:, None, start : start + chunk]
+        p = torch.softmax(s * scale, dim=-1)
+        outs.append(p @ vh)
+        if return_probs:
+            probs.append(p)
+    out = torch.cat(outs, dim=2).transpose(1, 2).reshape(b, n, heads * d).to(q.dtype)
+    return (out, torch.cat(probs, dim=2)) if return_probs else out
+
+
+def attention_share_inside(probs: torch.Tensor, token_positions: list[int], mask: torch.Tensor) -> float:
+    """Share of the attention mass of the given tokens that falls on pixels inside mask.
+
+    probs [B, H, N, T]; mask bool with N elements ([N] or [h, w], row-major). Mass is summed over
+    batch, heads and the tokens; returns a float in 0..1.
+    """
+    if probs.dim() != 4:
+        raise Cones2Error(f"probs must have shape [B, heads, pixels, tokens], got {tuple(probs.shape)}")
+    if not token_positions:
+        raise Cones2Error("no token positions given: pass the prompt positions of the subject's tokens")
+    n, t = probs.shape[2], probs.shape[3]
+    bad = [p for p in token_positions if not 0 <= p < t]
+    if bad:
+        raise Cones2Error(f"token positions {bad} are out of range 0..{t - 1}")
+    inside = mask.reshape(-1).to(device=probs.device, dtype=torch.bool)
+    if inside.numel() != n:
+        raise Cones2Error(f"the mask has {inside.numel()} pixels but the attention has {n}; resize the mask")
+    mass = probs[..., list(token_positions)].double().sum(dim=(0, 1, 3))  # [N]
+    total = mass.sum().item()
+    return mass[inside].sum().item() / total if total > 0 else 0.0
+
+
+__all__ = ["MAX_CHUNK_ELEMENTS", "attention_share_inside", "guided_attention", "layout_bias"]

@@ -1,0 +1,119 @@
+"""Encoding a prompt exactly as CLIPTextEncode does, plus the token positions Cones 2 needs.
+
+Host-facing half of residual application: the host's tokenizer finds where each word sits; the core
+(``cones2_core.conditioning``) adds the residuals.
+"""
+
+from __future__ import annotations
+
+import re
+
+from ..cones2_core.conditioning import (
+    CHANNELS,
+    Placement,
+    add_residuals,
+    family_of_encoder_keys,
+    find_occurrences,
+)
+from ..cones2_core.errors import Cones2Error
+from ..cones2_core.residual import FAMILY_NAMES, Residual
+
+COND_KEY = "cones2"  # key of our record in the conditioning dict
+ENCODER_NAMES = {"l": "CLIP-L", "h": "OpenCLIP-H", "g": "CLIP-G"}
+
+
+def _describe(family: str) -> str:
+    encs = " + ".join(f"{ENCODER_NAMES[k]} {w}" for k, (_, w) in CHANNELS[family].items())
+    return f"{FAMILY_NAMES[family]} ({encs})"
+
+
+def clip_family(clip) -> str:
+    keys = clip.tokenize("a").keys()
+    family = family_of_encoder_keys(keys)
+    if family is None:
+        raise Cones2Error(f"this CLIP has text encoders {sorted(keys)}; Cones 2 supports SD1.5 (l), SD2.x (h) and "
+                          "SDXL (l + g) text encoders: connect the CLIP output of such a checkpoint loader")
+    return family
+
+
+def _token_ids(chunks) -> list[list[object]]:
+    """Token ids per chunk (entries are (token, weight[, word_id]))."""
+    return [[t[0] if isinstance(t[0], int) else None for t in chunk] for chunk in chunks]
+
+
+def word_tokens(clip, word: str) -> dict[str, list[int]]:
+    """The tokens of ``word`` alone, per encoder key, without start/end/padding tokens."""
+    escaped = word.replace("\\", "\\\\").replace("(", "\\(").replace(")", "\\)")
+    toks = clip.tokenize(escaped, return_word_ids=True)
+    return {k: [t for t, _w, wid in chunks[0] if wid != 0 and isinstance(t, int)] for k, chunks in toks.items()}
+
+
+def prompt_words(text: str) -> list[str]:
+    """The plain words of a prompt (weight syntax and punctuation removed), lower-cased, in order, unique."""
+    cleaned = re.sub(r":\s*-?[0-9.]+\s*\)", " ", text)  # "(dog:1.2)" -> "(dog "
+    words = re.findall(r"[^\W_]+(?:['-][^\W_]+)*", cleaned.lower())
+    return list(dict.fromkeys(w for w in words if not w.replace(".", "").isdigit() or len(w) > 0))
+
+
+def _positions(clip, tokens, word: str) -> list[list[int]]:
+    """Occurrences of ``word`` in the prompt, as lists of token rows (agreeing across SDXL's encoders)."""
+    per_key = {}
+    for key, pattern in word_tokens(clip, word).items():
+        if not pattern:
+            return []
+        chunks = tokens[key]
+        per_key[key] = find_occurrences(_token_ids(chunks), pattern, len(chunks[0]))
+    results = list(per_key.values())
+    return results[0] if all(r == results[0] for r in results) else min(results, key=len)
+
+
+def encode_with_residuals(clip, text: str, residuals: list[Residual] | None):
+    """CONDITIONING for ``text`` with each residual added at its subject word's tokens.
+
+    Everything is checked before anything is built, so a bad residual leaves nothing half-applied.
+    Returns the host's conditioning list, each dict carrying our record under ``COND_KEY``.
+    """
+    if clip is None:
+        raise Cones2Error("the clip input is empty: connect the CLIP output of a checkpoint loader")
+    residuals = list(residuals or [])
+    family = clip_family(clip)
+    tokens = clip.tokenize(text)
+    words = prompt_words(text)
+    placements = []
+    subjects: dict[str, list[list[int]]] = {}
+    for res in residuals:
+        name = res.source or res.subject
+        if res.family != family:
+            raise Cones2Error(f"residual '{name}' is for {_describe(res.family)} but the connected CLIP is "
+                              f"{_describe(family)}: connect the CLIP of a {FAMILY_NAMES[res.family]} checkpoint "
+                              f"or use a residual made for {FAMILY_NAMES[family]}")
+        occ = _positions(clip, tokens, res.subject)
+        if not occ:
+            raise Cones2Error(f"the subject word '{res.subject}' of residual '{name}' is not in the prompt; the prompt's "
+                              f"words are: {', '.join(words) or '(none)'}. Add '{res.subject}' to the prompt or set the "
+                              "residual's subject to one of these words")
+        if len(occ[0]) != res.n_tokens:
+            raise Cones2Error(f"residual '{name}' has {res.n_tokens} token rows but the word '{res.subject}' has "
+                              f"{len(occ[0])} token(s) for this tokenizer: set the subject to the word the residual "
+                              "was made for")
+        subjects[res.subject] = occ
+        for key, (offset, _width) in CHANNELS[family].items():
+            placements.append(Placement(tuple(tuple(o) for o in occ), res.tensors[key], offset, float(res.strength)))
+
+    conditioning = clip.encode_from_tokens_scheduled(tokens)
+    word_positions = {w: sorted(p for o in _positions(clip, tokens, w) for p in o) for w in words}
+    for subject, occ in subjects.items():
+        word_positions[subject.lower()] = sorted(p for o in occ for p in o)
+    out = []
+    for cond, extra in conditioning:
+        width = cond.shape[-1]
+        expected = sum(w for _, w in CHANNELS[family].values())
+        if width != expected:
+            raise Cones2Error(f"the CLIP produced a {width}-wide conditioning; {_describe(family)} needs {expected}")
+        record = {"version": 1, "prompt": text, "family": family, "n_tokens": int(cond.shape[1]),
+                  "words": {w: p for w, p in word_positions.items() if p},
+                  "residuals": [{"subject": r.subject, "source": r.source, "strength": float(r.strength)}
+                                for r in residuals]}
+        new_cond = add_residuals(cond, placements) if placements else cond
+        out.append([new_cond, {**extra, COND_KEY: record}])
+    return out
