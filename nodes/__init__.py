@@ -1,21 +1,24 @@
-"""ComfyUI nodes of the pack: thin translators between the host's types and ``cones2_core``."""
+"""ComfyUI nodes of the pack: thin translators between the host's types and ``cones2_core``.
+
+Every module of this package that defines ``NODES`` (a list of ``io.ComfyNode`` classes) is registered.
+"""
 
 from __future__ import annotations
 
+import importlib
 import logging
+import pkgutil
 
 from comfy_api.latest import ComfyExtension, io
 
 log = logging.getLogger("comfyui-cones2")
 
-CATEGORY = "conditioning/cones2"
-
 
 def _node_modules():
-    # Each feature module exposes NODES, a list of io.ComfyNode classes.
-    from . import residual_nodes
-
-    return [residual_nodes]
+    for info in sorted(pkgutil.iter_modules(__path__), key=lambda i: i.name):
+        module = importlib.import_module(f"{__name__}.{info.name}")
+        if hasattr(module, "NODES"):
+            yield module
 
 
 class Cones2Extension(ComfyExtension):

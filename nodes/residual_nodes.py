@@ -10,13 +10,11 @@ from comfy_api.latest import io
 
 from ..cones2_core.errors import Cones2Error
 from ..cones2_core.residual import load_residual, resolve_residual_path
+from .common import CATEGORY, Residuals
 from .encoding import encode_with_residuals
 from .paths import FOLDER, residual_folders
 
 log = logging.getLogger("comfyui-cones2")
-CATEGORY = "conditioning/cones2"
-
-Residuals = io.Custom("CONES2_RESIDUALS")
 
 
 def find_residual_file(name: str) -> str:
