@@ -1,0 +1,331 @@
+"""Layout attention guidance inside ComfyUI's UNet, through the host's patch APIs only.
+
+* An ``attn2`` replace patch on every cross-attention block computes the host's own attention for the
+  whole batch (so unguided rows are bit-identical to an unpatched model) and recomputes the rows of the
+  guided conditioning with the Cones 2 bias (``cones2_core.attention.guided_attention``).
+* An ``APPLY_MODEL`` wrapper finds, per model call, which batch rows carry the guided conditioning
+  (conditional pass only, matched by the context tensor itself, so cond/uncond batching, CFG 1, batch > 1
+  and several prompts all work) and their sigma, and hands that to the patch via transformer_options.
+* A ``SAMPLER_SAMPLE`` wrapper resets the attention recording of a run and, when asked, takes each guided
+  step twice with re-noising in between (self-recurrence).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import comfy.patcher_extension
+import torch
+
+from ..cones2_core.attention import guided_attention
+from ..cones2_core.errors import Cones2Error
+from ..cones2_core.layout import build_weight_map, rasterize_boxes, resize_mask
+from ..cones2_core.schedule import in_window, recurrence_plan, renoise_scale
+
+log = logging.getLogger("comfyui-cones2")
+
+WRAPPER_KEY = "cones2_layout"
+CALL_KEY = "cones2_call"
+
+
+# ---- what one Layout Guidance node asks for ----------------------------------------------------------------
+
+@dataclass
+class SubjectRegion:
+    subject: str
+    positions: tuple[int, ...]  # token rows of the subject in its conditioning (0..T0-1)
+    boxes: tuple = ()  # cones2_core.layout.Box, normalised
+    masks: tuple = ()  # float [H0, W0] masks (MASK inputs, colour maps)
+    weight: float = 2.5
+
+    def region(self, h: int, w: int) -> torch.Tensor:
+        grid = torch.zeros(h, w, dtype=torch.bool)
+        if self.boxes:
+            grid |= rasterize_boxes(self.boxes, h, w)
+        for m in self.masks:
+            grid |= resize_mask(m, h, w)
+        return grid
+
+
+@dataclass
+class GuidanceSpec:
+    uid: str
+    conds: list  # [(context tensor [1, T0, C] on CPU, tuple[SubjectRegion])] one per conditioning entry
+    guidance_weight: float
+    negative_weight: float
+    sigma_start: float
+    sigma_end: float
+    self_recurrence: bool
+    _maps: dict = field(default_factory=dict, repr=False)  # derived weight maps, keyed by grid and device
+
+    def match(self, ctx: torch.Tensor):
+        """The subjects of the conditioning whose tensor ``ctx`` [T, C] is (a repeat of), else None."""
+        for ref, subjects in self.conds:
+            t0 = ref.shape[1]
+            if ctx.shape[0] % t0 or ctx.shape[-1] != ref.shape[-1]:
+                continue
+            r = ref[0].to(device=ctx.device, dtype=ctx.dtype)
+            if all(torch.equal(ctx[i:i + t0], r) for i in range(0, ctx.shape[0], t0)):
+                return subjects
+        return None
+
+    def weight_map(self, subjects, h: int, w: int, t: int, device) -> torch.Tensor:
+        key = (id(subjects), h, w, t, str(device))
+        wm = self._maps.get(key)
+        if wm is None:
+            t0 = next(ref.shape[1] for ref, s in self.conds if s is subjects)
+            bindings = []
+            for s in subjects:
+                tokens = [p + r for r in range(0, t, t0) for p in s.positions]  # context repeated to T tokens
+                bindings.append((tokens, s.region(h, w), s.weight))
+            wm = build_weight_map(bindings, h, w, t, self.negative_weight).to(device)[None]
+            self._maps[key] = wm
+        return wm
+
+    def __deepcopy__(self, memo):  # the host deep-copies model options on clone: share the immutable parts
+        return GuidanceSpec(self.uid, self.conds, self.guidance_weight, self.negative_weight, self.sigma_start,
+                            self.sigma_end, self.self_recurrence)
+
+
+# ---- attention recording (read by the Attention Maps node) -------------------------------------------------
+
+class Recording:
+    """Per grid (h, w): per subject, the attention mass of its tokens per pixel, summed over heads, layers,
+    guided rows and guided calls; plus the subject's region on that grid."""
+
+    def __init__(self):
+        self.maps: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
+        self.regions: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
+        self.calls = 0
+
+    def add(self, h: int, w: int, probs: torch.Tensor, subjects, tokens_per_subject) -> None:
+        grid = self.maps.setdefault((h, w), {})
+        regions = self.regions.setdefault((h, w), {})
+        for s, tokens in zip(subjects, tokens_per_subject, strict=True):
+            mass = probs[..., tokens].sum(dim=(0, 1, 3)).double().cpu().reshape(h, w)
+            grid[s.subject] = grid[s.subject] + mass if s.subject in grid else mass
+            if s.subject not in regions:
+                regions[s.subject] = s.region(h, w)
+
+
+_RECORDINGS: OrderedDict[str, Recording] = OrderedDict()
+_LOCK = threading.Lock()
+_MAX_RECORDINGS = 32
+
+
+def recording(uid: str, reset: bool = False) -> Recording:
+    with _LOCK:
+        rec = _RECORDINGS.get(uid)
+        if rec is None or reset:
+            rec = _RECORDINGS[uid] = Recording()
+        _RECORDINGS.move_to_end(uid)
+        while len(_RECORDINGS) > _MAX_RECORDINGS:
+            _RECORDINGS.popitem(last=False)
+        return rec
+
+
+def find_recording(uid: str) -> Recording | None:
+    with _LOCK:
+        return _RECORDINGS.get(uid)
+
+
+# ---- the patches ---------------------------------------------------------------------------------------------
+
+@dataclass
+class _Group:
+    spec: GuidanceSpec
+    subjects: tuple
+    rows: list
+    sigmas: list
+
+
+class Cones2CrossAttention:
+    """attn2 replace patch: host attention for every row, the Cones 2 bias for the guided rows."""
+
+    def __init__(self, specs):
+        self.specs = tuple(specs)
+
+    def __call__(self, q, k, v, extra_options):
+        from comfy.ldm.modules.attention import optimized_attention
+
+        heads = extra_options["n_heads"]
+        groups = extra_options.get(CALL_KEY)
+        if not groups:  # nothing guided in this call: exactly the host's attention
+            return optimized_attention(q, k, v, heads, attn_precision=extra_options.get("attn_precision"),
+                                       transformer_options=extra_options)
+        shape = extra_options.get("activations_shape")
+        h, w = int(shape[-2]), int(shape[-1])
+        if h * w != q.shape[1]:
+            raise Cones2Error(f"cannot map {q.shape[1]} attention pixels to a {h}x{w} grid; this UNet layout is "
+                              "not supported by Layout Guidance")
+        t = k.shape[1]
+        guided_rows = sorted(r for g in groups for r in g.rows)
+        plain_rows = [r for r in range(q.shape[0]) if r not in set(guided_rows)]
+        out = torch.empty(q.shape[0], q.shape[1], v.shape[-1], dtype=q.dtype, device=q.device)
+        if plain_rows:  # the host's own attention for the unguided rows (the uncond pass, other prompts)
+            idx = torch.tensor(plain_rows, device=q.device)
+            out[idx] = optimized_attention(q[idx], k[idx], v[idx], heads, attn_precision=extra_options.get(
+                "attn_precision"), transformer_options=extra_options).to(out.dtype)
+        for g in groups:
+            rows = torch.tensor(g.rows, device=q.device)
+            wm = g.spec.weight_map(g.subjects, h, w, t, q.device)
+            sig = torch.tensor(g.sigmas, device=q.device, dtype=torch.float32)
+            res, probs = guided_attention(q[rows], k[rows], v[rows], heads, wm, sig, g.spec.guidance_weight,
+                                          return_probs=True)
+            out[rows] = res.to(out.dtype)
+            t0 = next(ref.shape[1] for ref, s in g.spec.conds if s is g.subjects)
+            tokens = [[p + r for r in range(0, t, t0) for p in s.positions] for s in g.subjects]
+            recording(g.spec.uid).add(h, w, probs, g.subjects, tokens)
+        return out
+
+
+class Cones2ApplyModel:
+    """APPLY_MODEL wrapper: tells the patch which rows of this call are guided, and at which sigma."""
+
+    def __init__(self, specs):
+        self.specs = tuple(specs)
+
+    def __call__(self, executor, x, t, c_concat, c_crossattn, control, transformer_options, **kwargs):
+        self._check_patches(transformer_options)
+        groups = self.groups(c_crossattn, t, transformer_options.get("cond_or_uncond") or [0])
+        if groups:
+            transformer_options = {**transformer_options, CALL_KEY: groups}
+        return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+
+    def groups(self, context, sigma, cond_or_uncond) -> list[_Group]:
+        if context is None:
+            return []
+        batch = context.shape[0]
+        per = max(1, batch // max(1, len(cond_or_uncond)))
+        found: dict[tuple[int, int], _Group] = {}
+        for row in range(batch):
+            chunk = min(row // per, len(cond_or_uncond) - 1)
+            if cond_or_uncond[chunk] != 0:  # 0 = the conditional pass; never bias the negative/uncond pass
+                continue
+            s = float(sigma[row]) if sigma.ndim else float(sigma)
+            for spec in self.specs:
+                if not in_window(s, spec.sigma_start, spec.sigma_end):
+                    continue
+                subjects = spec.match(context[row])
+                if subjects is not None:
+                    g = found.setdefault((id(spec), id(subjects)), _Group(spec, subjects, [], []))
+                    g.rows.append(row)
+                    g.sigmas.append(s)
+                    break
+        return list(found.values())
+
+    def _check_patches(self, transformer_options):
+        replaced = transformer_options.get("patches_replace", {}).get("attn2", {})
+        for key, patch in replaced.items():
+            if not isinstance(patch, Cones2CrossAttention):
+                raise Cones2Error(
+                    f"another node replaced the cross-attention of block {key} after Cones2 Layout Guidance "
+                    f"({type(patch).__name__}); the two cannot run together: apply that node before Layout "
+                    "Guidance (it will then say so) or remove one of them")
+
+
+class Cones2Sampler:
+    """SAMPLER_SAMPLE wrapper: fresh attention recording per run; self-recurrence on guided steps."""
+
+    def __init__(self, specs):
+        self.specs = tuple(specs)
+
+    def __call__(self, executor, guider, sigmas, extra_args, callback, noise, latent_image, denoise_mask,
+                 disable_pbar):
+        for spec in self.specs:
+            recording(spec.uid, reset=True)
+        rec_specs = [s for s in self.specs if s.self_recurrence]
+        n = len(sigmas) - 1
+        guided = [any(in_window(float(sigmas[i]), s.sigma_start, s.sigma_end) for s in rec_specs) for i in range(n)]
+        if not any(guided):
+            return executor(guider, sigmas, extra_args, callback, noise, latent_image, denoise_mask, disable_pbar)
+        if denoise_mask is not None:
+            log.warning("Cones2: self-recurrence is skipped with an inpainting mask; sampling normally")
+            return executor(guider, sigmas, extra_args, callback, noise, latent_image, denoise_mask, disable_pbar)
+        plan = recurrence_plan([float(s) for s in sigmas], guided)
+        total = sum((stop - start) * reps for start, stop, reps in plan)
+        gen = torch.Generator(device="cpu").manual_seed(int(extra_args.get("seed", 0) or 0) + 0x5EED)
+        x, done = None, 0
+        for start, stop, reps in plan:
+            for r in range(reps):
+                cb = None
+                if callback is not None:
+                    cb = (lambda off: (lambda i, x0, xi, _total: callback(off + i, x0, xi, total)))(done)
+                seg = sigmas[start:stop + 1]
+                if x is None:
+                    x = executor(guider, seg, extra_args, cb, noise, latent_image, None, disable_pbar)
+                else:
+                    x = executor(guider, seg, extra_args, cb, torch.zeros_like(x), x, None, disable_pbar)
+                done += stop - start
+                if r + 1 < reps:  # re-noise back to sigma_start of the step and take it again
+                    eps = torch.randn(x.shape, generator=gen, dtype=torch.float32).to(x)
+                    x = x + renoise_scale(float(sigmas[start]), float(sigmas[stop])) * eps
+        return x
+
+
+# ---- installing on a clone -----------------------------------------------------------------------------------
+
+def cross_attention_blocks(model_patcher) -> list[tuple[str, int, int]]:
+    """(block, index, transformer_index) of every cross-attention transformer block of the UNet."""
+    dm = model_patcher.get_model_object("diffusion_model")
+    keys = []
+    for name, blocks in (("input", getattr(dm, "input_blocks", [])), ("output", getattr(dm, "output_blocks", []))):
+        for i, block in enumerate(blocks):
+            keys += [(name, i, j) for j in _transformer_indices(block)]
+    mid = getattr(dm, "middle_block", None)
+    if mid is not None:
+        keys += [("middle", 0, j) for j in _transformer_indices(mid)]
+    if not keys:
+        raise Cones2Error("this model has no UNet cross-attention blocks; Layout Guidance supports SD1.5, SD2.x and "
+                          "SDXL models")
+    return keys
+
+
+def _transformer_indices(block) -> list[int]:
+    out, index = [], 0
+    for layer in block:
+        for tb in getattr(layer, "transformer_blocks", []):
+            if getattr(tb, "attn2", None) is not None:
+                out.append(index)
+            index += 1
+    return out
+
+
+def existing_specs(model_patcher) -> list[GuidanceSpec]:
+    """Specs of Layout Guidance nodes already applied to this model (chained nodes compose)."""
+    replaced = model_patcher.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn2", {})
+    for key, patch in replaced.items():
+        if not isinstance(patch, Cones2CrossAttention):
+            raise Cones2Error(
+                f"the model already has a cross-attention replacement at block {key} ({type(patch).__name__}) from "
+                "another node; Layout Guidance would have to drop it. Apply Layout Guidance first, or remove that node")
+    specs: dict[str, GuidanceSpec] = {}
+    for patch in replaced.values():
+        for s in patch.specs:
+            specs.setdefault(s.uid, s)
+    return list(specs.values())
+
+
+def install(model_patcher, spec: GuidanceSpec):
+    """A clone of ``model_patcher`` with the guidance of ``spec`` (and of earlier Layout Guidance nodes)."""
+    specs = existing_specs(model_patcher) + [spec]
+    m = model_patcher.clone()
+    patch = Cones2CrossAttention(specs)
+    for block, index, tindex in cross_attention_blocks(m):
+        m.set_model_attn2_replace(patch, block, index, tindex)
+    for wtype, wrapper in ((comfy.patcher_extension.WrappersMP.APPLY_MODEL, Cones2ApplyModel(specs)),
+                           (comfy.patcher_extension.WrappersMP.SAMPLER_SAMPLE, Cones2Sampler(specs))):
+        m.remove_wrappers_with_key(wtype, WRAPPER_KEY)
+        m.add_wrapper_with_key(wtype, WRAPPER_KEY, wrapper)
+    return m
+
+
+def specs_of(model_patcher) -> list[GuidanceSpec]:
+    replaced = model_patcher.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn2", {})
+    for patch in replaced.values():
+        if isinstance(patch, Cones2CrossAttention):
+            return list(patch.specs)
+    return []

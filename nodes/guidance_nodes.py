@@ -1,0 +1,262 @@
+"""Layout Attention Guidance and Attention Maps nodes."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import uuid
+
+import torch
+from comfy_api.latest import io
+
+from ..cones2_core.errors import Cones2Error
+from ..cones2_core.layout import colour_map_regions, parse_layout
+from ..cones2_core.maps import render_panel, share_inside
+from .common import CATEGORY
+from .encoding import COND_KEY
+from .guidance import GuidanceSpec, SubjectRegion, find_recording, install, specs_of
+
+log = logging.getLogger("comfyui-cones2")
+
+LAYOUT_KEY = "cones2_layout"
+DEFAULT_LAYOUT = '{"version": 1, "boxes": []}'
+
+
+def _split_names(text: str) -> list[str]:
+    return [t.strip() for t in re.split(r"[,\n]", text or "") if t.strip()]
+
+
+def _colour_pairs(text: str) -> dict[str, str]:
+    """'#ff0000=dog, #00ff00=cat' -> {'#ff0000': 'dog', ...}"""
+    pairs = {}
+    for item in _split_names(text):
+        if "=" not in item:
+            raise Cones2Error(f"colour_subjects entry '{item}' needs the form '#rrggbb=word', e.g. '#ff0000=dog'")
+        colour, word = (p.strip() for p in item.split("=", 1))
+        pairs[colour] = word
+    return pairs
+
+
+def _has_boxes(text: str) -> bool:
+    try:
+        data = json.loads(text) if text and text.strip() else {}
+    except json.JSONDecodeError:
+        return True  # let parse_layout report the JSON error
+    return not isinstance(data, dict) or bool(data.get("boxes"))
+
+
+def subject_positions(record: dict, subject: str) -> tuple[int, ...]:
+    """Token rows of ``subject`` (a word or a phrase of the prompt) from Apply Residuals' record."""
+    words = record.get("words", {})
+    key = subject.lower().strip()
+    if key in words:
+        return tuple(words[key])
+    parts = re.findall(r"[^\W_]+(?:['-][^\W_]+)*", key)
+    if parts and all(p in words for p in parts):
+        return tuple(sorted({r for p in parts for r in words[p]}))
+    raise Cones2Error(f"the layout's subject '{subject}' is not a word of the prompt; the prompt's words are: "
+                      f"{', '.join(words) or '(none)'}. Rename the box or add the word to the prompt")
+
+
+def build_spec(model, conditioning, layout, guidance_weight, positive_weight, negative_weight, start_percent,
+               end_percent, self_recurrence, masks=None, mask_subjects="", colour_map=None, colour_subjects=""):
+    if not conditioning:
+        raise Cones2Error("the conditioning input is empty: connect Cones2 Apply Residuals to Conditioning")
+    if not 0.0 <= start_percent <= end_percent <= 1.0:
+        raise Cones2Error(f"need 0 <= start_percent <= end_percent <= 1, got {start_percent} and {end_percent}")
+    # regions per subject, from boxes, masks and a colour map
+    boxes: dict[str, list] = {}
+    weights: dict[str, float] = {}
+    region_masks: dict[str, list] = {}
+    if _has_boxes(layout) or (masks is None and colour_map is None):
+        for box in parse_layout(layout).boxes:
+            boxes.setdefault(box.subject, []).append(box)
+            if box.weight is not None:
+                weights[box.subject] = max(weights.get(box.subject, box.weight), box.weight)
+    if masks is not None:
+        names = _split_names(mask_subjects)
+        m = masks if masks.ndim == 3 else masks[None]
+        if len(names) != m.shape[0]:
+            raise Cones2Error(f"{m.shape[0]} mask(s) but {len(names)} word(s) in mask_subjects: list one subject word "
+                              "per mask, comma-separated, in the masks' order")
+        for name, mask in zip(names, m, strict=True):
+            region_masks.setdefault(name, []).append(mask.float().cpu())
+    if colour_map is not None:
+        pairs = _colour_pairs(colour_subjects)
+        if not pairs:
+            raise Cones2Error("a colour_map is connected but colour_subjects is empty: write '#rrggbb=word' pairs")
+        for name, region in colour_map_regions(colour_map[0].float().cpu(), pairs).items():
+            region_masks.setdefault(name, []).append(region.float())
+    subjects = list(dict.fromkeys([*boxes, *region_masks]))
+    conds = []
+    for cond, extra in conditioning:
+        record = extra.get(COND_KEY)
+        if record is None:
+            raise Cones2Error("this conditioning does not say where the prompt's words are: encode the prompt with "
+                              "'Cones2 Apply Residuals to Conditioning' (it works without residuals too) instead of "
+                              "CLIP Text Encode, and connect its output here")
+        regions = tuple(SubjectRegion(s, subject_positions(record, s), tuple(boxes.get(s, ())),
+                                      tuple(region_masks.get(s, ())), float(weights.get(s, positive_weight)))
+                        for s in subjects)
+        taken: dict[int, str] = {}
+        for r in regions:
+            for p in r.positions:
+                if taken.setdefault(p, r.subject) != r.subject:
+                    raise Cones2Error(f"the subjects '{taken[p]}' and '{r.subject}' share prompt token {p}; give each "
+                                      "box its own word")
+        conds.append((cond.detach().to("cpu").clone(), regions))
+    sampling = model.get_model_object("model_sampling")
+    return GuidanceSpec(uid=uuid.uuid4().hex, conds=conds, guidance_weight=float(guidance_weight),
+                        negative_weight=float(negative_weight),
+                        sigma_start=float(sampling.percent_to_sigma(start_percent)),
+                        sigma_end=float(sampling.percent_to_sigma(end_percent)) if end_percent < 1.0 else 0.0,
+                        self_recurrence=bool(self_recurrence))
+
+
+class Cones2LayoutGuidance(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="Cones2LayoutGuidance",
+            display_name="Cones2 Layout Guidance",
+            category=CATEGORY,
+            description=(
+                "Places each subject in its own region (Cones 2 layout guidance). During the chosen part of "
+                "sampling, the cross-attention scores of the guided prompt's conditional pass get a bias "
+                "guidance_weight * w * log(1 + sigma^2) * std(QK^T), with w = positive_weight inside the "
+                "subject's box and negative_weight outside it, for the subject's tokens. Returns a patched "
+                "copy of the model (the input model is unchanged) and the conditioning to sample with."),
+            inputs=[
+                io.Model.Input("model", tooltip="The model to guide (SD1.5, SD2.x or SDXL). It is cloned, not changed."),
+                io.Conditioning.Input("conditioning", tooltip="The positive prompt, from Cones2 Apply Residuals to "
+                                      "Conditioning (with or without residuals)."),
+                io.String.Input("layout", default=DEFAULT_LAYOUT, multiline=True,
+                                tooltip="The boxes, drawn in the layout editor: JSON {\"version\": 1, \"boxes\": "
+                                        "[{\"subject\": \"dog\", \"x\": 0.05, \"y\": 0.1, \"w\": 0.4, \"h\": 0.8}]} "
+                                        "with coordinates as fractions of the image; optional per-box \"weight\"."),
+                io.Float.Input("guidance_weight", default=0.08, min=0.0, max=2.0, step=0.01,
+                               tooltip="Strength of the layout bias (paper default 0.08). Raise it if subjects "
+                                       "leave their boxes; lower it if images look stiff."),
+                io.Float.Input("positive_weight", default=2.5, min=0.0, max=50.0, step=0.1,
+                               tooltip="w inside a subject's region (paper: 2.5); a box's own \"weight\" overrides it."),
+                io.Float.Input("negative_weight", default=-1e8, min=-1e9, max=0.0, step=1.0,
+                               tooltip="w outside a subject's region (paper: -1e8, i.e. the subject's tokens get no "
+                                       "attention there). Use e.g. -5 for a soft layout."),
+                io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="Where guidance starts in the schedule (0 = first step)."),
+                io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="Where guidance ends (1 = last step; the paper guides all 50 steps). "
+                                       "Ending earlier (e.g. 0.4) keeps layouts and frees details."),
+                io.Boolean.Input("self_recurrence", default=True,
+                                 tooltip="Take every guided step twice, re-noising in between (the paper's "
+                                         "self-recurrence, for more harmonious images). Doubles guided steps' cost."),
+                io.Mask.Input("masks", optional=True,
+                              tooltip="Regions as masks instead of (or besides) boxes: one mask per subject, "
+                                      "named in mask_subjects."),
+                io.String.Input("mask_subjects", default="", optional=True,
+                                tooltip="Comma-separated subject words, one per mask, in order (e.g. 'dog, cat')."),
+                io.Image.Input("colour_map", optional=True,
+                               tooltip="Regions painted in flat colours (the reference's format); colours are "
+                                       "matched with a tolerance, so JPEGs work."),
+                io.String.Input("colour_subjects", default="", optional=True,
+                                tooltip="Colour to subject pairs for colour_map, e.g. '#ff0000=dog, #00ff00=cat'."),
+            ],
+            outputs=[
+                io.Model.Output(tooltip="The guided model: connect it to the sampler."),
+                io.Conditioning.Output(tooltip="The conditioning to sample with (the input, tagged with the layout)."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, model, conditioning, layout, guidance_weight, positive_weight, negative_weight,
+                start_percent, end_percent, self_recurrence, masks=None, mask_subjects="", colour_map=None,
+                colour_subjects="") -> io.NodeOutput:
+        spec = build_spec(model, conditioning, layout, guidance_weight, positive_weight, negative_weight,
+                          start_percent, end_percent, self_recurrence, masks, mask_subjects, colour_map,
+                          colour_subjects)
+        guided = install(model, spec)
+        subjects = [r.subject for r in spec.conds[0][1]]
+        out = [[c, {**extra, LAYOUT_KEY: {"uid": spec.uid, "subjects": subjects}}] for c, extra in conditioning]
+        log.info("layout guidance on %s (weight %.3g, %s)", ", ".join(subjects), guidance_weight,
+                 "self-recurrence" if self_recurrence else "no self-recurrence")
+        return io.NodeOutput(guided, out)
+
+
+def attention_report(model) -> list[dict]:
+    """Per guidance and grid: each subject's averaged map, region and in-region share of the last run."""
+    rows = []
+    for spec in specs_of(model):
+        rec = find_recording(spec.uid)
+        if rec is None:
+            continue
+        for (h, w), maps in sorted(rec.maps.items(), key=lambda kv: -kv[0][0] * kv[0][1]):
+            for subject, attn in maps.items():
+                region = rec.regions[(h, w)][subject]
+                rows.append({"uid": spec.uid, "grid": (h, w), "subject": subject, "map": attn, "region": region,
+                             "share": share_inside(attn, region)})
+    return rows
+
+
+class Cones2AttentionMaps(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="Cones2AttentionMaps",
+            display_name="Cones2 Attention Maps",
+            category=CATEGORY,
+            description=(
+                "Shows where each subject's words attended during the last guided sampling run: one heatmap "
+                "per subject (averaged over heads, layers of one resolution and guided steps) with its region "
+                "outlined, and the share of the attention that fell inside the region. Use it to debug layouts."),
+            inputs=[
+                io.Model.Input("model", tooltip="The guided model from Cones2 Layout Guidance."),
+                io.Latent.Input("samples", tooltip="The sampler's output, so the maps are read after sampling."),
+                io.Combo.Input("resolution", options=["largest", "smallest", "all"], default="largest",
+                               tooltip="Which attention resolution to show: the finest grid, the coarsest, or all."),
+                io.Int.Input("panel_size", default=256, min=64, max=1024, step=32,
+                             tooltip="Height of each heatmap panel in pixels."),
+            ],
+            outputs=[
+                io.Image.Output(display_name="maps", tooltip="One panel per subject (and resolution), region in green."),
+                io.String.Output(display_name="report", tooltip="In-region attention share per subject and grid."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, model, samples, resolution="largest", panel_size=256) -> io.NodeOutput:
+        rows = attention_report(model)
+        if not rows:
+            raise Cones2Error("no attention was recorded for this model: connect the MODEL output of Cones2 Layout "
+                              "Guidance and the LATENT output of the sampler that used it")
+        grids = sorted({r["grid"] for r in rows}, key=lambda g: g[0] * g[1])
+        keep = grids if resolution == "all" else [grids[-1] if resolution == "largest" else grids[0]]
+        rows = [r for r in rows if r["grid"] in keep]
+        h, w = samples["samples"].shape[-2:]
+        ph, pw = panel_size, max(1, round(panel_size * w / h))
+        panels = [render_panel(r["map"], r["region"], ph, pw) for r in rows]
+        gap = torch.ones(ph, 4, 3)
+        strip = torch.cat([t for p in panels for t in (p, gap)][:-1], dim=1)
+        image = _label(strip, [f"{r['subject']} {r['share']:.0%}" for r in rows], pw + 4)
+        report = "\n".join(f"{r['subject']}\t{r['grid'][0]}x{r['grid'][1]}\tin-region share {r['share']:.4f}"
+                           for r in rows)
+        return io.NodeOutput(image[None], report)
+
+
+def _label(strip: torch.Tensor, labels: list[str], stride: int) -> torch.Tensor:
+    """Write each panel's label in its top-left corner (PIL's default font)."""
+    from PIL import Image, ImageDraw
+
+    arr = (strip.clamp(0, 1) * 255).byte().numpy()
+    img = Image.fromarray(arr)
+    draw = ImageDraw.Draw(img)
+    for i, text in enumerate(labels):
+        x = i * stride + 4
+        draw.rectangle([x - 2, 2, x + 7 * len(text), 16], fill=(0, 0, 0))
+        draw.text((x, 4), text, fill=(255, 255, 255))
+    import numpy as np
+
+    return torch.from_numpy(np.asarray(img).astype("float32") / 255.0)
+
+
+NODES = [Cones2LayoutGuidance, Cones2AttentionMaps]

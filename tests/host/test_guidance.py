@@ -1,0 +1,341 @@
+"""Layout Attention Guidance through the real host (tiny SD1.5, SD2.x-v and SDXL checkpoints)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from harness import tiny_checkpoints
+
+TWO_BOXES = ('{"version":1,"boxes":[{"subject":"dog","x":0.0,"y":0.0,"w":0.5,"h":1.0},'
+             '{"subject":"cat","x":0.5,"y":0.1,"w":0.5,"h":0.9}]}')
+PROMPT = "a dog and a cat on a sofa"
+
+
+@pytest.fixture(scope="module")
+def pack(comfy):
+    from harness.host import load_pack
+
+    return load_pack()
+
+
+@pytest.fixture(scope="module")
+def loaded(comfy, tiny_ckpts):
+    import comfy.sd
+
+    cache = {}
+
+    def get(fam):
+        if fam not in cache:
+            model, clip, _, _ = comfy.sd.load_checkpoint_guess_config(tiny_ckpts[fam], output_vae=False,
+                                                                       output_clip=True)
+            cache[fam] = (model, clip)
+        return cache[fam]
+
+    return get
+
+
+def encode(pack, clip, text=PROMPT):
+    return pack.nodes.residual_nodes.Cones2ApplyResiduals.execute(clip, text, None).result[0]
+
+
+def negative(clip):
+    import nodes
+
+    return nodes.CLIPTextEncode().encode(clip, "")[0]
+
+
+def guide(pack, model, cond, layout=TWO_BOXES, gw=0.08, start=0.0, end=1.0, recurrence=False, **kw):
+    node = pack.nodes.guidance_nodes.Cones2LayoutGuidance
+    return node.execute(model, cond, layout, gw, 2.5, -1e8, start, end, recurrence, **kw).result
+
+
+def sample(model, pos, neg, steps=3, cfg=5.0, seed=3, h=64, w=80, batch=1):
+    import nodes
+
+    latent = {"samples": torch.zeros(batch, 4, h // 8, w // 8)}
+    return nodes.common_ksampler(model, seed, steps, cfg, "euler", "normal", pos, neg, latent)[0]["samples"]
+
+
+def report(pack, model):
+    return pack.nodes.guidance_nodes.attention_report(model)
+
+
+class CallLog:
+    """A unet function wrapper (the host's API) recording every model call's outputs per cond/uncond chunk."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, apply_model, args):
+        out = apply_model(args["input"], args["timestep"], **args["c"])
+        chunks = out.chunk(len(args["cond_or_uncond"]))
+        self.calls.append({k: c.clone() for k, c in zip(args["cond_or_uncond"], chunks, strict=True)})
+        return out
+
+
+def logged(model):
+    m = model.clone()
+    log = CallLog()
+    m.set_model_unet_function_wrapper(log)
+    return m, log
+
+
+@pytest.mark.parametrize("fam", ["sd15", "sd2v", "sdxl"])
+def test_guidance_puts_attention_in_regions(pack, loaded, fam):
+    model, clip = loaded(fam)
+    pos, neg = encode(pack, clip), negative(clip)
+    shares = {}
+    for gw in (0.0, 0.08):
+        gm, gpos = guide(pack, model, pos, gw=gw)
+        sample(gm, gpos, neg, steps=2)
+        rows = report(pack, gm)
+        assert {r["subject"] for r in rows} == {"dog", "cat"}
+        shares[gw] = {(r["grid"], r["subject"]): r["share"] for r in rows}
+    for key, guided in shares[0.08].items():
+        assert guided >= 0.99, (key, guided)
+        assert guided > shares[0.0][key] + 0.05, (key, guided, shares[0.0][key])
+
+
+def test_uncond_pass_bit_identical_and_model_unchanged(pack, loaded):
+    model, clip = loaded("sd15")
+    before = copy.deepcopy(model.model_options)
+    pos, neg = encode(pack, clip), negative(clip)
+    plain, plain_log = logged(model)
+    gm, gpos = guide(pack, model, pos)
+    guided, guided_log = logged(gm)
+    a = sample(plain, pos, neg, steps=3)
+    b = sample(guided, gpos, neg, steps=3)
+    assert not torch.equal(a, b)  # guidance changes the sample
+    first_plain, first_guided = plain_log.calls[0], guided_log.calls[0]
+    assert torch.equal(first_plain[1], first_guided[1])  # uncond pass (same input): bit-identical
+    assert not torch.equal(first_plain[0], first_guided[0])  # cond pass: guided
+    assert model.model_options == before  # the input model was cloned, not patched
+    assert "attn2" not in model.model_options.get("transformer_options", {}).get("patches_replace", {})
+    assert sample(guided, gpos, neg, steps=3).equal(b)  # deterministic for a seed
+
+
+def test_outside_window_nothing_changes(pack, loaded):
+    model, clip = loaded("sd15")
+    pos, neg = encode(pack, clip), negative(clip)
+    plain, plain_log = logged(model)
+    gm, gpos = guide(pack, model, pos, start=0.5, end=1.0)
+    guided, guided_log = logged(gm)
+    sample(plain, pos, neg, steps=4)
+    sample(guided, gpos, neg, steps=4)
+    assert torch.equal(plain_log.calls[0][0], guided_log.calls[0][0])  # first steps: outside the window
+    assert not torch.equal(plain_log.calls[-1][0], guided_log.calls[-1][0])
+    # a window that excludes every step gives exactly the unguided sample
+    gm2, gpos2 = guide(pack, model, pos, start=1.0, end=1.0)
+    assert torch.equal(sample(model, pos, neg, steps=3), sample(gm2, gpos2, neg, steps=3))
+
+
+def test_self_recurrence_takes_guided_steps_twice(pack, loaded):
+    model, clip = loaded("sd15")
+    pos, neg = encode(pack, clip), negative(clip)
+    gm, gpos = guide(pack, model, pos, recurrence=True)
+    m, log = logged(gm)
+    a = sample(m, gpos, neg, steps=3)
+    assert len(log.calls) == 6  # euler: one model call per step, every step guided and taken twice
+    gm_half, gpos_half = guide(pack, model, pos, recurrence=True, start=0.0, end=0.5)
+    m2, log2 = logged(gm_half)
+    sample(m2, gpos_half, neg, steps=4)
+    assert 4 < len(log2.calls) < 8
+    gm_off, gpos_off = guide(pack, model, pos, recurrence=False)
+    assert not torch.equal(a, sample(gm_off, gpos_off, neg, steps=3))
+    assert torch.equal(a, sample(m, gpos, neg, steps=3))  # deterministic
+
+
+def test_cfg1_and_batch(pack, loaded):
+    model, clip = loaded("sd15")
+    pos, neg = encode(pack, clip), negative(clip)
+    gm, gpos = guide(pack, model, pos)
+    m, log = logged(gm)
+    sample(m, gpos, neg, steps=2, cfg=1.0)
+    assert all(set(c) == {0} for c in log.calls)  # CFG 1: only the conditional pass runs
+    assert min(r["share"] for r in report(pack, gm)) >= 0.99
+    out = sample(gm, gpos, neg, steps=2, batch=2)
+    assert out.shape[0] == 2
+    assert min(r["share"] for r in report(pack, gm)) >= 0.99
+
+
+def test_batched_and_separate_calls_agree(pack, loaded):
+    """The same cond row gives the same output whether uncond is batched with it or not; batch 2 == 2 x 1."""
+    model, clip = loaded("sd15")
+    import comfy.model_management
+
+    pos, neg = encode(pack, clip), negative(clip)
+    gm, _ = guide(pack, model, pos)
+    comfy.model_management.load_models_gpu([gm])
+    base = gm.model
+    x = torch.randn(1, 4, 8, 10, generator=torch.Generator().manual_seed(0))
+    sigma = torch.tensor([5.0])
+    opts = gm.model_options["transformer_options"]
+
+    def call(rows, kinds):
+        ctx = torch.cat([pos[0][0] if k == 0 else neg[0][0] for k in kinds])
+        to = {**opts, "cond_or_uncond": kinds, "sigmas": sigma.repeat(len(kinds))}
+        import comfy.patcher_extension
+
+        to["wrappers"] = comfy.patcher_extension.copy_nested_dicts(gm.wrappers)
+        return base.apply_model(x.repeat(rows, 1, 1, 1), sigma.repeat(rows), c_crossattn=ctx, transformer_options=to)
+
+    with torch.no_grad():
+        both = call(2, [0, 1])
+        cond_only = call(1, [0])
+        twice = call(2, [0, 0])
+        plain = model.model.apply_model(x.repeat(2, 1, 1, 1), sigma.repeat(2),
+                                        c_crossattn=torch.cat([pos[0][0], neg[0][0]]),
+                                        transformer_options={"cond_or_uncond": [0, 1]})
+    assert torch.allclose(both[0], cond_only[0], atol=1e-5)
+    assert torch.allclose(twice[0], twice[1], atol=1e-6) and torch.allclose(twice[0], cond_only[0], atol=1e-5)
+    assert torch.equal(both[1], plain[1])  # the uncond row is untouched, bit for bit
+    assert not torch.allclose(both[0], plain[0], atol=1e-3)
+
+
+def test_masks_and_colour_map_regions(pack, loaded):
+    model, clip = loaded("sd15")
+    pos, neg = encode(pack, clip), negative(clip)
+    masks = torch.zeros(2, 64, 80)
+    masks[0, :, :40] = 1.0
+    masks[1, 32:, 40:] = 1.0
+    gm, gpos = guide(pack, model, pos, layout='{"version": 1, "boxes": []}', masks=masks, mask_subjects="dog, cat")
+    sample(gm, gpos, neg, steps=2)
+    rows = report(pack, gm)
+    assert {r["subject"] for r in rows} == {"dog", "cat"} and min(r["share"] for r in rows) >= 0.99
+    cat = next(r for r in rows if r["subject"] == "cat" and r["grid"] == (8, 10))
+    assert cat["region"][:4].sum() == 0 and cat["region"][4:, 5:].all()
+    cmap = torch.zeros(1, 64, 80, 3)
+    cmap[0, :, :40] = torch.tensor([1.0, 0.02, 0.03])  # slightly off red, as after JPEG
+    cmap[0, :, 40:] = torch.tensor([0.0, 0.97, 0.0])
+    gm, gpos = guide(pack, model, pos, layout="", colour_map=cmap, colour_subjects="#ff0000=dog, #00ff00=cat")
+    sample(gm, gpos, neg, steps=2)
+    assert min(r["share"] for r in report(pack, gm)) >= 0.99
+
+
+def test_weight_patches_and_other_attn2_patches_compose(pack, loaded):
+    model, clip = loaded("sd15")
+    pos, neg = encode(pack, clip), negative(clip)
+    key = next(k for k in model.model_state_dict() if k.endswith("attn2.to_k.weight"))
+    lora = model.clone()
+    lora.add_patches({key: (torch.ones_like(model.model_state_dict()[key]) * 0.01,)}, 1.0)  # a LoRA-style diff
+    seen = []
+
+    def other_attn2_patch(q, context, value, extra):
+        seen.append(1)
+        return q, context, value
+
+    lora.set_model_attn2_patch(other_attn2_patch)
+    gm, gpos = guide(pack, lora, pos)
+    after = gm.clone()
+    after.add_patches({key: (torch.ones_like(model.model_state_dict()[key]) * 0.01,)}, 1.0)  # LoRA after
+    sample(after, gpos, neg, steps=2)
+    assert seen, "the other pack's attn2_patch must still run"
+    assert min(r["share"] for r in report(pack, after)) >= 0.99
+
+
+def test_conflicting_attn2_replace_is_an_error(pack, loaded):
+    Cones2Error = pack.cones2_core.errors.Cones2Error
+    model, clip = loaded("sd15")
+    pos, neg = encode(pack, clip), negative(clip)
+
+    def other(q, k, v, extra):
+        from comfy.ldm.modules.attention import optimized_attention
+
+        return optimized_attention(q, k, v, extra["n_heads"])
+
+    before = model.clone()
+    before.set_model_attn2_replace(other, "input", 1)
+    with pytest.raises(Cones2Error, match=r"already has a cross-attention replacement at block \('input', 1"):
+        guide(pack, before, pos)
+    gm, gpos = guide(pack, model, pos)
+    after = gm.clone()
+    after.set_model_attn2_replace(other, "output", 1, 0)
+    with pytest.raises(Cones2Error, match="another node replaced the cross-attention of block"):
+        sample(after, gpos, neg, steps=1)
+
+
+def test_chained_guidance_nodes_compose(pack, loaded):
+    model, clip = loaded("sd15")
+    pos, neg = encode(pack, clip), negative(clip)
+    one = '{"version":1,"boxes":[{"subject":"dog","x":0,"y":0,"w":0.5,"h":1}]}'
+    two = '{"version":1,"boxes":[{"subject":"cat","x":0.5,"y":0,"w":0.5,"h":1}]}'
+    neg_gm, _ = guide(pack, model, pos, layout=one)
+    gm, gpos = guide(pack, neg_gm, pos, layout=two)
+    assert len(pack.nodes.guidance.specs_of(gm)) == 2
+    sample(gm, gpos, neg, steps=2)
+    assert min(r["share"] for r in report(pack, gm)) >= 0.99
+
+
+@pytest.mark.parametrize("layout, message", [
+    ('{"version": 1, "boxes": []}', "the layout has no boxes"),
+    ('{"version":1,"boxes":[{"subject":"dog","x":0.1,"y":0.1,"w":0,"h":0.5}]}', "zero area"),
+    ('{"version":1,"boxes":[{"subject":"dog","x":0.8,"y":0.1,"w":0.5,"h":0.5}]}', "past the right edge"),
+    ('{"version":1,"boxes":[{"subject":"dog","x":-0.2,"y":0.1,"w":0.5,"h":0.5}]}', "outside 0..1|must be"),
+    ('{"version":1,"boxes":[{"subject":"horse","x":0.1,"y":0.1,"w":0.5,"h":0.5}]}',
+     "'horse' is not a word of the prompt; the prompt's words are: a, dog, and, cat, on, sofa"),
+    ('{"version":1,"boxes":[{"subject":"dog" "x":0.1}]}', "not valid JSON"),
+])
+def test_bad_layouts(pack, loaded, layout, message):
+    Cones2Error = pack.cones2_core.errors.Cones2Error
+    model, clip = loaded("sd15")
+    with pytest.raises(Cones2Error, match=message):
+        guide(pack, model, encode(pack, clip), layout=layout)
+
+
+def test_plain_clip_text_encode_conditioning_is_an_error(pack, loaded):
+    Cones2Error = pack.cones2_core.errors.Cones2Error
+    model, clip = loaded("sd15")
+    with pytest.raises(Cones2Error, match="encode the prompt with 'Cones2 Apply Residuals to Conditioning'"):
+        guide(pack, model, negative(clip))
+
+
+def test_attention_maps_node(pack, loaded):
+    model, clip = loaded("sd15")
+    pos, neg = encode(pack, clip), negative(clip)
+    gm, gpos = guide(pack, model, pos)
+    out = sample(gm, gpos, neg, steps=2)
+    node = pack.nodes.guidance_nodes.Cones2AttentionMaps
+    image, text = node.execute(gm, {"samples": out}, "all", 64).result
+    assert image.shape == (1, 64, 4 * 80 + 3 * 4, 3)  # 2 subjects x 2 grids, panels at the latent's aspect
+    assert text.count("in-region share") == 4 and "dog" in text and "cat" in text
+    with pytest.raises(pack.cones2_core.errors.Cones2Error, match="no attention was recorded"):
+        node.execute(model, {"samples": out}, "largest", 64)
+
+
+def test_layout_guidance_through_server(server, client):
+    from harness.client import PromptFailed
+
+    ckpt = tiny_checkpoints.FAMILIES["sd15"]["file"]
+    prompt = {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}},
+        "2": {"class_type": "Cones2ApplyResiduals", "inputs": {"clip": ["1", 1], "text": PROMPT}},
+        "3": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": ""}},
+        "4": {"class_type": "Cones2LayoutGuidance", "inputs": {
+            "model": ["1", 0], "conditioning": ["2", 0], "layout": TWO_BOXES, "guidance_weight": 0.08,
+            "positive_weight": 2.5, "negative_weight": -1e8, "start_percent": 0.0, "end_percent": 1.0,
+            "self_recurrence": True}},
+        "5": {"class_type": "EmptyLatentImage", "inputs": {"width": 96, "height": 64, "batch_size": 1}},
+        "6": {"class_type": "KSampler", "inputs": {"model": ["4", 0], "positive": ["4", 1], "negative": ["3", 0],
+                                                    "latent_image": ["5", 0], "seed": 1, "steps": 2, "cfg": 5.0,
+                                                    "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}},
+        "7": {"class_type": "VAEDecode", "inputs": {"samples": ["6", 0], "vae": ["1", 2]}},
+        "8": {"class_type": "SaveImage", "inputs": {"images": ["7", 0], "filename_prefix": "layout"}},
+        "9": {"class_type": "Cones2AttentionMaps", "inputs": {"model": ["4", 0], "samples": ["6", 0],
+                                                              "resolution": "largest", "panel_size": 64}},
+        "10": {"class_type": "SaveImage", "inputs": {"images": ["9", 0], "filename_prefix": "layout_maps"}},
+    }
+    entry = client.run(prompt)
+    assert len(client.output_files(entry, server.output_dir, node_id="8")) == 1
+    maps = client.output_files(entry, server.output_dir, node_id="10")
+    from PIL import Image
+
+    with Image.open(maps[0]) as im:
+        assert im.size == (2 * 96 + 4, 64)
+    bad = copy.deepcopy(prompt)
+    bad["4"]["inputs"]["layout"] = TWO_BOXES.replace('"cat"', '"horse"')
+    with pytest.raises(PromptFailed) as err:
+        client.run(bad)
+    assert "'horse' is not a word of the prompt" in err.value.exception_message
