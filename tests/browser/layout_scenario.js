@@ -1,0 +1,394 @@
+// One browser session against the real ComfyUI + frontend, driving the Cones2 layout widget like a user.
+//   node tests/browser/layout_scenario.js <server url> <workflow.json> <screenshot.png>
+// Prints "RESULT {json}" with one entry per step: {ok, ...details}; a failing step stops the run
+// (later steps depend on it) and is reported with its error.
+'use strict';
+const fs = require('fs');
+const { openComfy, gotoComfy, settle, run } = require('./browser_common');
+
+const [url, workflowPath, shotPath] = process.argv.slice(2);
+const NODE = 'Cones2LayoutGuidance';
+
+run(async () => {
+  const out = { steps: {}, order: [] };
+  const { browser, page, errors } = await openComfy(url, { viewport: { width: 1400, height: 1200 } });
+  try {
+    await scenario(out, page, errors);
+  } catch (e) {
+    out.failed = String(e && e.stack || e);
+  }
+  out.errors = errors.filter((e) => /cones2/i.test(e));
+  await browser.close();
+  return out;
+});
+
+async function scenario(out, page, errors) {
+  const step = async (name, fn) => {
+    const t0 = Date.now();
+    try {
+      const r = (await fn()) || {};
+      out.steps[name] = { ok: true, ms: Date.now() - t0, ...r };
+    } catch (e) {
+      out.steps[name] = { ok: false, ms: Date.now() - t0, error: String(e && e.stack || e) };
+      throw e;
+    }
+    out.order.push(name);
+  };
+
+  // ---- helpers run in the page ------------------------------------------------------------------
+  const layoutNode = () => page.evaluate((type) => {
+    const n = window.app.graph.nodes.find((x) => x.type === type);
+    return n ? { id: n.id, value: n.widgets.find((w) => w.name === 'layout').value, state: n.cones2Layout?.state() } : null;
+  }, NODE);
+  const editorSel = async (cls) => {
+    const id = (await layoutNode()).id;
+    // the editor's root is the DOM widget element of this node
+    return page.evaluateHandle(([type, nid, c]) => {
+      const n = window.app.graph.getNodeById(nid);
+      return n.cones2Layout.root.querySelector(c);
+    }, [NODE, id, cls]);
+  };
+  const rect = async () => (await layoutNode()).state.rect;
+  const at = (r, fx, fy) => [r.left + fx * r.width, r.top + fy * r.height];
+  const drag = async (from, to, steps = 8) => {
+    await page.mouse.move(from[0], from[1]);
+    await page.mouse.down();
+    await page.mouse.move(to[0], to[1], { steps });
+    await page.mouse.up();
+    await settle(page, 50);
+  };
+  const frac = (r, p) => ({ x: (p[0] - r.left) / r.width, y: (p[1] - r.top) / r.height });
+  const parse = (v) => JSON.parse(v);
+  const close = (a, b, tol) => Math.abs(a - b) <= tol;
+  const boxIs = (box, exp, tol) => ['x', 'y', 'w', 'h'].every((k) => close(box[k], exp[k], tol));
+  const pixel = (fx, fy) => page.evaluate(([type, x, y]) => {
+    const c = window.app.graph.nodes.find((n) => n.type === type).cones2Layout.canvas;
+    const d = c.getContext('2d').getImageData(Math.floor(x * c.width), Math.floor(y * c.height), 1, 1).data;
+    return [d[0], d[1], d[2]];
+  }, [NODE, fx, fy]);
+  const assert = (cond, msg) => { if (!cond) throw new Error(msg); };
+
+  const workflow = JSON.parse(fs.readFileSync(workflowPath, 'utf8'));
+  const loadWorkflow = async (wf) => {
+    await page.evaluate(async ([wf, type]) => {
+      const app = window.app;
+      await app.extensionManager.setting.set('Comfy.Minimap.Visible', false);
+      await app.loadGraphData(wf);
+      // a roomy editor at zoom 1, in view at the top left
+      const n = app.graph.nodes.find((x) => x.type === type);
+      n.setSize([460, 1000]);
+      app.canvas.ds.scale = 1;
+      app.canvas.ds.offset = [-n.pos[0] + 80, -n.pos[1] + 60];
+      app.canvas.setDirty(true, true);
+    }, [wf, NODE]);
+    await settle(page, 400);
+  };
+
+  await step('load_workflow', async () => {
+    await loadWorkflow(workflow);
+    const n = await layoutNode();
+    assert(n && n.state, 'the layout node has no editor');
+    assert(n.state.boxes.length === 2, `expected the example's 2 boxes, got ${JSON.stringify(n.state.boxes)}`);
+    assert(Math.abs(n.state.aspect - 1) < 1e-9, `64x64 latent should give aspect 1, got ${n.state.aspect}`);
+    return { rect: n.state.rect, boxes: n.state.boxes };
+  });
+
+  const expected = {};
+  await step('draw_label_move_resize', async () => {
+    await (await editorSel('.c2-clear')).click();
+    await settle(page, 50);
+    assert((await layoutNode()).state.boxes.length === 0, 'Clear left boxes');
+    const r = await rect();
+    assert(r.width > 200 && r.height > 200, `editor canvas too small: ${JSON.stringify(r)}`);
+
+    // box 1: drag on empty space, then type its subject
+    let a = at(r, 0.10, 0.15), b = at(r, 0.45, 0.85);
+    await drag(a, b);
+    const focused = await page.evaluate(() => document.activeElement?.className);
+    assert(/c2-subject/.test(focused), `after drawing, the subject field should have focus, got ${focused}`);
+    const words = await page.evaluate((type) => [...window.app.graph.nodes.find((n) => n.type === type)
+      .cones2Layout.datalist.options].map((o) => o.value), NODE);
+    await page.keyboard.type('dog');
+    await settle(page, 30);
+    const d1 = { ...frac(r, a) };
+    const e1 = frac(r, b);
+    expected.dog = { x: d1.x, y: d1.y, w: e1.x - d1.x, h: e1.y - d1.y };
+
+    // box 2, labelled through the field with a per-box weight
+    a = at(r, 0.55, 0.30); b = at(r, 0.95, 0.90);
+    await drag(a, b);
+    await (await editorSel('.c2-subject')).fill('cat');
+    const weight = await editorSel('.c2-weight');
+    await weight.fill('3');
+    await weight.press('Enter');
+    await settle(page, 30);
+    const d2 = frac(r, a), e2 = frac(r, b);
+    expected.cat = { x: d2.x, y: d2.y, w: e2.x - d2.x, h: e2.y - d2.y };
+
+    // move the dog box by dragging its middle
+    const dogMid = at(r, expected.dog.x + expected.dog.w / 2, expected.dog.y + expected.dog.h / 2);
+    const dx = 0.05 * r.width, dy = -0.08 * r.height;
+    await drag(dogMid, [dogMid[0] + dx, dogMid[1] + dy]);
+    expected.dog.x += dx / r.width;
+    expected.dog.y += dy / r.height;
+
+    // resize the cat box by its bottom-right corner (up-left) and then its left edge (right)
+    const corner = at(r, expected.cat.x + expected.cat.w, expected.cat.y + expected.cat.h);
+    await drag(corner, [corner[0] - 0.1 * r.width, corner[1] - 0.15 * r.height]);
+    expected.cat.w -= 0.1;
+    expected.cat.h -= 0.15;
+    const left = at(r, expected.cat.x, expected.cat.y + expected.cat.h / 2);
+    await drag(left, [left[0] + 0.05 * r.width, left[1]]);
+    expected.cat.x += 0.05;
+    expected.cat.w -= 0.05;
+
+    const n = await layoutNode();
+    const layout = parse(n.value);
+    const tol = 1 / r.width + 1e-4;   // one canvas pixel (+ the 4-decimal rounding)
+    const byName = Object.fromEntries(layout.boxes.map((bx) => [bx.subject, bx]));
+    assert(layout.version === 1 && layout.boxes.length === 2, `layout: ${n.value}`);
+    assert(byName.dog && boxIs(byName.dog, expected.dog, tol), `dog ${JSON.stringify(byName.dog)} != ${JSON.stringify(expected.dog)}`);
+    assert(byName.cat && boxIs(byName.cat, expected.cat, tol), `cat ${JSON.stringify(byName.cat)} != ${JSON.stringify(expected.cat)}`);
+    assert(byName.cat.weight === 3 && !('weight' in byName.dog), `weights: ${n.value}`);
+    assert(layout.canvas && layout.canvas.width === 64 && layout.canvas.height === 64, `canvas: ${n.value}`);
+    // the canvas shows them: each box's fill differs from the empty background and from the other
+    const bg = await pixel(0.02, 0.98);
+    const pd = await pixel(expected.dog.x + expected.dog.w / 2, expected.dog.y + expected.dog.h * 0.6);
+    const pc = await pixel(expected.cat.x + expected.cat.w / 2, expected.cat.y + expected.cat.h * 0.6);
+    const diff = (p, q) => Math.abs(p[0] - q[0]) + Math.abs(p[1] - q[1]) + Math.abs(p[2] - q[2]);
+    assert(diff(pd, bg) > 30 && diff(pc, bg) > 30 && diff(pd, pc) > 30, `box colours ${pd} ${pc} bg ${bg}`);
+    return { layout, expected, tolerance: tol, words, pixels: { bg, dog: pd, cat: pc } };
+  });
+
+  await step('delete_key_and_undo', async () => {
+    const r = await rect();
+    const before = (await layoutNode()).value;
+    await drag(at(r, 0.05, 0.02), at(r, 0.25, 0.12));
+    assert((await layoutNode()).state.boxes.length === 3, 'third box not drawn');
+    const nodes = await page.evaluate(() => window.app.graph.nodes.length);
+    // Delete on the canvas removes the selected box, not the node
+    const canvas = await editorSel('canvas');
+    await canvas.focus();
+    await page.keyboard.press('Delete');
+    await settle(page, 100);
+    let n = await layoutNode();
+    assert(n && n.state.boxes.length === 2, `Delete: ${n && n.value}`);
+    assert(n.value === before, 'Delete did not give back the layout before the third box');
+    assert(await page.evaluate(() => window.app.graph.nodes.length) === nodes, 'Delete removed a node');
+    // the frontend's undo brings the box back, redo removes it again
+    await page.keyboard.press('Control+z');
+    await page.waitForFunction((type) => window.app.graph.nodes.find((x) => x.type === type)
+      ?.cones2Layout?.boxes.length === 3, NODE, { timeout: 5000 });
+    await settle(page, 100);
+    n = await layoutNode();
+    const undone = n.state.boxes.length;
+    await (await editorSel('canvas')).focus();
+    await page.keyboard.press('Control+y');
+    await page.waitForFunction((type) => window.app.graph.nodes.find((x) => x.type === type)
+      ?.cones2Layout?.boxes.length === 2, NODE, { timeout: 5000 });
+    await settle(page, 100);
+    n = await layoutNode();
+    assert(n.value === before, 'redo did not restore the two-box layout');
+    // with no box selected, Delete in the drawing still leaves the node alone
+    await (await editorSel('canvas')).focus();
+    await page.keyboard.press('Escape');
+    await page.keyboard.press('Delete');
+    await settle(page, 100);
+    n = await layoutNode();
+    assert(n && n.value === before && n.state.selected === -1, 'Delete without a selected box changed something');
+    assert(await page.evaluate(() => window.app.graph.nodes.length) === nodes, 'Delete removed the node');
+    return { afterUndo: undone, afterRedo: n.state.boxes.length };
+  });
+
+  await step('snap_and_delete_button', async () => {
+    const r = await rect();
+    await (await editorSel('.c2-snap')).check();
+    await drag(at(r, 0.07, 0.04), at(r, 0.33, 0.11));
+    const n = await layoutNode();
+    const last = parse(n.value).boxes[2];
+    const onGrid = (v) => Math.abs(v * 16 - Math.round(v * 16)) < 1e-3;
+    assert(last && ['x', 'y', 'w', 'h'].every((k) => onGrid(last[k])), `snapped box off the grid: ${JSON.stringify(last)}`);
+    await (await editorSel('.c2-delete')).click();
+    await (await editorSel('.c2-snap')).uncheck();
+    await settle(page, 50);
+    assert(parse((await layoutNode()).value).boxes.length === 2, 'Delete button did not remove the box');
+    return { snapped: last };
+  });
+
+  await step('numeric_edit', async () => {
+    // select the cat box by clicking it, then type its x
+    const r = await rect();
+    const cat = expected.cat;
+    await page.mouse.click(...at(r, cat.x + cat.w / 2, cat.y + cat.h / 2));
+    await settle(page, 50);
+    const xInput = await editorSel('.c2-x');
+    await xInput.fill('0.5');
+    await xInput.press('Enter');
+    await settle(page, 50);
+    const box = parse((await layoutNode()).value).boxes.find((b) => b.subject === 'cat');
+    assert(Math.abs(box.x - 0.5) < 1e-9 && Math.abs(box.w - cat.w) < 2e-4, `numeric x: ${JSON.stringify(box)}`);
+    expected.cat.x = 0.5;
+    // a box never leaves the frame: x = 0.9 is clamped to 1 - w
+    await xInput.fill('0.9');
+    await xInput.press('Enter');
+    await settle(page, 50);
+    const b2 = parse((await layoutNode()).value).boxes.find((b) => b.subject === 'cat');
+    assert(b2.x + b2.w <= 1 + 1e-6 && b2.x > 0.5, `clamp: ${JSON.stringify(b2)}`);
+    await xInput.fill('0.5');
+    await xInput.press('Enter');
+    await settle(page, 50);
+    return { cat: box, clamped: b2 };
+  });
+
+  await step('queue_prompt', async () => {
+    const value = (await layoutNode()).value;
+    const hist0 = await (await page.request.get(`${url}/history`)).json();
+    // the frontend's own queueing path (what the Run button calls); its boolean is unreliable in 1.27
+    // (an empty node_errors object reads as an error), so the server's history is the judge
+    await page.evaluate(() => window.app.queuePrompt(0, 1));
+    let entry = null, id = null;
+    const deadline = Date.now() + 120000;
+    while (Date.now() < deadline) {
+      const hist = await (await page.request.get(`${url}/history`)).json();
+      id = Object.keys(hist).find((k) => !(k in hist0));
+      if (id && (hist[id].status?.completed || hist[id].status?.status_str === 'error')) { entry = hist[id]; break; }
+      await page.waitForTimeout(250);
+    }
+    assert(entry, 'the prompt did not finish within 120 s');
+    const prompt = entry.prompt[2];
+    const ours = Object.values(prompt).find((n) => n.class_type === NODE);
+    assert(ours, 'no layout node in the API prompt');
+    assert(ours.inputs.layout === value, `API prompt layout differs:\n${ours.inputs.layout}\nvs\n${value}`);
+    assert(!('cones2_layout_editor' in ours.inputs), 'the editor widget leaked into the API prompt');
+    assert(ours.inputs.guidance_weight === 0.08 && ours.inputs.self_recurrence === true,
+      `other inputs shifted: ${JSON.stringify(ours.inputs)}`);
+    const status = entry.status?.status_str;
+    const messages = entry.status?.messages?.filter(([k]) => k === 'execution_error');
+    assert(status === 'success', `run failed: ${JSON.stringify(messages || entry.status).slice(0, 2000)}`);
+    const images = Object.values(entry.outputs || {}).flatMap((o) => o.images || []);
+    assert(images.length === 1, `expected one image: ${JSON.stringify(entry.outputs)}`);
+    return { prompt_id: id, layout: ours.inputs.layout, images };
+  });
+
+  let saved;
+  await step('save_reload_load', async () => {
+    const before = await layoutNode();
+    saved = await page.evaluate(() => JSON.parse(JSON.stringify(window.app.graph.serialize())));
+    const sn = saved.nodes.find((x) => x.type === NODE);
+    assert(sn.widgets_values[0] === before.value, 'widgets_values[0] is not the layout');
+    assert(sn.widgets_values.length === 9 && sn.widgets_values[1] === 0.08,
+      `widgets_values shifted: ${JSON.stringify(sn.widgets_values)}`);
+    const text = JSON.stringify(saved);
+    assert(!/data:image/.test(text), 'an image was embedded in the workflow');
+    await gotoComfy(page, url);
+    await loadWorkflow(saved);
+    const after = await layoutNode();
+    assert(after.value === before.value, 'layout text changed through save/load');
+    const round = (bs) => bs.map(({ subject, x, y, w, h, weight }) =>
+      [subject, ...[x, y, w, h].map((v) => Math.round(v * 1e4)), weight ?? null]);
+    assert(JSON.stringify(round(after.state.boxes)) === JSON.stringify(round(before.state.boxes)),
+      `boxes differ after reload: ${JSON.stringify(after.state.boxes)}`);
+    const drawn = await page.evaluate((type) => JSON.parse(window.app.graph.nodes.find((n) => n.type === type)
+      .cones2Layout.canvas.dataset.boxes), NODE);
+    assert(drawn.length === 2, 'canvas did not draw the reloaded boxes');
+    return { boxes: after.state.boxes };
+  });
+
+  await step('copy_paste_remove', async () => {
+    const r = await page.evaluate((type) => {
+      const app = window.app;
+      const n = app.graph.nodes.find((x) => x.type === type);
+      app.canvas.copyToClipboard([n]);
+      app.canvas.graph_mouse[0] = n.pos[0] + 600;
+      app.canvas.graph_mouse[1] = n.pos[1];
+      app.canvas.pasteFromClipboard();
+      const all = app.graph.nodes.filter((x) => x.type === type);
+      const copy = all.find((x) => x !== n);
+      const res = {
+        count: all.length,
+        same: copy && copy.widgets.find((w) => w.name === 'layout').value === n.widgets.find((w) => w.name === 'layout').value,
+        copyBoxes: copy?.cones2Layout?.boxes.length,
+        ownEditor: copy && copy.cones2Layout && copy.cones2Layout !== n.cones2Layout,
+      };
+      const root = copy?.cones2Layout?.root;
+      app.graph.remove(copy);
+      res.cleaned = root ? !root.isConnected : false;
+      res.countAfter = app.graph.nodes.filter((x) => x.type === type).length;
+      return res;
+    }, NODE);
+    assert(r.count === 2 && r.same && r.copyBoxes === 2 && r.ownEditor, `paste: ${JSON.stringify(r)}`);
+    assert(r.cleaned && r.countAfter === 1, `remove: ${JSON.stringify(r)}`);
+    return r;
+  });
+
+  await step('edit_json_text', async () => {
+    const textarea = await page.evaluateHandle((type) => window.app.graph.nodes.find((n) => n.type === type)
+      .widgets.find((w) => w.name === 'layout').element, NODE);
+    const redraws0 = (await layoutNode()).state.redraws;
+    const bg = await pixel(0.9, 0.1);
+    const text = '{"version": 1, "boxes": [\n  {"subject": "dog", "x": 0.1, "y": 0.2, "w": 0.3, "h": 0.5},\n'
+      + '  {"subject": "cat", "x": 0.6, "y": 0.05, "w": 0.35, "h": 0.3, "weight": 4},\n'
+      + '  {"subject": "sofa", "x": 0, "y": 0.75, "w": 1, "h": 0.25}\n]}';
+    await textarea.fill(text);
+    await settle(page, 50);
+    let n = await layoutNode();
+    assert(n.state.boxes.length === 3 && n.state.redraws > redraws0, `text edit not shown: ${JSON.stringify(n.state)}`);
+    assert(boxIs(n.state.boxes[1], { x: 0.6, y: 0.05, w: 0.35, h: 0.3 }, 1e-9), 'cat box not from the text');
+    const catPixel = await pixel(0.9, 0.1);
+    assert(Math.abs(catPixel[0] - bg[0]) + Math.abs(catPixel[1] - bg[1]) + Math.abs(catPixel[2] - bg[2]) > 30,
+      `canvas not redrawn at the new cat box: ${catPixel} vs ${bg}`);
+    // broken JSON: the canvas keeps the last valid boxes and says what is wrong
+    await textarea.fill('{"version": 1, "boxes": [');
+    await settle(page, 50);
+    n = await layoutNode();
+    const status = await page.evaluate((type) => {
+      const s = window.app.graph.nodes.find((x) => x.type === type).cones2Layout.status;
+      return { text: s.textContent, error: s.classList.contains('c2-error') };
+    }, NODE);
+    assert(n.state.error && status.error && n.state.boxes.length === 3, `bad JSON: ${JSON.stringify(status)}`);
+    await textarea.fill(text);
+    await settle(page, 50);
+    n = await layoutNode();
+    assert(!n.state.error && n.state.boxes.length === 3, 'did not recover from bad JSON');
+    return { status };
+  });
+
+  await step('aspect_from_latent', async () => {
+    const setW = (w) => page.evaluate((w) => {
+      const l = window.app.graph.nodes.find((n) => n.type === 'EmptyLatentImage');
+      l.widgets.find((x) => x.name === 'width').value = w;
+      window.app.canvas.setDirty(true, true);
+    }, w);
+    await setW(128);
+    await settle(page, 200);
+    const n = await layoutNode();
+    const ratio = n.state.rect.width / n.state.rect.height;
+    await setW(64);
+    await settle(page, 200);
+    const back = (await layoutNode()).state;
+    assert(Math.abs(n.state.aspect - 2) < 1e-9 && Math.abs(ratio - 2) < 0.03, `128x64: aspect ${n.state.aspect} ratio ${ratio}`);
+    assert(Math.abs(back.aspect - 1) < 1e-9, 'aspect did not follow the latent back to square');
+    return { ratio };
+  });
+
+  await step('screenshot', async () => {
+    // select the cat box so the highlight and handles show, then shoot the node
+    const r = await rect();
+    await page.mouse.click(...at(r, 0.775, 0.2));
+    await settle(page, 200);
+    const clip = await page.evaluate((type) => {
+      const app = window.app;
+      const n = app.graph.nodes.find((x) => x.type === type);
+      const th = window.LiteGraph.NODE_TITLE_HEIGHT;
+      const [x0, y0] = app.canvasPosToClientPos([n.pos[0] - 6, n.pos[1] - th - 6]);
+      const [x1, y1] = app.canvasPosToClientPos([n.pos[0] + n.size[0] + 6, n.pos[1] + n.size[1] + 6]);
+      return { x: Math.max(0, x0), y: Math.max(0, y0), width: x1 - Math.max(0, x0), height: y1 - Math.max(0, y0) };
+    }, NODE);
+    const vp = page.viewportSize();
+    clip.width = Math.min(clip.width, vp.width - clip.x);
+    clip.height = Math.min(clip.height, vp.height - clip.y);
+    await page.screenshot({ path: shotPath, clip });
+    return { clip, path: shotPath };
+  });
+
+}
