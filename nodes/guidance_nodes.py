@@ -208,7 +208,9 @@ class Cones2AttentionMaps(io.ComfyNode):
             description=(
                 "Shows where each subject's words attended during the last guided sampling run: one heatmap "
                 "per subject (averaged over heads, layers of one resolution and guided steps) with its region "
-                "outlined, and the share of the attention that fell inside the region. Use it to debug layouts."),
+                "outlined, and the share of the attention that fell inside the region (also shown on the node). "
+                "Use it to debug layouts."),
+            is_output_node=True,
             inputs=[
                 io.Model.Input("model", tooltip="The guided model from Cones2 Layout Guidance."),
                 io.Latent.Input("samples", tooltip="The sampler's output, so the maps are read after sampling."),
@@ -240,7 +242,7 @@ class Cones2AttentionMaps(io.ComfyNode):
         image = _label(strip, [f"{r['subject']} {r['share']:.0%}" for r in rows], pw + 4)
         report = "\n".join(f"{r['subject']}\t{r['grid'][0]}x{r['grid'][1]}\tin-region share {r['share']:.4f}"
                            for r in rows)
-        return io.NodeOutput(image[None], report)
+        return io.NodeOutput(image[None], report, ui={"text": [report]})
 
 
 def _label(strip: torch.Tensor, labels: list[str], stride: int) -> torch.Tensor:
