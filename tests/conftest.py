@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from harness import tiny_checkpoints
+from harness import tiny_checkpoints, tiny_extras
 from harness.host import HostNotFound, find_host
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
@@ -43,6 +43,17 @@ def tiny_ckpts(host_dir) -> dict[str, str]:
 
 
 @pytest.fixture(scope="session")
+def extras_files(host_dir) -> dict[str, str]:
+    """{name: path} of the tiny LoRA, ControlNet, demo residuals and input images (built once, cached)."""
+    out = os.environ.get("CONES2_EXTRAS_DIR") or tiny_extras.default_cache_dir()
+    res = subprocess.run([sys.executable, tiny_extras.__file__, "--comfyui", host_dir, "--out", out],
+                         capture_output=True, text=True, timeout=600)
+    if res.returncode != 0:
+        pytest.fail(f"building the tiny extras failed:\n{res.stdout}\n{res.stderr[-4000:]}")
+    return dict(line.split("\t") for line in res.stdout.strip().splitlines())
+
+
+@pytest.fixture(scope="session")
 def comfy(host_dir):
     """The host imported in-process (CPU), for fast tests that call nodes and models directly."""
     from harness.host import import_host
@@ -54,11 +65,13 @@ def comfy(host_dir):
 
 
 @pytest.fixture(scope="session")
-def server(host_dir, tiny_ckpts, tmp_path_factory):
-    """A real ComfyUI server with this pack and the tiny checkpoints, on a free loopback port."""
+def server(host_dir, tiny_ckpts, extras_files, tmp_path_factory):
+    """A real ComfyUI server with this pack, the tiny checkpoints and the tiny extras (LoRA, ControlNet, demo
+    residuals, input images that the example workflows name), on a free loopback port."""
     from harness.server import ComfyServer
 
     srv = ComfyServer(checkpoints=tiny_ckpts, base_dir=str(tmp_path_factory.mktemp("comfy-base")), host=host_dir)
+    tiny_extras.install(extras_files, srv)
     srv.start()
     yield srv
     srv.stop()

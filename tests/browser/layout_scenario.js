@@ -266,7 +266,7 @@ async function scenario(out, page, errors) {
     const messages = entry.status?.messages?.filter(([k]) => k === 'execution_error');
     assert(status === 'success', `run failed: ${JSON.stringify(messages || entry.status).slice(0, 2000)}`);
     const images = Object.values(entry.outputs || {}).flatMap((o) => o.images || []);
-    assert(images.length === 1, `expected one image: ${JSON.stringify(entry.outputs)}`);
+    assert(images.length === 2, `expected the image and the attention maps: ${JSON.stringify(entry.outputs)}`);
     return { prompt_id: id, layout: ours.inputs.layout, images };
   });
 

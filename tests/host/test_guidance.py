@@ -339,3 +339,30 @@ def test_layout_guidance_through_server(server, client):
     with pytest.raises(PromptFailed) as err:
         client.run(bad)
     assert "'horse' is not a word of the prompt" in err.value.exception_message
+
+
+@pytest.mark.parametrize("order", ["before", "after"])
+def test_controlnet_before_or_after_guidance(pack, loaded, extras_files, order):
+    import comfy.controlnet
+
+    import nodes
+
+    model, clip = loaded("sd15")
+    pos, neg = encode(pack, clip), negative(clip)
+    control = comfy.controlnet.load_controlnet(extras_files["controlnet"])
+    hint = torch.rand(1, 64, 80, 3, generator=torch.Generator().manual_seed(4))
+
+    def with_control(p, n):
+        return nodes.ControlNetApplyAdvanced().apply_controlnet(p, n, control, hint, 0.8, 0.0, 1.0)
+
+    if order == "before":
+        pos_c, neg_c = with_control(pos, neg)
+        gm, gpos = guide(pack, model, pos_c)
+    else:
+        gm, gpos = guide(pack, model, pos)
+        gpos, neg_c = with_control(gpos, neg)
+    assert "control" in gpos[0][1]
+    out = sample(gm, gpos, neg_c, steps=2)
+    plain = sample(gm, guide(pack, model, pos)[1], neg, steps=2)
+    assert not torch.equal(out, plain)  # the ControlNet is active
+    assert min(r["share"] for r in report(pack, gm)) >= 0.99
