@@ -1,0 +1,563 @@
+"""Train Residual: learn a Cones 2 subject residual from a few images of the subject.
+
+"paper" mode follows the reference (Cones-V2 ``train_cones2.py``): a private copy of the whole text encoder is
+fine-tuned with the diffusion loss plus the text-embedding preservation loss, with the class word alone as the
+prompt; the residual is then the mean over 27 templates of (tuned - frozen) output embedding at the subject's
+tokens. "fast" mode is our addition: it optimises the output-space residual itself (added at the subject's
+tokens of the frozen encoder's output) against the same diffusion loss; no text-encoder copy, no preservation
+loss needed (other tokens cannot move).
+
+Host specifics handled here: node execution runs under ``torch.inference_mode()`` and loaded weights are
+inference tensors, so training runs under ``inference_mode(False)``; the text-encoder copy gets fresh float32
+parameters; the frozen UNet runs through a clone of the user's ModelPatcher whose weight wrappers hand the
+forward fresh (non-inference, gradient-free) weights, so gradients reach the context only. The host's CLIP
+layers add residuals in place (``x += ...``), which breaks backward: the private copy's layers run an
+out-of-place forward. The user's MODEL and CLIP are left bit-identical.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import math
+import os
+import time
+import types
+
+import numpy as np
+import torch
+from comfy_api.latest import io
+
+from ..cones2_core.conditioning import find_occurrences
+from ..cones2_core.errors import Cones2Error
+from ..cones2_core.residual import FAMILY_NAMES, Residual, resolve_residual_path, save_residual
+from ..cones2_core.training import (
+    MAX_GRAD_NORM,
+    MODES,
+    WEIGHT_DECAY,
+    TrainSettings,
+    add_at_rows,
+    diffusion_loss,
+    draw_loss_curve,
+    latent_batch,
+    preservation_loss,
+    residual_from_templates,
+    sample_sigmas,
+    split_channels,
+    template_prompts,
+)
+from .common import CATEGORY, Residuals
+from .encoding import clip_family, word_tokens
+from .paths import default_residual_folder
+
+log = logging.getLogger("comfyui-cones2")
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+EVAL_SAMPLES = 8
+PREVIEW_UPDATES = 20
+
+
+# ---- inputs -------------------------------------------------------------------------------------------------
+
+def _to_rgb(img: torch.Tensor) -> torch.Tensor:
+    """[H, W, C] in 0..1 with C of 1 (grey), 2 (grey + alpha), 3 or 4 (RGBA) -> RGB, alpha composited on white."""
+    img = img.float()
+    c = img.shape[-1]
+    if c in (2, 4):
+        alpha = img[..., -1:].clamp(0, 1)
+        img = img[..., :-1] * alpha + (1.0 - alpha)
+        c -= 1
+    if c == 1:
+        img = img.expand(*img.shape[:-1], 3)
+    elif c != 3:
+        raise Cones2Error(f"an image has {img.shape[-1]} channels; connect RGB, RGBA or greyscale images")
+    return img.clamp(0, 1)
+
+
+def _folder_images(image_folder: str) -> list[torch.Tensor]:
+    """The images in a folder under ComfyUI's input directory (sorted by name), as [H, W, 3] tensors."""
+    import folder_paths
+    from PIL import Image, ImageOps
+
+    root = folder_paths.get_input_directory()
+    name = image_folder.strip()
+    hint = "image_folder must be a folder inside ComfyUI's input directory, e.g. 'my_dog'"
+    if os.path.isabs(name) or name.startswith(("/", "\\")) or ".." in name.replace("\\", "/").split("/"):
+        raise Cones2Error(f"{hint}; {image_folder!r} is absolute or climbs out with '..'")
+    real_root = os.path.realpath(root)
+    folder = os.path.realpath(os.path.join(root, name))
+    if os.path.commonpath([real_root, folder]) != real_root:
+        raise Cones2Error(f"{hint}; {image_folder!r} resolves outside it (via a symlink?)")
+    if not os.path.isdir(folder):
+        raise Cones2Error(f"{hint}; there is no folder {image_folder!r} in {root}")
+    out = []
+    for entry in sorted(os.listdir(folder)):
+        path = os.path.join(folder, entry)
+        if not entry.lower().endswith(IMAGE_EXTENSIONS) or not os.path.isfile(path):
+            continue
+        if os.path.commonpath([real_root, os.path.realpath(path)]) != real_root:
+            continue
+        try:
+            with Image.open(path) as im:
+                im = ImageOps.exif_transpose(im)
+                im = im.convert("RGBA" if ("A" in im.getbands() or "transparency" in im.info) else "RGB")
+                arr = np.asarray(im, dtype=np.float32) / 255.0
+        except OSError as e:
+            raise Cones2Error(f"cannot read the image {entry!r} in {image_folder!r} ({e}); remove or re-save it") from e
+        out.append(_to_rgb(torch.from_numpy(arr.copy())))
+    if not out:
+        raise Cones2Error(f"the folder {image_folder!r} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+    return out
+
+
+def collect_images(images: torch.Tensor | None, image_folder: str = "") -> list[torch.Tensor]:
+    """All training images as RGB [H, W, 3] float tensors (the IMAGE batch, then the folder's files)."""
+    out = []
+    if images is not None:
+        if not isinstance(images, torch.Tensor) or images.ndim not in (3, 4):
+            raise Cones2Error("the images input must be an IMAGE batch [B, H, W, C]; connect e.g. Load Image")
+        batch = images if images.ndim == 4 else images.unsqueeze(0)
+        out += [_to_rgb(img) for img in batch]
+    if image_folder and image_folder.strip():
+        out += _folder_images(image_folder)
+    if not out:
+        raise Cones2Error("no training images: connect 3-5 images of the subject to 'images' or name a folder of "
+                          "them (inside ComfyUI's input directory) in 'image_folder'")
+    return out
+
+
+def _resize_for_training(img: torch.Tensor, resolution: int) -> torch.Tensor:
+    """[H, W, 3] -> [h, w, 3] with the short side = resolution, the long side at most 2x, both multiples of 8."""
+    h, w = img.shape[:2]
+    scale = resolution / min(h, w)
+    nh, nw = max(resolution, round(h * scale)), max(resolution, round(w * scale))
+    x = img.permute(2, 0, 1).unsqueeze(0)
+    if (nh, nw) != (h, w):
+        x = torch.nn.functional.interpolate(x, size=(nh, nw), mode="bicubic", antialias=True, align_corners=False)
+    ch, cw = min(nh, 2 * resolution) // 8 * 8, min(nw, 2 * resolution) // 8 * 8
+    top, left = (nh - ch) // 2, (nw - cw) // 2
+    return x[0, :, top:top + ch, left:left + cw].permute(1, 2, 0).clamp(0, 1).contiguous()
+
+
+def encode_latents(vae, model, images: list[torch.Tensor], resolution: int) -> list[torch.Tensor]:
+    """Each image resized and VAE-encoded once, in the diffusion model's latent space: [C, h, w] each."""
+    out = []
+    with torch.no_grad():
+        for img in images:
+            pixels = _resize_for_training(img, resolution).unsqueeze(0)
+            lat = model.model.process_latent_in(vae.encode(pixels).float())
+            out.append(lat[0].detach().clone().cpu())
+    return out
+
+
+def _prediction(model) -> tuple[str, float, object]:
+    import comfy.model_sampling as ms_mod
+
+    ms = model.get_model_object("model_sampling")
+    if isinstance(ms, ms_mod.EDM) or isinstance(ms, ms_mod.X0) or not isinstance(ms, ms_mod.EPS):
+        raise Cones2Error(f"this model's sampling ({type(ms).__name__}) is neither eps- nor v-prediction; Cones 2 "
+                          "training supports SD1.5, SD2.x and SDXL checkpoints")
+    kind = "v" if isinstance(ms, ms_mod.V_PREDICTION) else "eps"
+    return kind, float(getattr(ms, "sigma_data", 1.0)), ms
+
+
+def _subject_rows(clip, subject: str, text: str) -> list[int]:
+    """Token rows of ``subject`` in the encoding of ``text`` (its last occurrence)."""
+    pattern = word_tokens(clip, subject)
+    tokens = clip.tokenize(text)
+    key = next(iter(pattern))
+    chunks = [[t[0] if isinstance(t[0], int) else None for t in chunk] for chunk in tokens[key]]
+    occ = find_occurrences(chunks, pattern[key], len(tokens[key][0]))
+    if not occ:
+        raise Cones2Error(f"the subject {subject!r} is not found in its own prompt {text!r}; use a plain word")
+    return occ[-1]
+
+
+def _escape(word: str) -> str:
+    return word.replace("\\", "\\\\").replace("(", "\\(").replace(")", "\\)")
+
+
+# ---- the private text encoder -------------------------------------------------------------------------------
+
+def _clip_layer_forward(self, x, mask=None, optimized_attention=None):
+    """The host's CLIPLayer.forward without its in-place residual adds (which break backward)."""
+    x = x + self.self_attn(self.layer_norm1(x), mask, optimized_attention)
+    return x + self.mlp(self.layer_norm2(x))
+
+
+def _clip_layer_forward_ckpt(self, x, mask=None, optimized_attention=None):
+    return torch.utils.checkpoint.checkpoint(_clip_layer_forward, self, x, mask, optimized_attention,
+                                             use_reentrant=False)
+
+
+def private_text_encoder(clip, device: torch.device, checkpointing: bool = False) -> torch.nn.Module:
+    """A deep copy of the CLIP's text encoder(s) with fresh float32 trainable parameters on ``device``."""
+    import comfy.clip_model
+    import comfy.model_patcher
+
+    clip.load_model()  # the effective weights (LoRA patches applied) sit in the module now
+    enc = copy.deepcopy(clip.cond_stage_model)
+    for m in enc.modules():
+        comfy.model_patcher.wipe_lowvram_weight(m)
+        for name, p in list(m.named_parameters(recurse=False)):
+            setattr(m, name, torch.nn.Parameter(p.detach().to(device=device, dtype=torch.float32, copy=True)))
+        for name, b in list(m.named_buffers(recurse=False)):
+            m._buffers[name] = b.detach().to(device=device, copy=True)
+        if isinstance(m, comfy.clip_model.CLIPLayer):
+            fwd = _clip_layer_forward_ckpt if checkpointing else _clip_layer_forward
+            m.forward = types.MethodType(fwd, m)
+    enc.reset_clip_options()
+    if clip.layer_idx is not None:
+        enc.set_clip_options({"layer": clip.layer_idx})
+    enc.requires_grad_(True)
+    enc.train(False)  # no dropout in these encoders; keep eval semantics
+    return enc
+
+
+# ---- the frozen UNet ----------------------------------------------------------------------------------------
+
+class _FreshWeight:
+    """Weight wrapper: hand the forward a gradient-free, non-inference tensor (inference tensors cannot be
+    saved for backward; the host already copies the weight when a module has wrappers)."""
+
+    def __call__(self, w):
+        return w.clone() if w.is_inference() else w.detach()
+
+
+def _ckpt_patch(module):
+    original = module.__dict__.get("forward")
+    bound = module.forward
+
+    def forward(*args, **kwargs):
+        return torch.utils.checkpoint.checkpoint(bound, *args, use_reentrant=False, **kwargs)
+
+    module.forward = forward
+    return module, original
+
+
+@contextlib.contextmanager
+def frozen_unet(model, device: torch.device, checkpointing: bool = False):
+    """A clone of the user's ModelPatcher, loaded through the host's memory management, ready for backward to
+    the context only. Everything touched on the shared modules is restored on exit."""
+    import comfy.model_management as mm
+
+    mp = model.clone()
+    wrapper = _FreshWeight()
+    for name, m in mp.model.named_modules():
+        if hasattr(m, "weight_function"):
+            for attr in ("weight", "bias"):
+                if getattr(m, attr, None) is not None:
+                    mp.add_weight_wrapper(f"{name}.{attr}", wrapper)
+    flags = [(p, p.requires_grad) for p in mp.model.parameters()]
+    patched = []
+    try:
+        for p, _ in flags:
+            p.requires_grad_(False)
+        mm.load_models_gpu([mp], force_full_load=device.type != "cpu")
+        if checkpointing:
+            dm = mp.model.diffusion_model
+            for block_list in ("input_blocks", "output_blocks"):
+                patched += [_ckpt_patch(b) for b in getattr(dm, block_list, [])]
+            if getattr(dm, "middle_block", None) is not None:
+                patched.append(_ckpt_patch(dm.middle_block))
+        yield mp
+    finally:
+        for module, original in reversed(patched):
+            if original is None:
+                module.__dict__.pop("forward", None)
+            else:
+                module.forward = original
+        for m in mp.model.modules():
+            for attr in ("weight_function", "bias_function"):
+                funcs = getattr(m, attr, None)
+                if isinstance(funcs, list) and any(f is wrapper for f in funcs):
+                    setattr(m, attr, [f for f in funcs if f is not wrapper])
+        mp.weight_wrapper_patches = {}
+        for p, flag in flags:
+            if p.requires_grad != flag:
+                with torch.inference_mode(p.is_inference()):  # inference tensors only change flags there
+                    p.requires_grad_(flag)
+
+
+# ---- training -----------------------------------------------------------------------------------------------
+
+class _Trainer:
+    """One training run (all state local to a node call)."""
+
+    def __init__(self, model, clip, family, prediction, sigma_data, model_sampling, settings, subject, latents,
+                 device):
+        self.model, self.clip, self.family = model, clip, family
+        self.prediction, self.sigma_data, self.ms = prediction, sigma_data, model_sampling
+        self.s, self.subject, self.device = settings, subject, device
+        self.latents = [lat.to(device) for lat in latents]
+        self.size = settings.resolution // 8
+        self.cuda = device.type == "cuda"
+        self.amp = self.cuda and torch.cuda.is_bf16_supported()
+        self.instance_tokens = clip.tokenize(_escape(subject))
+        self.instance_rows = _subject_rows(clip, subject, _escape(subject))
+        self.templates = template_prompts(_escape(subject))
+        self.template_tokens = [clip.tokenize(t) for t in self.templates]
+        self.template_rows = [_subject_rows(clip, subject, t) for t in self.templates]
+        self.sigmas = model_sampling.sigmas.detach().float().cpu()
+
+    def _autocast(self):
+        return torch.autocast("cuda", dtype=torch.bfloat16) if self.amp else contextlib.nullcontext()
+
+    def _encode(self, enc, tokens):
+        """(context [1, T, C], pooled) of one prompt: through the private copy ``enc``, or the user's CLIP (None)."""
+        with self._autocast():
+            out = enc.encode_token_weights(tokens) if enc is not None else \
+                self.clip.encode_from_tokens(tokens, return_pooled=True)
+        return out[0].float().to(self.device), out[1]
+
+    def _encode_templates(self, enc) -> list[torch.Tensor]:
+        """The template prompts' contexts, one batched encoder pass (each template is one 77-token chunk)."""
+        merged = {k: [chunk for t in self.template_tokens for chunk in t[k]] for k in self.template_tokens[0]}
+        ctx = self._encode(enc, merged)[0].cpu()
+        return list(ctx.reshape(len(self.template_tokens), -1, ctx.shape[-1]))
+
+    def _adm(self, pooled, batch: int):
+        """SDXL's ``y`` (pooled text + size embeddings) from the frozen pooled output; None for SD1.5/SD2.x."""
+        if pooled is None:
+            return None
+        res = self.s.resolution
+        y = self.model.model.encode_adm(pooled_output=pooled.float(), width=res, height=res, crop_w=0, crop_h=0,
+                                        target_width=res, target_height=res, device=self.device)
+        return None if y is None else y.to(self.device).repeat(batch, 1)
+
+    def _denoise(self, mp, x0, noise, sigma, context, y):
+        x_t = self.ms.noise_scaling(sigma.view(-1, 1, 1, 1), noise, x0)
+        extra = {} if y is None else {"y": y[: x0.shape[0]]}
+        topts = copy.copy(mp.model_options.get("transformer_options", {}))
+        with self._autocast() if self.cuda else contextlib.nullcontext():
+            return mp.model.apply_model(x_t, sigma, c_crossattn=context.expand(x0.shape[0], -1, -1),
+                                        transformer_options=topts, **extra).float()
+
+    def _eval_set(self):
+        g = torch.Generator().manual_seed(self.s.seed + 1)
+        x0 = torch.cat([latent_batch(self.latents, self.size, 1, g, flip=False) for _ in range(EVAL_SAMPLES)])
+        noise = torch.randn(x0.shape, generator=g).to(self.device)
+        q = torch.linspace(0.1, 0.9, EVAL_SAMPLES)
+        sigma = self.sigmas[(q * (len(self.sigmas) - 1)).round().long()].to(self.device)
+        return x0, noise, sigma
+
+    def _eval_loss(self, mp, context, y, eval_set) -> float:
+        x0, noise, sigma = eval_set
+        with torch.no_grad():
+            den = self._denoise(mp, x0, noise, sigma, context, y)
+            return float(diffusion_loss(den, x0, sigma, self.prediction, self.sigma_data))
+
+    def run(self, pbar=None, eval_every: int = 0):
+        import comfy.model_management as mm
+
+        s = self.s
+        gen = torch.Generator().manual_seed(s.seed)
+        paper = s.mode == "paper"
+        enc = private_text_encoder(self.clip, self.device, checkpointing=self.cuda) if paper else None
+        opt = None
+        try:
+            with torch.no_grad():
+                frozen_ctx, pooled = self._encode(enc, self.instance_tokens)
+                frozen_templates = self._encode_templates(enc) if paper else None
+            y = self._adm(pooled, max(s.batch_size, EVAL_SAMPLES))
+            if paper:
+                params = [p for p in enc.parameters() if p.requires_grad]
+                opt = torch.optim.AdamW(params, lr=s.learning_rate, weight_decay=WEIGHT_DECAY)
+                residual = None
+            else:  # the frozen outputs above are all fast mode needs
+                residual = torch.zeros(len(self.instance_rows), frozen_ctx.shape[-1], device=self.device,
+                                       requires_grad=True)
+                params = [residual]
+                opt = torch.optim.AdamW(params, lr=s.learning_rate, weight_decay=0.0)
+
+            def context():
+                if residual is not None:
+                    return add_at_rows(frozen_ctx, self.instance_rows, residual)
+                return self._encode(enc, self.instance_tokens)[0]
+
+            losses: list[float] = []
+            eval_points: list[tuple[int, float]] = []
+            with frozen_unet(self.model, self.device, checkpointing=self.cuda) as mp:
+                eval_set = self._eval_set()
+                with torch.no_grad():
+                    eval_points.append((0, self._eval_loss(mp, context(), y, eval_set)))
+                every = max(1, s.steps // PREVIEW_UPDATES)
+                for step in range(s.steps):
+                    mm.throw_exception_if_processing_interrupted()
+                    x0 = latent_batch(self.latents, self.size, s.batch_size, gen)
+                    noise = torch.randn(x0.shape, generator=gen).to(self.device)
+                    sigma = sample_sigmas(self.sigmas, s.batch_size, gen).to(self.device)
+                    ctx = context()
+                    den = self._denoise(mp, x0, noise, sigma, ctx, y)
+                    loss = diffusion_loss(den, x0, sigma, self.prediction, self.sigma_data)
+                    if paper:
+                        loss = loss + preservation_loss(ctx, frozen_ctx, self.instance_rows,
+                                                        s.preservation_weight_start, s.preservation_weight_rest)
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
+                    opt.step()
+                    value = float(loss.detach())
+                    if not math.isfinite(value):
+                        raise Cones2Error(f"the training loss became {value} at step {step + 1}; lower the "
+                                          "learning_rate")
+                    losses.append(value)
+                    if eval_every and (step + 1) % eval_every == 0 and step + 1 < s.steps:
+                        with torch.no_grad():
+                            eval_points.append((step + 1, self._eval_loss(mp, context(), y, eval_set)))
+                    if pbar is not None:
+                        preview = None
+                        if (step + 1) % every == 0 or step + 1 == s.steps:
+                            from PIL import Image
+
+                            pic = draw_loss_curve(losses, eval_points, title=f"loss {value:.4g}")
+                            preview = ("JPEG", Image.fromarray((pic * 255).astype(np.uint8)), 512)
+                        pbar.update_absolute(step + 1, s.steps, preview)
+                with torch.no_grad():
+                    eval_points.append((s.steps, self._eval_loss(mp, context(), y, eval_set)))
+            with torch.no_grad():
+                if residual is not None:
+                    delta = residual.detach().float().cpu()
+                else:
+                    tuned = self._encode_templates(enc)
+                    delta = residual_from_templates(tuned, frozen_templates, self.template_rows)
+            return delta, losses, eval_points
+        finally:
+            enc = opt = None  # drop the private encoder and optimiser state now
+            if self.cuda:
+                torch.cuda.empty_cache()
+
+
+def train_residual(model, clip, vae, images: list[torch.Tensor], subject: str, settings: TrainSettings,
+                   pbar=None, eval_every: int = 0) -> tuple[Residual, list[float], list[tuple[int, float]]]:
+    """Train a residual (nothing is written). Returns (residual, training losses, [(step, eval loss)]).
+
+    The evaluation loss (fixed crops, noise and sigmas) is measured before the first and after the last step,
+    and every ``eval_every`` steps in between when that is > 0.
+    """
+    import comfy.model_management as mm
+
+    for value, what in ((model, "model"), (clip, "clip"), (vae, "vae")):
+        if value is None:
+            raise Cones2Error(f"the {what} input is empty: connect the {what.upper()} output of a checkpoint loader")
+    family = clip_family(clip)
+    subject = (subject or "").strip()
+    if not subject:
+        raise Cones2Error("the subject is empty; set it to the subject's class word, e.g. 'dog'")
+    counts = {k: len(v) for k, v in word_tokens(clip, subject).items()}
+    if not all(counts.values()):
+        raise Cones2Error(f"the subject {subject!r} has no tokens for this CLIP; use a class word such as 'dog'")
+    if len(set(counts.values())) != 1:
+        raise Cones2Error(f"the subject {subject!r} tokenises differently for the two SDXL encoders; use a plain word")
+    prediction, sigma_data, ms = _prediction(model)
+    s = settings.resolved(family, prediction)
+    device = mm.get_torch_device()
+    t0 = time.time()
+    with torch.inference_mode(False), torch.enable_grad():
+        latents = encode_latents(vae, model, images, s.resolution)
+        trainer = _Trainer(model, clip, family, prediction, sigma_data, ms, s, subject, latents, device)
+        delta, losses, eval_points = trainer.run(pbar, eval_every)
+    seconds = time.time() - t0
+    meta = s.metadata(prediction=prediction, images=len(images), templates=len(trainer.templates),
+                      eval_loss_start=repr(eval_points[0][1]), eval_loss_end=repr(eval_points[-1][1]),
+                      loss_first=losses[0], loss_last=losses[-1], seconds=round(seconds, 1))
+    residual = Residual(subject, family, split_channels(delta, family), metadata=meta).validate()
+    log.info("trained a %s residual for %r (%s mode, %d steps, %.1f s): eval loss %.5g -> %.5g",
+             FAMILY_NAMES[family], subject, s.mode, s.steps, seconds, eval_points[0][1], eval_points[-1][1])
+    return residual, losses, eval_points
+
+
+def residual_save_path(save_name: str) -> str:
+    """``models/cones2_residuals/<save_name>.safetensors``, confined to that folder."""
+    name = (save_name or "").strip()
+    if name and not name.lower().endswith(".safetensors"):
+        name += ".safetensors"
+    return resolve_residual_path(default_residual_folder(), name)
+
+
+class Cones2TrainResidual(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="Cones2TrainResidual",
+            display_name="Cones2 Train Residual",
+            category=CATEGORY,
+            is_output_node=True,
+            description=(
+                "Learns a Cones 2 residual for one subject from a few (3-5) images of it and saves it to "
+                "models/cones2_residuals/<save_name>.safetensors. 'paper' mode fine-tunes a private copy of the "
+                "text encoder exactly as the Cones 2 paper (diffusion loss + text-embedding preservation loss, "
+                "prompt = the class word alone), then averages the change of the subject's output embedding "
+                "over 27 prompt templates. 'fast' mode (our addition) optimises that output-space residual "
+                "directly against the same diffusion loss. Your MODEL and CLIP are not changed."),
+            inputs=[
+                io.Model.Input("model", tooltip="The diffusion model of an SD1.5, SD2.x or SDXL checkpoint (kept "
+                                                "frozen; gradients only flow through it)."),
+                io.Clip.Input("clip", tooltip="The matching CLIP; a private copy is fine-tuned, yours is unchanged."),
+                io.Vae.Input("vae", tooltip="The checkpoint's VAE, to encode the training images once."),
+                io.String.Input("subject", default="dog",
+                                tooltip="The subject's class word, e.g. 'dog'. Later prompts use this word; the "
+                                        "residual is added at its tokens."),
+                io.Int.Input("steps", default=4000, min=1, max=100000,
+                             tooltip="Optimisation steps (the paper uses 4000 at batch size 1)."),
+                io.Float.Input("learning_rate", default=0.0, min=0.0, max=1.0, step=1e-6,
+                               tooltip="AdamW learning rate; 0 = automatic (paper mode 5e-6 as the paper, "
+                                       "fast mode 1e-3)."),
+                io.Float.Input("preservation_weight_start", default=1e-2, min=0.0, max=10.0, step=1e-3,
+                               tooltip="Paper mode: weight of ||e_0 - e*_0|| (start token keeps its embedding)."),
+                io.Float.Input("preservation_weight_rest", default=1e-3, min=0.0, max=10.0, step=1e-4,
+                               tooltip="Paper mode: weight of ||e_{1+n:} - e*_{1+n:}|| (tokens after the subject "
+                                       "keep their embeddings)."),
+                io.Int.Input("resolution", default=0, min=0, max=2048, step=64,
+                             tooltip="Training crop size in pixels; 0 = automatic (SD1.5 512, SD2.x-v 768, "
+                                     "SDXL 1024). Images are resized so their short side matches, then "
+                                     "randomly cropped and flipped."),
+                io.Int.Input("batch_size", default=1, min=1, max=64, tooltip="Crops per step (the paper uses 1)."),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF,
+                             tooltip="Seed of the crops, noise and timesteps: the same seed gives the same "
+                                     "residual."),
+                io.String.Input("save_name", default="cones2_subject",
+                                tooltip="File name in models/cones2_residuals/ ('.safetensors' is added). Written "
+                                        "only when training finishes."),
+                io.Combo.Input("mode", options=list(MODES), default="paper",
+                               tooltip="paper: fine-tune a private text-encoder copy as the Cones 2 paper. fast: "
+                                       "optimise the residual directly (our addition; much cheaper)."),
+                io.Image.Input("images", optional=True,
+                               tooltip="The subject's images (any sizes; RGBA and greyscale are converted)."),
+                io.String.Input("image_folder", default="", optional=True,
+                                tooltip="Optional folder of images inside ComfyUI's input directory, e.g. "
+                                        "'my_dog'; used in addition to 'images'."),
+            ],
+            outputs=[
+                Residuals.Output(display_name="residuals",
+                                 tooltip="A chain holding the new residual, for Apply Residuals to Conditioning."),
+                io.String.Output(display_name="filename", tooltip="The saved file's name in models/cones2_residuals/."),
+                io.Image.Output(display_name="loss_curve",
+                                tooltip="Training loss (grey raw, blue smoothed) and evaluation loss (red)."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, model, clip, vae, subject, steps=4000, learning_rate=0.0, preservation_weight_start=1e-2,
+                preservation_weight_rest=1e-3, resolution=0, batch_size=1, seed=0, save_name="cones2_subject",
+                mode="paper", images=None, image_folder="") -> io.NodeOutput:
+        import comfy.utils
+
+        path = residual_save_path(save_name)  # refuse a bad name before spending time on training
+        pictures = collect_images(images, image_folder or "")
+        settings = TrainSettings(mode=mode, steps=int(steps), learning_rate=float(learning_rate),
+                                 preservation_weight_start=float(preservation_weight_start),
+                                 preservation_weight_rest=float(preservation_weight_rest),
+                                 resolution=int(resolution), batch_size=int(batch_size), seed=int(seed))
+        pbar = comfy.utils.ProgressBar(int(steps))
+        residual, losses, eval_points = train_residual(model, clip, vae, pictures, subject, settings, pbar)
+        save_residual(residual, path)
+        filename = os.path.relpath(path, default_residual_folder())
+        log.info("saved residual %s", path)
+        curve = draw_loss_curve(losses, eval_points, title=f"{residual.subject} ({mode}): "
+                                f"eval {eval_points[0][1]:.4g} -> {eval_points[-1][1]:.4g}")
+        return io.NodeOutput([residual.with_strength(1.0)], filename, torch.from_numpy(curve).unsqueeze(0))
+
+
+NODES = [Cones2TrainResidual]

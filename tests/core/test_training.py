@@ -1,0 +1,145 @@
+"""The pure parts of residual training: templates, losses against hand computations, residual averaging."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from cones2_core import training as tr
+from cones2_core.errors import Cones2Error
+
+
+def test_templates_are_the_reference_27():
+    assert len(tr.TEMPLATES) == 27 and len(set(tr.TEMPLATES)) == 27
+    assert tr.TEMPLATES[0] == "a photo of a {}" and tr.TEMPLATES[-1] == "a photo of a small {}"
+    prompts = tr.template_prompts("dog")
+    assert prompts[9] == "a close-up photo of a dog" and all(p.endswith(" dog") for p in prompts)
+
+
+def test_preservation_loss_matches_hand_computation():
+    g = torch.Generator().manual_seed(0)
+    tuned = torch.randn(1, 77, 8, generator=g)
+    frozen = torch.randn(1, 77, 8, generator=g)
+    # subject "dog" = 1 token at row 1: start row 0, rest rows 2..76
+    got = tr.preservation_loss(tuned, frozen, [1], 1e-2, 1e-3)
+    d0 = (tuned[0, 0] - frozen[0, 0]).tolist()
+    rest = (tuned[0, 2:] - frozen[0, 2:]).flatten().tolist()
+    expect = 1e-2 * math.sqrt(sum(v * v for v in d0)) + 1e-3 * math.sqrt(sum(v * v for v in rest))
+    assert got.item() == pytest.approx(expect, rel=1e-5)
+    # two-token subject at rows 1, 2: rest starts at row 3; the subject rows never count
+    moved = tuned.clone()
+    moved[0, 1:3] += 100.0
+    assert tr.preservation_loss(moved, tuned, [1, 2], 1.0, 1.0).item() == 0.0
+    moved[0, 3, 0] += 2.0
+    assert tr.preservation_loss(moved, tuned, [1, 2], 1.0, 0.5).item() == pytest.approx(1.0)
+
+
+def test_preservation_loss_is_a_plain_norm_not_squared_or_mean():
+    tuned = torch.zeros(1, 77, 4)
+    tuned[0, 0] = 3.0  # ||(3, 3, 3, 3)|| = 6
+    assert tr.preservation_loss(tuned, torch.zeros(1, 77, 4), [1], 1.0, 0.0).item() == pytest.approx(6.0)
+
+
+def test_preservation_rows_and_errors():
+    assert tr.preservation_rows([1], 5) == ([0], [2, 3, 4])
+    assert tr.preservation_rows([1, 2], 4) == ([0], [3])
+    with pytest.raises(Cones2Error, match="do not fit"):
+        tr.preservation_rows([0], 5)
+
+
+def test_residual_is_the_template_mean_of_deltas():
+    g = torch.Generator().manual_seed(1)
+    frozen = [torch.randn(77, 6, generator=g) for _ in range(3)]
+    tuned = [f.clone() for f in frozen]
+    rows = [[5], [4], [6]]
+    shifts = [1.0, 2.0, 6.0]
+    for t, r, s in zip(tuned, rows, shifts, strict=True):
+        t[r[0]] += s
+        t[0] += 50.0  # other rows never enter the residual
+    res = tr.residual_from_templates(tuned, frozen, rows)
+    assert res.shape == (1, 6)
+    assert torch.allclose(res, torch.full((1, 6), 3.0))
+    with pytest.raises(Cones2Error, match="different token count"):
+        tr.residual_from_templates(tuned[:2], frozen[:2], [[5], [4, 5]])
+
+
+def test_split_channels_sdxl():
+    res = torch.arange(2 * 2048, dtype=torch.float32).reshape(2, 2048)
+    parts = tr.split_channels(res, "sdxl")
+    assert parts["l"].shape == (2, 768) and parts["g"].shape == (2, 1280)
+    assert torch.equal(torch.cat([parts["l"], parts["g"]], -1), res)
+    assert set(tr.split_channels(torch.zeros(1, 1024), "sd2")) == {"h"}
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+def test_diffusion_loss_from_denoised_equals_target_mse(prediction):
+    """The host returns x0_hat; our weighting must give exactly the reference's MSE(pred, eps or v)."""
+    g = torch.Generator().manual_seed(2)
+    x0 = torch.randn(3, 4, 8, 8, generator=g)
+    eps = torch.randn(3, 4, 8, 8, generator=g)
+    sigma = torch.tensor([0.05, 1.0, 14.0])
+    pred = torch.randn(3, 4, 8, 8, generator=g)  # the network's raw output
+    s = sigma.view(-1, 1, 1, 1)
+    x_t = x0 + s * eps
+    if prediction == "eps":
+        denoised = x_t - pred * s  # the host's EPS.calculate_denoised
+        target = eps
+    else:
+        denoised = x_t / (s ** 2 + 1) - pred * s / (s ** 2 + 1) ** 0.5  # V_PREDICTION, sigma_data = 1
+        alpha, sig_t = 1 / (1 + s ** 2) ** 0.5, s / (1 + s ** 2) ** 0.5  # diffusers' v = alpha * eps - sigma_t * x0
+        target = alpha * eps - sig_t * x0
+    expect = torch.nn.functional.mse_loss(pred, target)
+    got = tr.diffusion_loss(denoised, x0, sigma, prediction)
+    assert got.item() == pytest.approx(expect.item(), rel=1e-4)
+    with pytest.raises(Cones2Error, match="unknown prediction"):
+        tr.diffusion_loss(denoised, x0, sigma, "flow")
+
+
+def test_add_at_rows_is_differentiable_and_exact():
+    ctx = torch.zeros(2, 5, 3)
+    r = torch.ones(2, 3, requires_grad=True)
+    out = tr.add_at_rows(ctx, [1, 2], r)
+    assert torch.equal(out[:, 1:3], torch.ones(2, 2, 3)) and out[:, [0, 3, 4]].abs().sum() == 0
+    out.sum().backward()
+    assert torch.equal(r.grad, torch.full((2, 3), 2.0))  # one per batch item
+
+
+def test_latent_batch_is_seeded_and_in_bounds():
+    lats = [torch.arange(4 * 10 * 12, dtype=torch.float32).reshape(4, 10, 12), torch.randn(4, 8, 8)]
+    a = tr.latent_batch(lats, 8, 5, torch.Generator().manual_seed(3))
+    b = tr.latent_batch(lats, 8, 5, torch.Generator().manual_seed(3))
+    c = tr.latent_batch(lats, 8, 5, torch.Generator().manual_seed(4))
+    assert a.shape == (5, 4, 8, 8) and torch.equal(a, b) and not torch.equal(a, c)
+    s = tr.sample_sigmas(torch.linspace(0.03, 14.6, 1000), 6, torch.Generator().manual_seed(0))
+    assert s.shape == (6,) and bool(((s >= 0.03) & (s <= 14.6)).all())
+
+
+def test_settings_defaults_and_validation():
+    s = tr.TrainSettings().resolved("sd1", "eps")
+    assert (s.learning_rate, s.resolution, s.steps) == (5e-6, 512, 4000)
+    assert tr.TrainSettings(mode="fast").resolved("sd2", "v").learning_rate == tr.FAST_LEARNING_RATE
+    assert tr.TrainSettings().resolved("sd2", "v").resolution == 768
+    assert tr.TrainSettings().resolved("sd2", "eps").resolution == 512
+    assert tr.TrainSettings().resolved("sdxl", "eps").resolution == 1024
+    for bad, msg in ((dict(mode="x"), "mode must be"), (dict(steps=0), "steps must"),
+                     (dict(resolution=100), "multiple of 64"), (dict(learning_rate=-1.0), "learning_rate"),
+                     (dict(batch_size=0), "batch_size")):
+        with pytest.raises(Cones2Error, match=msg):
+            tr.TrainSettings(**bad).resolved("sd1", "eps")
+    meta = s.metadata(prediction="eps")
+    assert meta["cones2.train.learning_rate"] == "5e-06" and meta["cones2.train.prediction"] == "eps"
+    assert all(isinstance(v, str) for v in meta.values())
+
+
+def test_loss_curve_picture():
+    pic = tr.draw_loss_curve([1.0, 0.8, 0.9, 0.5], [(0, 0.95), (4, 0.6)], title="t")
+    assert pic.shape == (256, 512, 3) and pic.dtype == np.float32
+    assert 0.0 <= pic.min() and pic.max() <= 1.0
+    blue = (pic[..., 2] > 0.7) & (pic[..., 0] < 0.3)
+    red = (pic[..., 0] > 0.7) & (pic[..., 1] < 0.3)
+    assert blue.sum() > 50 and red.sum() > 10
+    assert tr.draw_loss_curve([], ()).shape == (256, 512, 3)
+    assert tr.smooth([1.0, 1.0, 1.0]) == pytest.approx([1.0, 1.0, 1.0])

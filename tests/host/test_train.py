@@ -1,0 +1,354 @@
+"""Train Residual through the real host (tiny checkpoints, CPU).
+
+For speed the text encoders of the test-owned CLIPs are cut to their first 2 transformer layers (the tiny
+checkpoints carry full-size encoders); the server test uses the untouched checkpoint. Runs are a few steps at
+64 px, with learning rates raised so that a handful of steps moves something measurable.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from harness import tiny_checkpoints
+
+SUBJECT = "dog"
+
+
+@pytest.fixture(scope="module")
+def pack(comfy):
+    from harness.host import load_pack
+
+    return load_pack()
+
+
+def _load(path):
+    import comfy.sd
+
+    with torch.inference_mode():
+        model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(path)
+        for key in ("clip_l", "clip_h", "clip_g"):
+            sub = getattr(clip.cond_stage_model, key, None)
+            if sub is not None:
+                del sub.transformer.text_model.encoder.layers[2:]
+    return model, clip, vae
+
+
+@pytest.fixture(scope="module")
+def sd15(comfy, tiny_ckpts):
+    return _load(tiny_ckpts["sd15"])
+
+
+@pytest.fixture(scope="module")
+def sd2v(comfy, tiny_ckpts):
+    return _load(tiny_ckpts["sd2v"])
+
+
+def blob_images(n=3, size=64):
+    """A red blob on grey, moved a little in each image."""
+    yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    imgs = torch.full((n, size, size, 3), 0.5)
+    for i in range(n):
+        m = ((yy - size // 2 - 4 * i) ** 2 + (xx - size // 2 + 3 * i) ** 2) < (size * 0.28) ** 2
+        imgs[i][m] = torch.tensor([0.9, 0.2, 0.1])
+    return imgs
+
+
+@pytest.fixture(scope="module")
+def res_dir(comfy, tmp_path_factory):
+    import folder_paths
+
+    folder = tmp_path_factory.mktemp("cones2_residuals")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(folder_paths.folder_names_and_paths, "cones2_residuals", ([str(folder)], {".safetensors"}))
+        yield folder
+
+
+def snapshot(model, clip):
+    sd = {f"m.{k}": v.detach().clone() for k, v in model.model.state_dict().items()}
+    sd.update({f"c.{k}": v.detach().clone() for k, v in clip.cond_stage_model.state_dict().items()})
+    flags = [p.requires_grad for p in model.model.parameters()] + [p.requires_grad for p in clip.patcher.model.parameters()]
+    grads = [p.grad is None for p in model.model.parameters()]
+    return sd, flags, grads
+
+
+def train(pack, mc, **kw):
+    model, clip, vae = mc
+    args = dict(subject=SUBJECT, steps=8, learning_rate=1e-4, resolution=64, batch_size=2, seed=7,
+                save_name="dog", mode="paper", images=blob_images())
+    args.update(kw)
+    with torch.inference_mode():  # as the host runs nodes
+        return pack.nodes.train_nodes.Cones2TrainResidual.execute(model, clip, vae, **args).result
+
+
+def host_loss(mc, context, seed=11, n=6):
+    """Diffusion loss on a fixed evaluation set, computed independently of the trainer: eps or v target from
+    the host model's denoised output."""
+    import comfy.model_sampling
+
+    model, _clip, vae = mc
+    ms = model.get_model_object("model_sampling")
+    with torch.inference_mode():
+        x0 = model.model.process_latent_in(vae.encode(blob_images())).float()
+        g = torch.Generator().manual_seed(seed)
+        x0 = x0[torch.arange(n) % x0.shape[0]]
+        noise = torch.randn(x0.shape, generator=g)
+        sigma = ms.sigmas[torch.linspace(50, 950, n).long()].float()
+        s = sigma.view(-1, 1, 1, 1)
+        x_t = x0 + s * noise
+        den = model.model.apply_model(x_t, sigma, c_crossattn=context.expand(n, -1, -1)).float()
+        if isinstance(ms, comfy.model_sampling.V_PREDICTION):
+            pred = (x_t / (s ** 2 + 1) - den) * (s ** 2 + 1) ** 0.5 / s
+            target = (noise - s * x0) / (1 + s ** 2) ** 0.5
+        else:
+            pred, target = (x_t - den) / s, noise
+        return float(((pred - target) ** 2).mean())
+
+
+def conditioning(pack, clip, residuals):
+    with torch.inference_mode():
+        return pack.nodes.residual_nodes.Cones2ApplyResiduals.execute(clip, SUBJECT, residuals).result[0][0][0]
+
+
+def watched_run(pack, mc, **kw):
+    """Run the node, watching the private text encoder (its output for the instance prompt is recorded before
+    and after training) and asking the trainer to evaluate its fixed evaluation set after every step."""
+    tn = pack.nodes.train_nodes
+    seen = {}
+    original_enc, original_train = tn.private_text_encoder, tn.train_residual
+
+    def enc_spy(clip, device, checkpointing=False):
+        enc = original_enc(clip, device, checkpointing)
+        with torch.no_grad():
+            seen["frozen"] = enc.encode_token_weights(clip.tokenize(SUBJECT))[0].clone()
+        seen["enc"] = enc
+        return enc
+
+    def train_spy(*args, **kwargs):
+        out = original_train(*args, **kwargs, eval_every=1)
+        seen["losses"], seen["evals"] = out[1], [v for _, v in out[2]]
+        return out
+
+    before = snapshot(mc[0], mc[1])
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(tn, "private_text_encoder", enc_spy)
+        mp.setattr(tn, "train_residual", train_spy)
+        out = train(pack, mc, **kw)
+    if "enc" in seen:
+        with torch.no_grad():
+            seen["tuned"] = seen.pop("enc").encode_token_weights(mc[1].tokenize(SUBJECT))[0].clone()
+    return {"out": out, "before": before, "after": snapshot(mc[0], mc[1]), **seen}
+
+
+def assert_eval_loss_decreases(evals, k=3):
+    """Mean of the first k vs the last k evaluations (fixed crops, noise and sigmas), not the training loss."""
+    assert len(evals) >= 2 * k
+    first, last = sum(evals[:k]) / k, sum(evals[-k:]) / k
+    assert last < first, evals
+
+
+def assert_eval_loss_reached_below_start(evals):
+    """Paper mode on random-weight tiny models: the diffusion gradient reaching the text encoder is ~1e-5, so
+    after the first AdamW steps the preservation loss dominates and pulls the non-subject tokens back; the
+    tuned encoder still has to get below the starting evaluation loss."""
+    assert min(evals[1:]) < evals[0] - 1e-5, evals
+
+
+@pytest.fixture(scope="module")
+def paper_sd15(pack, sd15, res_dir):
+    return watched_run(pack, sd15, save_name="dog_paper")
+
+
+def test_paper_writes_residual_with_shape_and_metadata(pack, paper_sd15, res_dir):
+    chain, filename, curve = paper_sd15["out"]
+    assert filename == "dog_paper.safetensors"
+    assert len(chain) == 1
+    res = chain[0]
+    assert res.subject == "dog" and res.family == "sd1" and res.tensors["l"].shape == (1, 768)
+    assert float(res.tensors["l"].norm()) > 0
+    loaded = pack.cones2_core.residual.load_residual(str(res_dir / filename))
+    assert torch.equal(loaded.tensors["l"], res.tensors["l"])
+    meta = loaded.metadata
+    assert meta["cones2.train.mode"] == "paper" and meta["cones2.train.steps"] == "8"
+    assert meta["cones2.train.prediction"] == "eps" and meta["cones2.train.resolution"] == "64"
+    assert meta["cones2.train.learning_rate"] == "0.0001" and meta["cones2.train.templates"] == "27"
+    assert meta["cones2.train.preservation_weight_start"] == "0.01"
+    assert curve.shape == (1, 256, 512, 3) and 0 <= float(curve.min()) and float(curve.max()) <= 1
+    assert float(curve.std()) > 0.01  # something is drawn
+
+
+def test_paper_lowers_the_diffusion_loss(pack, paper_sd15, sd15):
+    evals = paper_sd15["evals"]  # the tuned encoder on the trainer's fixed evaluation set, steps 0..8
+    assert len(evals) == 9
+    assert_eval_loss_reached_below_start(evals)
+    meta = paper_sd15["out"][0][0].metadata
+    assert float(meta["cones2.train.eval_loss_start"]) == evals[0]
+    assert float(meta["cones2.train.eval_loss_end"]) == evals[-1]
+
+
+def test_paper_preservation_keeps_other_tokens(paper_sd15):
+    delta = (paper_sd15["tuned"] - paper_sd15["frozen"])[0].norm(dim=-1)  # per token row
+    subject, start, rest = float(delta[1]), float(delta[0]), float(delta[2:].mean())
+    assert subject > 0
+    # 8 steps at a raised learning rate: the preservation terms hold the other rows well below the subject's
+    assert start < 0.5 * subject and rest < 0.7 * subject, (subject, start, rest)
+
+
+def test_paper_leaves_model_and_clip_unchanged(paper_sd15):
+    (sd0, flags0, grads0), (sd1, flags1, grads1) = paper_sd15["before"], paper_sd15["after"]
+    assert sd0.keys() == sd1.keys()
+    changed = [k for k in sd0 if not torch.equal(sd0[k], sd1[k])]
+    assert changed == []
+    assert flags0 == flags1 and grads0 == grads1 and all(grads1)
+
+
+def test_residual_applies_through_apply_residuals(pack, paper_sd15, sd15):
+    chain = paper_sd15["out"][0]
+    base = conditioning(pack, sd15[1], None)
+    out = conditioning(pack, sd15[1], chain)
+    changed = (out != base).any(-1)[0].nonzero().flatten().tolist()
+    assert changed == [1]
+    assert torch.allclose(out[0, 1], base[0, 1] + chain[0].tensors["l"][0], atol=1e-5)
+
+
+def test_fast_mode_lowers_the_loss_like_paper_mode(pack, sd15, paper_sd15):
+    run = watched_run(pack, sd15, mode="fast", steps=8, learning_rate=1e-2, save_name="dog_fast")
+    chain = run["out"][0]
+    assert_eval_loss_decreases(run["evals"])
+    base = host_loss(sd15, conditioning(pack, sd15[1], None))
+    fast = host_loss(sd15, conditioning(pack, sd15[1], chain))
+    paper = host_loss(sd15, conditioning(pack, sd15[1], paper_sd15["out"][0]))
+    # a random direction of the same size does not help the same way
+    g = torch.Generator().manual_seed(0)
+    rnd = torch.randn(1, 768, generator=g)
+    rnd = rnd / rnd.norm() * chain[0].tensors["l"].norm()
+    random_res = pack.cones2_core.residual.Residual("dog", "sd1", {"l": rnd})
+    rand = host_loss(sd15, conditioning(pack, sd15[1], [random_res]))
+    assert fast < base and paper < base, (base, fast, paper)
+    assert fast < rand, (fast, rand)
+
+
+def test_same_seed_same_residual(pack, sd15):
+    a = train(pack, sd15, mode="fast", steps=2, learning_rate=1e-2, seed=3, save_name="s1")[0][0]
+    b = train(pack, sd15, mode="fast", steps=2, learning_rate=1e-2, seed=3, save_name="s2")[0][0]
+    c = train(pack, sd15, mode="fast", steps=2, learning_rate=1e-2, seed=4, save_name="s3")[0][0]
+    assert torch.equal(a.tensors["l"], b.tensors["l"])
+    assert not torch.equal(a.tensors["l"], c.tensors["l"])
+
+
+def test_sd2_v_prediction_paper_mode(pack, sd2v, res_dir):
+    assert pack.nodes.train_nodes._prediction(sd2v[0])[0] == "v"
+    run = watched_run(pack, sd2v, save_name="dog_sd2")
+    chain, filename, _ = run["out"]
+    res = chain[0]
+    assert res.family == "sd2" and set(res.tensors) == {"h"} and res.tensors["h"].shape == (1, 1024)
+    meta = res.metadata
+    assert meta["cones2.train.prediction"] == "v"
+    assert_eval_loss_reached_below_start(run["evals"])
+    assert (res_dir / filename).is_file()
+    sd0, sd1 = run["before"][0], run["after"][0]
+    assert all(torch.equal(sd0[k], sd1[k]) for k in sd0)
+    base = conditioning(pack, sd2v[1], None)
+    out = conditioning(pack, sd2v[1], chain)
+    assert torch.allclose(out[0, 1], base[0, 1] + res.tensors["h"][0], atol=1e-5)
+
+
+def test_interrupt_writes_nothing(pack, sd15, res_dir, monkeypatch):
+    import comfy.model_management as mm
+    import comfy.utils
+
+    calls = []
+
+    def hook(value, total, preview, node_id=None):
+        calls.append(value)
+        if value == 1:
+            mm.interrupt_current_processing(True)
+
+    monkeypatch.setattr(comfy.utils, "PROGRESS_BAR_HOOK", hook)
+    try:
+        with pytest.raises(mm.InterruptProcessingException):
+            train(pack, sd15, mode="fast", steps=5, save_name="interrupted")
+    finally:
+        mm.interrupt_current_processing(False)
+    assert calls == [1]
+    assert not any(p.name.startswith(("interrupted", ".interrupted")) for p in res_dir.iterdir())
+
+
+class _OtherClip:
+    """A CLIP whose tokenizer has a T5 encoder only (not a Cones 2 family)."""
+
+    def tokenize(self, text, return_word_ids=False, **kw):
+        return {"t5xxl": [[(1, 1.0, 1)]]}
+
+
+def test_clear_errors(pack, sd15, res_dir):
+    Cones2Error = pack.cones2_core.errors.Cones2Error
+    with pytest.raises(Cones2Error, match="no training images"):
+        train(pack, sd15, images=None)
+    with pytest.raises(Cones2Error, match="the subject is empty"):
+        train(pack, sd15, subject="   ")
+    with pytest.raises(Cones2Error, match=r"Cones 2 supports SD1\.5 \(l\), SD2\.x \(h\) and SDXL"):
+        train(pack, (sd15[0], _OtherClip(), sd15[2]))
+    with pytest.raises(Cones2Error, match="must be relative to models/cones2_residuals"):
+        train(pack, sd15, save_name="../escape")
+    with pytest.raises(Cones2Error, match="must be relative to models/cones2_residuals"):
+        train(pack, sd15, save_name="/tmp/abs")
+    with pytest.raises(Cones2Error, match="climbs out"):
+        train(pack, sd15, images=None, image_folder="../secrets")
+    with pytest.raises(Cones2Error, match="there is no folder 'nope'"):
+        train(pack, sd15, images=None, image_folder="nope")
+    with pytest.raises(Cones2Error, match="multiple of 64"):
+        train(pack, sd15, resolution=100)
+    assert not (res_dir / "escape.safetensors").exists()
+
+
+def test_image_folder_any_size_rgba_grey(pack, tmp_path, monkeypatch):
+    import folder_paths
+    from PIL import Image
+
+    monkeypatch.setattr(folder_paths, "get_input_directory", lambda: str(tmp_path))
+    folder = tmp_path / "subj"
+    folder.mkdir()
+    Image.new("RGBA", (80, 50), (255, 0, 0, 0)).save(folder / "a.png")  # fully transparent -> white
+    Image.new("L", (40, 90), 64).save(folder / "b.png")
+    Image.new("RGB", (64, 64), (0, 0, 255)).save(folder / "c.jpg")
+    (folder / "notes.txt").write_text("not an image")
+    (tmp_path / "empty").mkdir()
+    imgs = pack.nodes.train_nodes.collect_images(blob_images(1), "subj")
+    assert [tuple(i.shape) for i in imgs] == [(64, 64, 3), (50, 80, 3), (90, 40, 3), (64, 64, 3)]
+    assert torch.allclose(imgs[1], torch.ones(50, 80, 3))
+    assert torch.allclose(imgs[2], torch.full((90, 40, 3), 64 / 255))
+    assert float(imgs[3][..., 2].mean()) > 0.9
+    with pytest.raises(pack.cones2_core.errors.Cones2Error, match="holds no images"):
+        pack.nodes.train_nodes.collect_images(None, "empty")
+    resized = pack.nodes.train_nodes._resize_for_training(imgs[2], 64)
+    assert resized.shape == (128, 64, 3)  # short side 64, long side capped at 2x, multiples of 8
+
+
+# ---- through the real server ------------------------------------------------------------------------------
+
+def test_train_through_server(server, client, pack):
+    from PIL import Image
+
+    folder = os.path.join(server.input_dir, "blob_dog")
+    os.makedirs(folder, exist_ok=True)
+    for i, img in enumerate(blob_images()):
+        Image.fromarray((img.numpy() * 255).astype(np.uint8)).save(os.path.join(folder, f"{i}.png"))
+    info = client.object_info("Cones2TrainResidual")["Cones2TrainResidual"]
+    assert info["output_node"] is True and info["display_name"] == "Cones2 Train Residual"
+    prompt = {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": tiny_checkpoints.FAMILIES["sd15"]["file"]}},
+        "2": {"class_type": "Cones2TrainResidual", "inputs": {
+            "model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2], "subject": "dog", "steps": 2, "learning_rate": 0.0,
+            "preservation_weight_start": 0.01, "preservation_weight_rest": 0.001, "resolution": 64, "batch_size": 1,
+            "seed": 1, "save_name": "srv_trained", "mode": "fast", "image_folder": "blob_dog"}},
+    }
+    client.run(prompt)
+    path = os.path.join(server.models_dir("cones2_residuals"), "srv_trained.safetensors")
+    assert os.path.isfile(path)
+    res = pack.cones2_core.residual.load_residual(path)
+    assert res.subject == "dog" and res.family == "sd1" and res.tensors["l"].shape == (1, 768)
+    assert res.metadata["cones2.train.mode"] == "fast" and res.metadata["cones2.train.images"] == "3"
