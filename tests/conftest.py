@@ -65,6 +65,14 @@ def comfy(host_dir):
 
 
 @pytest.fixture(scope="session")
+def pack(comfy):
+    """This pack imported in-process as ComfyUI imports it (package ``comfyui_cones2``)."""
+    from harness.host import load_pack
+
+    return load_pack()
+
+
+@pytest.fixture(scope="session")
 def server(host_dir, tiny_ckpts, extras_files, tmp_path_factory):
     """A real ComfyUI server with this pack, the tiny checkpoints and the tiny extras (LoRA, ControlNet, demo
     residuals, input images that the example workflows name), on a free loopback port."""

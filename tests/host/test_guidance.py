@@ -15,13 +15,6 @@ PROMPT = "a dog and a cat on a sofa"
 
 
 @pytest.fixture(scope="module")
-def pack(comfy):
-    from harness.host import load_pack
-
-    return load_pack()
-
-
-@pytest.fixture(scope="module")
 def loaded(comfy, tiny_ckpts):
     import comfy.sd
 

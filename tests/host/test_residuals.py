@@ -14,13 +14,6 @@ FAMILY = {"sd15": ("sd1", {"l": 768}), "sd2v": ("sd2", {"h": 1024}), "sdxl": ("s
 
 
 @pytest.fixture(scope="module")
-def pack(comfy):
-    from harness.host import load_pack
-
-    return load_pack()
-
-
-@pytest.fixture(scope="module")
 def clips(comfy, tiny_ckpts):
     import comfy.sd
 

@@ -18,13 +18,6 @@ from harness import tiny_checkpoints
 SUBJECT = "dog"
 
 
-@pytest.fixture(scope="module")
-def pack(comfy):
-    from harness.host import load_pack
-
-    return load_pack()
-
-
 def _load(path):
     import comfy.sd
 
