@@ -113,8 +113,8 @@ def watched_run(pack, mc, **kw):
     seen = {}
     original_enc, original_train = tn.private_text_encoder, tn.train_residual
 
-    def enc_spy(clip, device, checkpointing=False):
-        enc = original_enc(clip, device, checkpointing)
+    def enc_spy(clip, device, checkpointing=False, trainable_ids=None):
+        enc = original_enc(clip, device, checkpointing, trainable_ids)
         with torch.no_grad():
             seen["frozen"] = enc.encode_token_weights(clip.tokenize(SUBJECT))[0].clone()
         seen["enc"] = enc
@@ -345,3 +345,28 @@ def test_train_through_server(server, client, pack):
     res = pack.cones2_core.residual.load_residual(path)
     assert res.subject == "dog" and res.family == "sd1" and res.tensors["l"].shape == (1, 768)
     assert res.metadata["cones2.train.mode"] == "fast" and res.metadata["cones2.train.images"] == "3"
+
+
+def test_row_delta_embedding_matches_a_full_trainable_table(pack):
+    """Training only the instance tokens' rows gives the full table's gradients and Adam updates on those rows."""
+    emb_cls = pack.nodes.train_nodes._RowDeltaEmbedding
+    g = torch.Generator().manual_seed(0)
+    table = torch.randn(50, 8, generator=g)
+    ids = [3, 7, 49]
+    tokens = torch.tensor([[3, 7, 49, 49, 49]])
+    full = torch.nn.Parameter(table.clone())
+    rows = emb_cls(table.clone(), ids)
+    assert torch.equal(rows(tokens), torch.nn.functional.embedding(tokens, full))
+    target = torch.randn(1, 5, 8, generator=g)
+    opt_full = torch.optim.AdamW([full], lr=0.1, weight_decay=0.0)
+    opt_rows = torch.optim.AdamW([rows.delta], lr=0.1, weight_decay=0.0)
+    for _ in range(3):
+        for module, opt in ((lambda t: torch.nn.functional.embedding(t, full), opt_full), (rows, opt_rows)):
+            opt.zero_grad()
+            ((module(tokens) - target) ** 2).sum().backward()
+            opt.step()
+    assert torch.allclose(rows(tokens), torch.nn.functional.embedding(tokens, full), atol=1e-6)
+    assert not rows.weight.requires_grad and torch.equal(rows.weight, table)  # the frozen table is untouched
+    untouched = torch.tensor([[0, 1, 2, 4]])
+    assert torch.equal(rows(untouched), torch.nn.functional.embedding(untouched, table))
+    assert not torch.allclose(rows(tokens), torch.nn.functional.embedding(tokens, table))  # it did train
