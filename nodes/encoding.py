@@ -52,7 +52,7 @@ def prompt_words(text: str) -> list[str]:
     """The plain words of a prompt (weight syntax and punctuation removed), lower-cased, in order, unique."""
     cleaned = re.sub(r":\s*-?[0-9.]+\s*\)", " ", text)  # "(dog:1.2)" -> "(dog "
     words = re.findall(r"[^\W_]+(?:['-][^\W_]+)*", cleaned.lower())
-    return list(dict.fromkeys(w for w in words if not w.replace(".", "").isdigit() or len(w) > 0))
+    return list(dict.fromkeys(words))
 
 
 def _positions(clip, tokens, word: str) -> list[list[int]]:

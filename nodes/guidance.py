@@ -162,8 +162,8 @@ class Cones2CrossAttention:
             raise Cones2Error(f"cannot map {q.shape[1]} attention pixels to a {h}x{w} grid; this UNet layout is "
                               "not supported by Layout Guidance")
         t = k.shape[1]
-        guided_rows = sorted(r for g in groups for r in g.rows)
-        plain_rows = [r for r in range(q.shape[0]) if r not in set(guided_rows)]
+        guided_rows = {r for g in groups for r in g.rows}
+        plain_rows = [r for r in range(q.shape[0]) if r not in guided_rows]
         out = torch.empty(q.shape[0], q.shape[1], v.shape[-1], dtype=q.dtype, device=q.device)
         if plain_rows:  # the host's own attention for the unguided rows (the uncond pass, other prompts)
             idx = torch.tensor(plain_rows, device=q.device)

@@ -21,6 +21,7 @@ log = logging.getLogger("comfyui-cones2")
 
 LAYOUT_KEY = "cones2_layout"
 DEFAULT_LAYOUT = '{"version": 1, "boxes": []}'
+MAPS_UI_KEY = "cones2_maps"  # Cones2AttentionMaps' ui entry read by the layout editor (web/js/cones2_layout.js)
 
 
 def _split_names(text: str) -> list[str]:
@@ -231,6 +232,7 @@ class Cones2AttentionMaps(io.ComfyNode):
         if not rows:
             raise Cones2Error("no attention was recorded for this model: connect the MODEL output of Cones2 Layout "
                               "Guidance and the LATENT output of the sampler that used it")
+        overlay = maps_payload(rows)
         grids = sorted({r["grid"] for r in rows}, key=lambda g: g[0] * g[1])
         keep = grids if resolution == "all" else [grids[-1] if resolution == "largest" else grids[0]]
         rows = [r for r in rows if r["grid"] in keep]
@@ -242,7 +244,27 @@ class Cones2AttentionMaps(io.ComfyNode):
         image = _label(strip, [f"{r['subject']} {r['share']:.0%}" for r in rows], pw + 4)
         report = "\n".join(f"{r['subject']}\t{r['grid'][0]}x{r['grid'][1]}\tin-region share {r['share']:.4f}"
                            for r in rows)
-        return io.NodeOutput(image[None], report, ui={"text": [report]})
+        return io.NodeOutput(image[None], report, ui={"text": [report], MAPS_UI_KEY: overlay})
+
+
+def maps_payload(rows: list[dict]) -> list[dict]:
+    """The compact maps for the layout editor's overlay (ui key ``cones2_maps``): one entry per subject of the
+    largest grid only, whatever ``resolution`` the node shows, so the websocket message stays small. Each map is
+    normalised to its own max (peak 1.0), rounded to 3 decimals, row-major ``h * w`` values; ``share`` is the
+    report's in-region share. The frontend keeps it in memory only; it is never part of a workflow."""
+    if not rows:
+        return []
+    grid = max({r["grid"] for r in rows}, key=lambda g: g[0] * g[1])
+    out = []
+    for r in rows:
+        if r["grid"] != grid:
+            continue
+        m = torch.nan_to_num(r["map"].detach().float().cpu()).clamp(min=0.0)
+        peak = float(m.max()) if m.numel() else 0.0
+        m = m / peak if peak > 0 else torch.zeros_like(m)
+        out.append({"subject": r["subject"], "h": int(grid[0]), "w": int(grid[1]), "share": float(r["share"]),
+                    "values": [round(v, 3) for v in m.clamp(0.0, 1.0).flatten().tolist()]})
+    return out
 
 
 def _label(strip: torch.Tensor, labels: list[str], stride: int) -> torch.Tensor:

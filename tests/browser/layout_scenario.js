@@ -1,12 +1,13 @@
 // One browser session against the real ComfyUI + frontend, driving the Cones2 layout widget like a user.
-//   node tests/browser/layout_scenario.js <server url> <workflow.json> <screenshot.png>
+//   node tests/browser/layout_scenario.js <server url> <workflow.json> <screenshot.png> [<maps screenshot.png>]
 // Prints "RESULT {json}" with one entry per step: {ok, ...details}; a failing step stops the run
 // (later steps depend on it) and is reported with its error.
 'use strict';
 const fs = require('fs');
 const { openComfy, gotoComfy, settle, run } = require('./browser_common');
 
-const [url, workflowPath, shotPath] = process.argv.slice(2);
+const [url, workflowPath, shotPath, mapsArg] = process.argv.slice(2);
+const mapsShotPath = mapsArg || shotPath.replace(/\.png$/, '') + '_maps.png';
 const NODE = 'Cones2LayoutGuidance';
 
 run(async () => {
@@ -67,6 +68,25 @@ async function scenario(out, page, errors) {
     return [d[0], d[1], d[2]];
   }, [NODE, fx, fy]);
   const assert = (cond, msg) => { if (!cond) throw new Error(msg); };
+  const shootNode = async (file) => {
+    const clip = await page.evaluate((type) => {
+      const app = window.app;
+      const n = app.graph.nodes.find((x) => x.type === type);
+      const th = window.LiteGraph.NODE_TITLE_HEIGHT;
+      const [x0, y0] = app.canvasPosToClientPos([n.pos[0] - 6, n.pos[1] - th - 6]);
+      const [x1, y1] = app.canvasPosToClientPos([n.pos[0] + n.size[0] + 6, n.pos[1] + n.size[1] + 6]);
+      return { x: Math.max(0, x0), y: Math.max(0, y0), width: x1 - Math.max(0, x0), height: y1 - Math.max(0, y0) };
+    }, NODE);
+    const vp = page.viewportSize();
+    clip.width = Math.min(clip.width, vp.width - clip.x);
+    clip.height = Math.min(clip.height, vp.height - clip.y);
+    await page.screenshot({ path: file, clip });
+    return clip;
+  };
+  // the frontend's api object (what ../../../scripts/api.js exports), to send synthetic "executed" events
+  const sendExecuted = (detail) => page.evaluate((d) => {
+    window.comfyAPI.api.api.dispatchEvent(new CustomEvent('executed', { detail: d }));
+  }, detail);
 
   const workflow = JSON.parse(fs.readFileSync(workflowPath, 'utf8'));
   const loadWorkflow = async (wf) => {
@@ -267,7 +287,116 @@ async function scenario(out, page, errors) {
     assert(status === 'success', `run failed: ${JSON.stringify(messages || entry.status).slice(0, 2000)}`);
     const images = Object.values(entry.outputs || {}).flatMap((o) => o.images || []);
     assert(images.length === 2, `expected the image and the attention maps: ${JSON.stringify(entry.outputs)}`);
-    return { prompt_id: id, layout: ours.inputs.layout, images };
+    return { prompt_id: id, layout: ours.inputs.layout, images, outputs: entry.outputs };
+  });
+
+  await step('attention_maps', async () => {
+    const { prompt_id: promptId, outputs } = out.steps.queue_prompt;
+    const ids = await page.evaluate(() => ({
+      maps: window.app.graph.nodes.find((n) => n.type === 'Cones2AttentionMaps').id,
+      sampler: window.app.graph.nodes.find((n) => n.type === 'KSampler').id,
+    }));
+    const payload = outputs[String(ids.maps)]?.cones2_maps;
+    assert(Array.isArray(payload) && payload.length === 2, `no cones2_maps in the run's outputs: ${JSON.stringify(outputs)}`);
+    // the websocket's "executed" event of the maps node reached the editor of the node feeding its model
+    await page.waitForFunction(([type, pid]) => window.app.graph.nodes.find((n) => n.type === type)
+      .cones2Layout.maps?.prompt === pid, [NODE, promptId], { timeout: 15000 });
+    let st = (await layoutNode()).state;
+    assert(JSON.stringify(st.maps.subjects.map((m) => [m.subject, m.h, m.w, m.share]))
+      === JSON.stringify(payload.map((m) => [m.subject, m.h, m.w, m.share])), `maps kept: ${JSON.stringify(st.maps)}`);
+    assert(!st.showMaps && !st.mapsShown && st.labels.every((l) => !/%/.test(l)), `maps shown before the toggle: ${st.labels}`);
+    const before = (await layoutNode()).value;
+    const grab = (key) => page.evaluate(([type, k]) => {
+      const c = window.app.graph.nodes.find((n) => n.type === type).cones2Layout.canvas;
+      window.__cones2Pixels = window.__cones2Pixels || {};
+      window.__cones2Pixels[k] = c.getContext('2d').getImageData(0, 0, c.width, c.height).data.slice();
+      return [c.width, c.height];
+    }, [NODE, key]);
+    // per box: how many pixels differ between two snapshots (and how many outside every box)
+    const compare = (a, b) => page.evaluate(([type, ka, kb]) => {
+      const ed = window.app.graph.nodes.find((n) => n.type === type).cones2Layout;
+      const W = ed.canvas.width, H = ed.canvas.height;
+      const A = window.__cones2Pixels[ka], B = window.__cones2Pixels[kb];
+      if (A.length !== B.length) return { sizeChanged: true };
+      const boxes = ed.boxes.map((bx) => ({ subject: bx.subject, x0: Math.ceil(bx.x * W), x1: Math.floor((bx.x + bx.w) * W),
+        y0: Math.ceil(bx.y * H), y1: Math.floor((bx.y + bx.h) * H), changed: 0, total: 0 }));
+      let outside = 0, total = 0;
+      for (let y = 0; y < H; y++) {
+        for (let x = 0; x < W; x++) {
+          const i = 4 * (y * W + x);
+          const diff = Math.abs(A[i] - B[i]) + Math.abs(A[i + 1] - B[i + 1]) + Math.abs(A[i + 2] - B[i + 2]) > 12;
+          if (diff) total++;
+          let inside = false;
+          for (const bx of boxes) {
+            if (x >= bx.x0 && x < bx.x1 && y >= bx.y0 && y < bx.y1) { inside = true; bx.total++; if (diff) bx.changed++; }
+          }
+          if (!inside && diff) outside++;
+        }
+      }
+      return { boxes: boxes.map(({ subject, changed, total: t }) => ({ subject, changed, total: t })), outside, total };
+    }, [NODE, a, b]);
+    await grab('off');
+    // toggle on: the heatmaps appear under the boxes, the labels carry the shares
+    await (await editorSel('.c2-maps')).check();
+    await settle(page, 100);
+    st = (await layoutNode()).state;
+    assert(st.showMaps && st.mapsShown, `toggle on: ${JSON.stringify(st)}`);
+    await grab('on');
+    const onDiff = await compare('off', 'on');
+    for (const bx of onDiff.boxes) {
+      assert(bx.total > 100 && bx.changed > 0.25 * bx.total, `maps on: few pixels changed in the ${bx.subject} box: ${JSON.stringify(onDiff)}`);
+    }
+    const pct = Object.fromEntries(payload.map((m) => [m.subject, Math.round(m.share * 100)]));
+    const labels = st.labels;
+    const drawn = await page.evaluate((type) => JSON.parse(window.app.graph.nodes.find((n) => n.type === type)
+      .cones2Layout.canvas.dataset.labels), NODE);
+    assert(JSON.stringify(drawn) === JSON.stringify(labels), `data-labels ${drawn} vs state ${labels}`);
+    for (const [subject, p] of Object.entries(pct)) {
+      assert(labels.some((l) => l.startsWith(subject) && l.endsWith(` ${p}%`)), `no "${subject} … ${p}%" label: ${labels}`);
+    }
+    assert((await layoutNode()).value === before, 'showing the maps changed the layout text');
+    // nothing of the maps is saved: not in the workflow, not in the API prompt
+    const saved = await page.evaluate(async () => {
+      const wf = JSON.stringify(window.app.graph.serialize());
+      const api = JSON.stringify((await window.app.graphToPrompt()).output);
+      return { wf, api };
+    });
+    for (const [what, text] of Object.entries(saved)) {
+      assert(!text.includes('cones2_maps') && !/"values"\s*:/.test(text) && !/data:image/.test(text),
+        `the maps leaked into the ${what}`);
+    }
+    await settle(page, 200);
+    const clip = await shootNode(mapsShotPath);
+
+    // another node's event is ignored; a new run of the maps node replaces the maps
+    await sendExecuted({ node: String(ids.sampler), display_node: String(ids.sampler), prompt_id: 'other',
+      output: { cones2_maps: [{ subject: 'dog', h: 1, w: 1, share: 0.5, values: [1] }] } });
+    await settle(page, 50);
+    assert((await layoutNode()).state.maps.prompt === promptId, 'an event of another node replaced the maps');
+    await sendExecuted({ node: String(ids.maps), display_node: String(ids.maps), prompt_id: 'rerun',
+      output: { text: ['x'], cones2_maps: [{ subject: 'dog', h: 2, w: 2, share: 0.5, values: [1, 0, 0, 0] }] } });
+    await settle(page, 50);
+    st = (await layoutNode()).state;
+    assert(st.maps.prompt === 'rerun' && st.maps.subjects.length === 1, `rerun: ${JSON.stringify(st.maps)}`);
+    assert(st.labels.some((l) => l === 'dog 50%') && st.labels.every((l) => !l.startsWith('cat') || !/%/.test(l)),
+      `rerun labels: ${st.labels}`);
+    await sendExecuted({ node: String(ids.maps), display_node: String(ids.maps), prompt_id: promptId,
+      output: outputs[String(ids.maps)] });
+    await settle(page, 50);
+    await grab('on2');
+    const again = await compare('on', 'on2');
+    assert(again.total === 0, `the real maps did not come back as drawn before: ${JSON.stringify(again)}`);
+
+    // toggle off: exactly the pixels of before
+    await (await editorSel('.c2-maps')).uncheck();
+    await settle(page, 100);
+    st = (await layoutNode()).state;
+    await grab('off2');
+    const offDiff = await compare('off', 'off2');
+    assert(!st.mapsShown && offDiff.total === 0, `toggle off did not restore the canvas: ${JSON.stringify(offDiff)}`);
+    assert(st.labels.every((l) => !/%/.test(l)), `labels after off: ${st.labels}`);
+    return { payload: payload.map(({ subject, h, w, share }) => ({ subject, h, w, share })), labels,
+      changed: onDiff, clip, path: mapsShotPath };
   });
 
   let saved;
@@ -311,13 +440,19 @@ async function scenario(out, page, errors) {
         ownEditor: copy && copy.cones2Layout && copy.cones2Layout !== n.cones2Layout,
       };
       const root = copy?.cones2Layout?.root;
+      const copyEditor = copy?.cones2Layout;
       app.graph.remove(copy);
       res.cleaned = root ? !root.isConnected : false;
+      // its "executed" listener went with it; the original's stays
+      const seen = [copyEditor?.mapEvents, n.cones2Layout.mapEvents];
+      window.comfyAPI.api.api.dispatchEvent(new CustomEvent('executed', { detail: { node: '99999', output: {} } }));
+      res.listening = [copyEditor?.mapEvents - seen[0], n.cones2Layout.mapEvents - seen[1]];
       res.countAfter = app.graph.nodes.filter((x) => x.type === type).length;
       return res;
     }, NODE);
     assert(r.count === 2 && r.same && r.copyBoxes === 2 && r.ownEditor, `paste: ${JSON.stringify(r)}`);
     assert(r.cleaned && r.countAfter === 1, `remove: ${JSON.stringify(r)}`);
+    assert(r.listening[0] === 0 && r.listening[1] === 1, `listeners after removal: ${JSON.stringify(r)}`);
     return r;
   });
 
@@ -376,18 +511,7 @@ async function scenario(out, page, errors) {
     const r = await rect();
     await page.mouse.click(...at(r, 0.775, 0.2));
     await settle(page, 200);
-    const clip = await page.evaluate((type) => {
-      const app = window.app;
-      const n = app.graph.nodes.find((x) => x.type === type);
-      const th = window.LiteGraph.NODE_TITLE_HEIGHT;
-      const [x0, y0] = app.canvasPosToClientPos([n.pos[0] - 6, n.pos[1] - th - 6]);
-      const [x1, y1] = app.canvasPosToClientPos([n.pos[0] + n.size[0] + 6, n.pos[1] + n.size[1] + 6]);
-      return { x: Math.max(0, x0), y: Math.max(0, y0), width: x1 - Math.max(0, x0), height: y1 - Math.max(0, y0) };
-    }, NODE);
-    const vp = page.viewportSize();
-    clip.width = Math.min(clip.width, vp.width - clip.x);
-    clip.height = Math.min(clip.height, vp.height - clip.y);
-    await page.screenshot({ path: shotPath, clip });
+    const clip = await shootNode(shotPath);
     return { clip, path: shotPath };
   });
 

@@ -7,6 +7,7 @@ below checks one step. A failed step stops the scenario, so the tests after it f
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -20,15 +21,18 @@ REPO = os.path.dirname(os.path.dirname(HERE))
 WORKFLOW = os.path.join(REPO, "workflows", "two_subjects_layout.json")
 SCREENSHOT = os.path.join(HERE, "artifacts", "layout_widget.png")
 SCREENSHOT_COPY = "/tmp/cones2_layout_widget.png"
+MAPS_SCREENSHOT = os.path.join(HERE, "artifacts", "layout_widget_maps.png")
+MAPS_SCREENSHOT_COPY = "/tmp/cones2_layout_widget_maps.png"
 NODE = "Cones2LayoutGuidance"
 
 
 @pytest.fixture(scope="module")
 def scenario(browser_env, server):
     os.makedirs(os.path.dirname(SCREENSHOT), exist_ok=True)
-    if os.path.exists(SCREENSHOT):
-        os.remove(SCREENSHOT)
-    cmd = [browser_env, os.path.join(HERE, "layout_scenario.js"), server.url, WORKFLOW, SCREENSHOT]
+    for path in (SCREENSHOT, MAPS_SCREENSHOT):
+        if os.path.exists(path):
+            os.remove(path)
+    cmd = [browser_env, os.path.join(HERE, "layout_scenario.js"), server.url, WORKFLOW, SCREENSHOT, MAPS_SCREENSHOT]
     try:
         res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     except subprocess.TimeoutExpired as e:
@@ -37,8 +41,9 @@ def scenario(browser_env, server):
     assert lines, f"the scenario printed no result (rc {res.returncode}):\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
     out = json.loads(lines[-1][len("RESULT "):])
     assert "fatal" not in out, f"the scenario could not run:\n{out['fatal']}\n{res.stderr[-2000:]}"
-    if os.path.exists(SCREENSHOT):
-        shutil.copyfile(SCREENSHOT, SCREENSHOT_COPY)
+    for path, copy in ((SCREENSHOT, SCREENSHOT_COPY), (MAPS_SCREENSHOT, MAPS_SCREENSHOT_COPY)):
+        if os.path.exists(path):
+            shutil.copyfile(path, copy)
     out["server_log"] = server.log_tail(40)
     return out
 
@@ -97,6 +102,19 @@ def test_queued_prompt_carries_the_layout_and_runs(scenario, server):
     assert layout.subjects() == ["dog", "cat"]
     image = step["images"][0]
     assert os.path.isfile(os.path.join(server.output_dir, image.get("subfolder", ""), image["filename"]))
+
+
+def test_attention_maps_toggle_shows_the_last_run(scenario):
+    """After the run, the maps toggle draws each subject's heatmap under its box and its share in the label;
+    off restores the canvas; a new run replaces the maps; nothing of them is saved."""
+    step = check(scenario, "attention_maps")
+    assert [m["subject"] for m in step["payload"]] == ["dog", "cat"]
+    for m in step["payload"]:
+        assert any(label.startswith(m["subject"]) and label.endswith(f" {math.floor(m['share'] * 100 + 0.5)}%")
+                   for label in step["labels"]), step["labels"]
+    assert os.path.getsize(MAPS_SCREENSHOT) > 10_000
+    with open(MAPS_SCREENSHOT, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
 def test_save_reload_and_load_keeps_the_boxes(scenario):

@@ -5,9 +5,18 @@
 // pasting a node, undo) redraws the canvas. The editor itself is a DOM widget that is never
 // serialised, so workflows, copies and API prompts carry only the JSON text. No network access,
 // no images stored anywhere.
+//
+// Attention maps: when a "Cones2 Attention Maps" node whose `model` input comes straight from this node
+// finishes, its ui entry `cones2_maps` (the largest grid's maps, one per subject, from the frontend's own
+// websocket "executed" event) is kept in memory on this editor; the "maps" toggle draws them under the boxes
+// and adds each subject's in-region share to its label. They are never written to the layout or the workflow.
 import { app } from "../../../scripts/app.js";
+import { api } from "../../../scripts/api.js";
 
 const NODE_TYPE = "Cones2LayoutGuidance";
+const MAPS_NODE_TYPE = "Cones2AttentionMaps";
+const MAPS_UI_KEY = "cones2_maps";
+const MAPS_ALPHA = 0.8;       // opacity of the heatmaps (each pixel's own alpha is the map's value)
 const LAYOUT_WIDGET = "layout";
 const EDITOR_WIDGET = "cones2_layout_editor";
 const LAYOUT_VERSION = 1;
@@ -211,6 +220,11 @@ class LayoutEditor {
     this.aspect = 1;
     this.sizeSource = "square";
     this.cleanups = [];
+    this.maps = null;         // the last run's attention maps (memory only): {node, prompt, subjects: [...]}
+    this.showMaps = false;
+    this.mapImages = new Map();
+    this.mapEvents = 0;
+    this.labels = [];
     this.id = `cones2-layout-${++editorCount}`;
     this.build();
     this.syncFromText(true);
@@ -238,6 +252,10 @@ class LayoutEditor {
     const snapLabel = this.el("label", { title: `Snap edges to a ${GRID_STEPS}×${GRID_STEPS} grid` }, bar);
     this.snapBox = this.el("input", { type: "checkbox", className: "c2-snap" }, snapLabel);
     snapLabel.append(" snap");
+    const mapsLabel = this.el("label", { title: "Show the attention maps of the last run under the boxes, and each "
+      + "subject's in-region share in its label (needs a Cones2 Attention Maps node fed by this node's MODEL)" }, bar);
+    this.mapsBox = this.el("input", { type: "checkbox", className: "c2-maps" }, mapsLabel);
+    mapsLabel.append(" maps");
     this.delButton = this.el("button", { textContent: "Delete box", className: "c2-delete",
       title: "Remove the selected box (Delete / Backspace)" }, bar);
     this.clearButton = this.el("button", { textContent: "Clear", className: "c2-clear", title: "Remove all boxes" }, bar);
@@ -277,6 +295,13 @@ class LayoutEditor {
 
     // controls
     this.listen(this.snapBox, "change", () => { this.snap = this.snapBox.checked; this.redraw(); });
+    this.listen(this.mapsBox, "change", () => {
+      this.showMaps = this.mapsBox.checked;
+      this.updateControls();
+      this.redraw();
+    });
+    // the frontend's websocket events: a finished Attention Maps node brings this node's maps
+    if (api?.addEventListener) this.listen(api, "executed", (e) => this.onExecuted(e?.detail));
     this.listen(this.delButton, "click", () => this.deleteSelected());
     this.listen(this.clearButton, "click", () => {
       if (!this.boxes.length) return;
@@ -610,10 +635,101 @@ class LayoutEditor {
       this.status.classList.add("c2-error");
     } else {
       this.status.classList.remove("c2-error");
-      this.status.textContent = this.boxes.length
-        ? "drag a box to move it · edges/corners resize · Delete removes · drag empty space for another"
-        : "drag on the frame to draw a box for each subject";
+      this.status.textContent = this.showMaps && !this.maps
+        ? "maps: none yet; run the workflow with a Cones2 Attention Maps node fed by this node's MODEL output"
+        : this.showMaps
+          ? `attention maps of the last run (${this.maps.subjects[0]?.h ?? 0}×${this.maps.subjects[0]?.w ?? 0} grid) `
+            + "under the boxes · % = attention inside the subject's region"
+          : this.boxes.length
+            ? "drag a box to move it · edges/corners resize · Delete removes · drag empty space for another"
+            : "drag on the frame to draw a box for each subject";
     }
+  }
+
+  // ---- attention maps ------------------------------------------------------------------------------
+  /** The Attention Maps node of an "executed" event, if its `model` input is linked straight to this node. */
+  mapsSource(detail) {
+    for (const id of [detail.display_node, detail.node]) {
+      if (id === undefined || id === null) continue;
+      for (const g of [this.node.graph, app.graph]) {
+        const n = g?.getNodeById?.(id) ?? g?.getNodeById?.(Number(id));
+        if (!n || (n.comfyClass ?? n.type) !== MAPS_NODE_TYPE) continue;
+        const slot = inputSlot(n, "model");
+        if (slot >= 0 && n.getInputNode(slot) === this.node) return n;
+      }
+    }
+    return null;
+  }
+
+  onExecuted(detail) {
+    this.mapEvents++;
+    try {
+      const raw = detail?.output?.[MAPS_UI_KEY];
+      if (!Array.isArray(raw)) return;
+      const source = this.mapsSource(detail);
+      if (!source) return;
+      const subjects = [];
+      for (const m of raw) {
+        if (!m || typeof m.subject !== "string" || !Number.isInteger(m.h) || !Number.isInteger(m.w)) continue;
+        if (m.h < 1 || m.w < 1 || !Array.isArray(m.values) || m.values.length !== m.h * m.w) continue;
+        const key = m.subject.trim().toLowerCase();
+        if (subjects.some((s) => s.key === key)) continue;   // one map per subject (the first)
+        subjects.push({ subject: m.subject, key, h: m.h, w: m.w, share: isNum(m.share) ? m.share : null,
+          values: Float32Array.from(m.values, (v) => (isNum(v) ? clamp(v, 0, 1) : 0)) });
+      }
+      this.maps = { node: source.id, prompt: detail.prompt_id ?? null, subjects };
+      this.mapImages.clear();
+      this.updateControls();
+      this.redraw();
+      this.node.setDirtyCanvas?.(true, false);
+    } catch (err) {
+      console.warn("cones2 layout: could not read the attention maps", err);
+    }
+  }
+
+  mapsShown() {
+    return this.showMaps && !!this.maps && !this.error;
+  }
+
+  mapFor(key) {
+    return this.maps?.subjects.find((s) => s.key === key) ?? null;
+  }
+
+  /** The map as a tiny w×h canvas: the colour, with each pixel's alpha = the map's value. */
+  mapImage(m, colour) {
+    const cacheKey = `${m.key}|${colour}`;
+    let img = this.mapImages.get(cacheKey);
+    if (img) return img;
+    img = document.createElement("canvas");
+    img.width = m.w;
+    img.height = m.h;
+    const n = parseInt(colour.slice(1), 16);
+    const r = (n >> 16) & 255, g = (n >> 8) & 255, b = n & 255;
+    const ctx = img.getContext("2d");
+    const data = ctx.createImageData(m.w, m.h);
+    for (let i = 0; i < m.values.length; i++) {
+      data.data[4 * i] = r;
+      data.data[4 * i + 1] = g;
+      data.data[4 * i + 2] = b;
+      data.data[4 * i + 3] = Math.round(255 * m.values[i]);
+    }
+    ctx.putImageData(data, 0, 0);
+    this.mapImages.set(cacheKey, img);
+    return img;
+  }
+
+  /** Every subject's heatmap over the whole frame (bilinear), in its box colour; subjects without a box get
+   * the next colours of the palette. */
+  drawMaps(ctx, W, H, colours) {
+    let extra = colours.size;
+    ctx.save();
+    ctx.imageSmoothingEnabled = true;
+    ctx.globalAlpha = MAPS_ALPHA;
+    for (const m of this.maps.subjects) {
+      const colour = colours.get(m.key) ?? PALETTE[extra++ % PALETTE.length];
+      ctx.drawImage(this.mapImage(m, colour), 0, 0, W, H);
+    }
+    ctx.restore();
   }
 
   // ---- drawing -------------------------------------------------------------------------------------
@@ -654,6 +770,9 @@ class LayoutEditor {
     ctx.strokeRect(0.5, 0.5, W - 1, H - 1);
 
     const colours = this.subjectColours();
+    const mapsOn = this.mapsShown();
+    if (mapsOn) this.drawMaps(ctx, W, H, colours);
+    const labels = [];
     const font = Math.max(9, Math.round(11 * pr));
     ctx.font = `${font}px sans-serif`;
     ctx.textBaseline = "top";
@@ -676,7 +795,10 @@ class LayoutEditor {
         ctx.setLineDash([]);
       }
       // label tag
-      const label = (b.subject.trim() || "(no subject)") + (isNum(b.weight) ? ` ×${b.weight}` : "");
+      const map = mapsOn ? this.mapFor(b.subject.trim().toLowerCase()) : null;
+      const label = (b.subject.trim() || "(no subject)") + (isNum(b.weight) ? ` ×${b.weight}` : "")
+        + (map && map.share !== null ? ` ${Math.round(map.share * 100)}%` : "");
+      labels.push(label);
       const pad = 3 * pr;
       const tw = Math.min(ctx.measureText(label).width + 2 * pad, Math.max(bw2, 20 * pr));
       ctx.fillStyle = col;
@@ -714,6 +836,9 @@ class LayoutEditor {
     c.dataset.selected = String(this.selected);
     c.dataset.redraws = String(this.redraws);
     c.dataset.aspect = String(this.aspect);
+    c.dataset.maps = mapsOn ? "on" : "off";
+    c.dataset.labels = JSON.stringify(labels);
+    this.labels = labels;
   }
 
   textColour(hex) {
@@ -736,6 +861,9 @@ class LayoutEditor {
       boxes: this.boxes.map(({ subject, x, y, w, h, weight }) => ({ subject, x, y, w, h, weight })),
       selected: this.selected, error: this.error, aspect: this.aspect, snap: this.snap, redraws: this.redraws,
       rect: { left: r.left, top: r.top, width: r.width, height: r.height },
+      showMaps: this.showMaps, mapsShown: this.mapsShown(), mapEvents: this.mapEvents, labels: [...this.labels],
+      maps: this.maps && { node: this.maps.node, prompt: this.maps.prompt,
+        subjects: this.maps.subjects.map(({ subject, h, w, share }) => ({ subject, h, w, share })) },
     };
   }
 
@@ -743,6 +871,8 @@ class LayoutEditor {
     for (const fn of this.cleanups.splice(0)) {
       try { fn(); } catch (err) { /* already gone */ }
     }
+    this.maps = null;
+    this.mapImages.clear();
     this.root.remove();
   }
 }
