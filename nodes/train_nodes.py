@@ -331,7 +331,8 @@ class _Trainer:
         self.latents = [lat.to(device) for lat in latents]
         self.size = settings.resolution // 8
         self.cuda = device.type == "cuda"
-        self.amp = self.cuda and torch.cuda.is_bf16_supported()
+        self.amp = (self.cuda and torch.cuda.is_bf16_supported()) or (
+            device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported())
         self.instance_tokens = clip.tokenize(_escape(subject))
         self.instance_rows = _subject_rows(clip, subject, _escape(subject))
         self.templates = template_prompts(_escape(subject))
@@ -339,20 +340,25 @@ class _Trainer:
         self.template_rows = [_subject_rows(clip, subject, t) for t in self.templates]
         self.sigmas = model_sampling.sigmas.detach().float().cpu()
 
-    def _autocast(self):
-        return torch.autocast("cuda", dtype=torch.bfloat16) if self.amp else contextlib.nullcontext()
+    def _autocast(self, amp: bool = True):
+        """bf16 autocast for the training passes where the device supports it (CUDA, CPUs with bf16 kernels)."""
+        if amp and self.amp:
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
 
-    def _encode(self, enc, tokens):
+    def _encode(self, enc, tokens, amp: bool = True):
         """(context [1, T, C], pooled) of one prompt: through the private copy ``enc``, or the user's CLIP (None)."""
-        with self._autocast():
+        with self._autocast(amp):
             out = enc.encode_token_weights(tokens) if enc is not None else \
                 self.clip.encode_from_tokens(tokens, return_pooled=True)
         return out[0].float().to(self.device), out[1]
 
     def _encode_templates(self, enc) -> list[torch.Tensor]:
-        """The template prompts' contexts, one batched encoder pass (each template is one 77-token chunk)."""
+        """The template prompts' contexts, one batched encoder pass (each template is one 77-token chunk).
+
+        Always float32: the residual is a small difference of two of these, which bf16 rounding would swamp."""
         merged = {k: [chunk for t in self.template_tokens for chunk in t[k]] for k in self.template_tokens[0]}
-        ctx = self._encode(enc, merged)[0].cpu()
+        ctx = self._encode(enc, merged, amp=False)[0].cpu()
         return list(ctx.reshape(len(self.template_tokens), -1, ctx.shape[-1]))
 
     def _adm(self, pooled, batch: int):
@@ -364,12 +370,12 @@ class _Trainer:
                                         target_width=res, target_height=res, device=self.device)
         return None if y is None else y.to(self.device).repeat(batch, 1)
 
-    def _denoise(self, mp, x0, noise, sigma, context, y):
+    def _denoise(self, mp, x0, noise, sigma, context, y, amp: bool = True):
         x_t = self.ms.noise_scaling(sigma.view(-1, 1, 1, 1), noise, x0)
         extra = {} if y is None else {"y": y[: x0.shape[0]]}
         topts = copy.copy(mp.model_options.get("transformer_options", {}))
         topts.setdefault("optimized_attention_override", _sdpa_attention)
-        with self._autocast() if self.cuda else contextlib.nullcontext():
+        with self._autocast(amp):
             return mp.model.apply_model(x_t, sigma, c_crossattn=context.expand(x0.shape[0], -1, -1),
                                         transformer_options=topts, **extra).float()
 
@@ -384,7 +390,7 @@ class _Trainer:
     def _eval_loss(self, mp, context, y, eval_set) -> float:
         x0, noise, sigma = eval_set
         with torch.no_grad():
-            den = self._denoise(mp, x0, noise, sigma, context, y)
+            den = self._denoise(mp, x0, noise, sigma, context, y, amp=False)  # float32: a clean measurement
             return float(diffusion_loss(den, x0, sigma, self.prediction, self.sigma_data))
 
     def run(self, pbar=None, eval_every: int = 0):
@@ -414,17 +420,17 @@ class _Trainer:
                 params = [residual]
                 opt = torch.optim.AdamW(params, lr=s.learning_rate, weight_decay=0.0)
 
-            def context():
+            def context(amp: bool = True):
                 if residual is not None:
                     return add_at_rows(frozen_ctx, self.instance_rows, residual)
-                return self._encode(enc, self.instance_tokens)[0]
+                return self._encode(enc, self.instance_tokens, amp)[0]
 
             losses: list[float] = []
             eval_points: list[tuple[int, float]] = []
             with frozen_unet(self.model, self.device, checkpointing=self.cuda) as mp:
                 eval_set = self._eval_set()
                 with torch.no_grad():
-                    eval_points.append((0, self._eval_loss(mp, context(), y, eval_set)))
+                    eval_points.append((0, self._eval_loss(mp, context(False), y, eval_set)))
                 every = max(1, s.steps // PREVIEW_UPDATES)
                 for step in range(s.steps):
                     mm.throw_exception_if_processing_interrupted()
@@ -448,7 +454,7 @@ class _Trainer:
                     losses.append(value)
                     if eval_every and (step + 1) % eval_every == 0 and step + 1 < s.steps:
                         with torch.no_grad():
-                            eval_points.append((step + 1, self._eval_loss(mp, context(), y, eval_set)))
+                            eval_points.append((step + 1, self._eval_loss(mp, context(False), y, eval_set)))
                     if pbar is not None:
                         preview = None
                         if (step + 1) % every == 0 or step + 1 == s.steps:
@@ -458,7 +464,7 @@ class _Trainer:
                             preview = ("JPEG", Image.fromarray((pic * 255).astype(np.uint8)), 512)
                         pbar.update_absolute(step + 1, s.steps, preview)
                 with torch.no_grad():
-                    eval_points.append((s.steps, self._eval_loss(mp, context(), y, eval_set)))
+                    eval_points.append((s.steps, self._eval_loss(mp, context(False), y, eval_set)))
             with torch.no_grad():
                 if residual is not None:
                     delta = residual.detach().float().cpu()
