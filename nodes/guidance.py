@@ -105,7 +105,8 @@ class Recording:
         grid = self.maps.setdefault((h, w), {})
         regions = self.regions.setdefault((h, w), {})
         for s, tokens in zip(subjects, tokens_per_subject, strict=True):
-            mass = probs[..., tokens].sum(dim=(0, 1, 3)).double().cpu().reshape(h, w)
+            # stays on the attention's device (no sync per layer); read out by attention_report
+            mass = probs[..., tokens].sum(dim=(0, 1, 3)).reshape(h, w)
             grid[s.subject] = grid[s.subject] + mass if s.subject in grid else mass
             if s.subject not in regions:
                 regions[s.subject] = s.region(h, w)
@@ -140,6 +141,15 @@ class _Group:
     subjects: tuple
     rows: list
     sigmas: list
+    _tensors: dict = field(default_factory=dict, repr=False)
+
+    def tensors(self, device):
+        """(row indices, sigmas) as tensors on ``device``, made once per model call."""
+        key = str(device)
+        if key not in self._tensors:
+            self._tensors[key] = (torch.tensor(self.rows, device=device),
+                                  torch.tensor(self.sigmas, device=device, dtype=torch.float32))
+        return self._tensors[key]
 
 
 class Cones2CrossAttention:
@@ -170,9 +180,8 @@ class Cones2CrossAttention:
             out[idx] = optimized_attention(q[idx], k[idx], v[idx], heads, attn_precision=extra_options.get(
                 "attn_precision"), transformer_options=extra_options).to(out.dtype)
         for g in groups:
-            rows = torch.tensor(g.rows, device=q.device)
+            rows, sig = g.tensors(q.device)
             wm = g.spec.weight_map(g.subjects, h, w, t, q.device)
-            sig = torch.tensor(g.sigmas, device=q.device, dtype=torch.float32)
             res, probs = guided_attention(q[rows], k[rows], v[rows], heads, wm, sig, g.spec.guidance_weight,
                                           return_probs=True)
             out[rows] = res.to(out.dtype)

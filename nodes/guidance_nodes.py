@@ -193,6 +193,7 @@ def attention_report(model) -> list[dict]:
             continue
         for (h, w), maps in sorted(rec.maps.items(), key=lambda kv: -kv[0][0] * kv[0][1]):
             for subject, attn in maps.items():
+                attn = attn.detach().double().cpu()
                 region = rec.regions[(h, w)][subject]
                 rows.append({"uid": spec.uid, "grid": (h, w), "subject": subject, "map": attn, "region": region,
                              "share": share_inside(attn, region)})
