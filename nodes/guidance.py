@@ -172,13 +172,13 @@ class Cones2CrossAttention:
             raise Cones2Error(f"cannot map {q.shape[1]} attention pixels to a {h}x{w} grid; this UNet layout is "
                               "not supported by Layout Guidance")
         t = k.shape[1]
-        guided_rows = {r for g in groups for r in g.rows}
-        plain_rows = [r for r in range(q.shape[0]) if r not in guided_rows]
-        out = torch.empty(q.shape[0], q.shape[1], v.shape[-1], dtype=q.dtype, device=q.device)
-        if plain_rows:  # the host's own attention for the unguided rows (the uncond pass, other prompts)
-            idx = torch.tensor(plain_rows, device=q.device)
-            out[idx] = optimized_attention(q[idx], k[idx], v[idx], heads, attn_precision=extra_options.get(
-                "attn_precision"), transformer_options=extra_options).to(out.dtype)
+        if sum(len(g.rows) for g in groups) < q.shape[0]:
+            # Unguided rows (the uncond pass, other prompts): the host's own attention over the whole batch, the
+            # very call an unpatched model makes, so they stay bit-identical (a sub-batch can round differently).
+            out = optimized_attention(q, k, v, heads, attn_precision=extra_options.get("attn_precision"),
+                                      transformer_options=extra_options).clone()
+        else:
+            out = torch.empty(q.shape[0], q.shape[1], v.shape[-1], dtype=q.dtype, device=q.device)
         for g in groups:
             rows, sig = g.tensors(q.device)
             wm = g.spec.weight_map(g.subjects, h, w, t, q.device)

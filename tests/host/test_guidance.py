@@ -92,8 +92,9 @@ def test_guidance_puts_attention_in_regions(pack, loaded, fam):
         assert guided > shares[0.0][key] + 0.05, (key, guided, shares[0.0][key])
 
 
-def test_uncond_pass_bit_identical_and_model_unchanged(pack, loaded):
-    model, clip = loaded("sd15")
+@pytest.mark.parametrize("fam", ["sd15", "sd2v", "sdxl"])
+def test_uncond_pass_bit_identical_and_model_unchanged(pack, loaded, fam):
+    model, clip = loaded(fam)
     before = copy.deepcopy(model.model_options)
     pos, neg = encode(pack, clip), negative(clip)
     plain, plain_log = logged(model)
@@ -110,8 +111,9 @@ def test_uncond_pass_bit_identical_and_model_unchanged(pack, loaded):
     assert sample(guided, gpos, neg, steps=3).equal(b)  # deterministic for a seed
 
 
-def test_outside_window_nothing_changes(pack, loaded):
-    model, clip = loaded("sd15")
+@pytest.mark.parametrize("fam", ["sd15", "sd2v", "sdxl"])
+def test_outside_window_nothing_changes(pack, loaded, fam):
+    model, clip = loaded(fam)
     pos, neg = encode(pack, clip), negative(clip)
     plain, plain_log = logged(model)
     gm, gpos = guide(pack, model, pos, start=0.5, end=1.0)
