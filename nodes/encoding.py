@@ -41,10 +41,14 @@ def _token_ids(chunks) -> list[list[object]]:
     return [[t[0] if isinstance(t[0], int) else None for t in chunk] for chunk in chunks]
 
 
+def escape_word(word: str) -> str:
+    """``word`` with the host's prompt-weighting characters escaped, so it tokenises as plain text."""
+    return word.replace("\\", "\\\\").replace("(", "\\(").replace(")", "\\)")
+
+
 def word_tokens(clip, word: str) -> dict[str, list[int]]:
     """The tokens of ``word`` alone, per encoder key, without start/end/padding tokens."""
-    escaped = word.replace("\\", "\\\\").replace("(", "\\(").replace(")", "\\)")
-    toks = clip.tokenize(escaped, return_word_ids=True)
+    toks = clip.tokenize(escape_word(word), return_word_ids=True)
     return {k: [t for t, _w, wid in chunks[0] if wid != 0 and isinstance(t, int)] for k, chunks in toks.items()}
 
 
@@ -55,7 +59,7 @@ def prompt_words(text: str) -> list[str]:
     return list(dict.fromkeys(words))
 
 
-def _positions(clip, tokens, word: str) -> list[list[int]]:
+def word_positions(clip, tokens, word: str) -> list[list[int]]:
     """Occurrences of ``word`` in the prompt, as lists of token rows (agreeing across SDXL's encoders)."""
     per_key = {}
     for key, pattern in word_tokens(clip, word).items():
@@ -87,7 +91,7 @@ def encode_with_residuals(clip, text: str, residuals: list[Residual] | None):
             raise Cones2Error(f"residual '{name}' is for {_describe(res.family)} but the connected CLIP is "
                               f"{_describe(family)}: connect the CLIP of a {FAMILY_NAMES[res.family]} checkpoint "
                               f"or use a residual made for {FAMILY_NAMES[family]}")
-        occ = _positions(clip, tokens, res.subject)
+        occ = word_positions(clip, tokens, res.subject)
         if not occ:
             raise Cones2Error(f"the subject word '{res.subject}' of residual '{name}' is not in the prompt; the prompt's "
                               f"words are: {', '.join(words) or '(none)'}. Add '{res.subject}' to the prompt or set the "
@@ -101,9 +105,9 @@ def encode_with_residuals(clip, text: str, residuals: list[Residual] | None):
             placements.append(Placement(tuple(tuple(o) for o in occ), res.tensors[key], offset, float(res.strength)))
 
     conditioning = clip.encode_from_tokens_scheduled(tokens)
-    word_positions = {w: sorted(p for o in _positions(clip, tokens, w) for p in o) for w in words}
+    positions_by_word = {w: sorted(p for o in word_positions(clip, tokens, w) for p in o) for w in words}
     for subject, occ in subjects.items():
-        word_positions[subject.lower()] = sorted(p for o in occ for p in o)
+        positions_by_word[subject.lower()] = sorted(p for o in occ for p in o)
     out = []
     for cond, extra in conditioning:
         width = cond.shape[-1]
@@ -111,7 +115,7 @@ def encode_with_residuals(clip, text: str, residuals: list[Residual] | None):
         if width != expected:
             raise Cones2Error(f"the CLIP produced a {width}-wide conditioning; {_describe(family)} needs {expected}")
         record = {"version": 1, "prompt": text, "family": family, "n_tokens": int(cond.shape[1]),
-                  "words": {w: p for w, p in word_positions.items() if p},
+                  "words": {w: p for w, p in positions_by_word.items() if p},
                   "residuals": [{"subject": r.subject, "source": r.source, "strength": float(r.strength)}
                                 for r in residuals]}
         new_cond = add_residuals(cond, placements) if placements else cond

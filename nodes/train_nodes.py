@@ -29,7 +29,6 @@ import numpy as np
 import torch
 from comfy_api.latest import io
 
-from ..cones2_core.conditioning import find_occurrences
 from ..cones2_core.errors import Cones2Error
 from ..cones2_core.residual import FAMILY_NAMES, Residual, resolve_residual_path, save_residual
 from ..cones2_core.training import (
@@ -48,7 +47,7 @@ from ..cones2_core.training import (
     template_prompts,
 )
 from .common import CATEGORY, Residuals
-from .encoding import clip_family, word_tokens
+from .encoding import clip_family, escape_word, word_positions, word_tokens
 from .paths import default_residual_folder
 
 log = logging.getLogger("comfyui-cones2")
@@ -164,18 +163,10 @@ def _prediction(model) -> tuple[str, float, object]:
 
 def _subject_rows(clip, subject: str, text: str) -> list[int]:
     """Token rows of ``subject`` in the encoding of ``text`` (its last occurrence)."""
-    pattern = word_tokens(clip, subject)
-    tokens = clip.tokenize(text)
-    key = next(iter(pattern))
-    chunks = [[t[0] if isinstance(t[0], int) else None for t in chunk] for chunk in tokens[key]]
-    occ = find_occurrences(chunks, pattern[key], len(tokens[key][0]))
+    occ = word_positions(clip, clip.tokenize(text), subject)
     if not occ:
         raise Cones2Error(f"the subject {subject!r} is not found in its own prompt {text!r}; use a plain word")
     return occ[-1]
-
-
-def _escape(word: str) -> str:
-    return word.replace("\\", "\\\\").replace("(", "\\(").replace(")", "\\)")
 
 
 # ---- the private text encoder -------------------------------------------------------------------------------
@@ -333,9 +324,9 @@ class _Trainer:
         self.cuda = device.type == "cuda"
         self.amp = (self.cuda and torch.cuda.is_bf16_supported()) or (
             device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported())
-        self.instance_tokens = clip.tokenize(_escape(subject))
-        self.instance_rows = _subject_rows(clip, subject, _escape(subject))
-        self.templates = template_prompts(_escape(subject))
+        self.instance_tokens = clip.tokenize(escape_word(subject))
+        self.instance_rows = _subject_rows(clip, subject, escape_word(subject))
+        self.templates = template_prompts(escape_word(subject))
         self.template_tokens = [clip.tokenize(t) for t in self.templates]
         self.template_rows = [_subject_rows(clip, subject, t) for t in self.templates]
         self.sigmas = model_sampling.sigmas.detach().float().cpu()

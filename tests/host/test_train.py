@@ -193,7 +193,9 @@ def test_paper_preservation_keeps_other_tokens(paper_sd15):
 def test_paper_leaves_model_and_clip_unchanged(paper_sd15):
     (sd0, flags0, grads0), (sd1, flags1, grads1) = paper_sd15["before"], paper_sd15["after"]
     assert sd0.keys() == sd1.keys()
-    changed = [k for k in sd0 if not torch.equal(sd0[k], sd1[k])]
+    # bit-identical; NaN == NaN, because weights a checkpoint lacks (SD1.5's text_projection) stay uninitialised
+    changed = [k for k in sd0 if not (torch.equal(sd0[k], sd1[k]) or (
+        sd0[k].is_floating_point() and torch.allclose(sd0[k], sd1[k], rtol=0, atol=0, equal_nan=True)))]
     assert changed == []
     assert flags0 == flags1 and grads0 == grads1 and all(grads1)
 
