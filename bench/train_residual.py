@@ -110,10 +110,12 @@ def run_one(cfg: dict) -> dict:
     per_step = (stamps[-1] - stamps[0]) / max(len(stamps) - 1, 1) if len(stamps) > 1 else total
     if cuda:
         peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+        absolute = torch.cuda.max_memory_allocated() / 2**20
     else:
-        peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024  # KiB on Linux
+        maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+        peak, absolute = (maxrss - rss0) / 1024, maxrss / 1024
     del mm
-    return {"s_per_step": per_step, "peak_mib": peak, "total_s": total}
+    return {"s_per_step": per_step, "peak_mib": peak, "abs_mib": absolute, "total_s": total}
 
 
 def main(argv=None) -> int:
@@ -167,9 +169,11 @@ def main(argv=None) -> int:
                 rows.append((name, mode, r, "failed: " + (res.stderr.strip().splitlines() or ["?"])[-1][:80]))
                 continue
             m = json.loads(lines[-1])
-            rows.append((name, mode, r, f"{m['s_per_step']:.3f}", f"{m['peak_mib']:.0f}", f"{m['total_s']:.1f}"))
-    mem = "peak CUDA MiB" if args.device == "cuda" else "peak RSS +MiB"
-    header = ("model", "mode", "px", "s/step", mem, "total s (incl. setup)")
+            rows.append((name, mode, r, f"{m['s_per_step']:.3f}", f"{m['peak_mib']:.0f}", f"{m['abs_mib']:.0f}",
+                         f"{m['total_s']:.1f}"))
+    mem = "peak CUDA MiB" if args.device == "cuda" else "peak RSS"
+    header = ("model", "mode", "px", "s/step", f"{mem} growth after loading", f"{mem} of the process",
+              "total s (incl. setup)")
     sys.stdout.write(" | ".join(header) + "\n")
     sys.stdout.write(" | ".join("---" for _ in header) + "\n")
     for row in rows:
