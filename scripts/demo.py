@@ -22,11 +22,10 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import torch  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 
-from cones2_core.residual import FAMILIES, Residual, load_residual, save_residual  # noqa: E402
-from harness import tiny_checkpoints  # noqa: E402
+from cones2_core.residual import load_residual, save_residual  # noqa: E402
+from harness import tiny_checkpoints, tiny_extras  # noqa: E402
 from harness.client import ComfyClient  # noqa: E402
 from harness.host import find_host  # noqa: E402
 from harness.server import ComfyServer  # noqa: E402
@@ -48,13 +47,6 @@ def checkpoint_family(path: str) -> str:
     if any(k.startswith("cond_stage_model.transformer.") for k in keys):
         return "sd1"
     raise SystemExit(f"{path}: not an SD1.5, SD2.x or SDXL single-file checkpoint (.safetensors)")
-
-
-def placeholder_residual(subject: str, family: str, seed: int) -> Residual:
-    g = torch.Generator().manual_seed(seed)
-    tensors = {k: torch.randn(1, w, generator=g) * 0.1 for k, w in FAMILIES[family].items()}
-    return Residual(subject=subject, family=family, tensors=tensors,
-                    metadata={"note": "placeholder made by scripts/demo.py (small random offset, not trained)"})
 
 
 def main(argv=None) -> int:
@@ -95,7 +87,7 @@ def main(argv=None) -> int:
                     raise SystemExit(f"{given} is a {residual.family} residual but the checkpoint is {family}")
                 save_residual(residual, dst)
             else:
-                save_residual(placeholder_residual(subject, family, seed), dst)
+                tiny_extras.build_residual(dst, subject, family, seed)  # small random placeholder
         client = ComfyClient(server.url)
         prompt = to_api(workflow, client.object_info())
         for node in prompt.values():
