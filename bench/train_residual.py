@@ -4,8 +4,12 @@ CPU (default): the tiny SD1.5 checkpoint (full-size CLIP-L, small UNet) at 64 an
 CUDA (``--device cuda``): full-size random-weight SD1.5 / SD2.1-v / SDXL architectures built from the host's
 configs (no weights are downloaded), at each family's native resolution.
 
-Each configuration runs in its own subprocess so that peak memory (CPU: max RSS growth during training; CUDA:
-``torch.cuda.max_memory_allocated``) is not polluted by the previous one.
+Each configuration runs in its own subprocess. Memory: CPU, the process's RSS when training starts (ComfyUI
+and the loaded checkpoint) and its peak during training (VmHWM, reset at the start); CUDA, the allocated memory
+at the start and ``torch.cuda.max_memory_allocated`` during training.
+
+"reference-like" is the reference's loop (Cones-V2 train_cones2.py: whole encoder, default AdamW, float32, VAE
+encode every step) rebuilt on the same host models, so the ratios compare runs of this machine at this time.
 
     python bench/train_residual.py --comfyui ~/ComfyUI [--device cuda] [--steps 4]
 """
@@ -70,10 +74,65 @@ def _full_checkpoint(family: str, out_dir: str) -> str:
     return path
 
 
-def run_one(cfg: dict) -> dict:
-    """One configuration, in this process: returns seconds per step and peak memory in MiB."""
-    import resource
+def _proc_status(key: str) -> float:
+    """A /proc/self/status memory field (VmRSS, VmHWM) in MiB."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no {key} in /proc/self/status")
 
+
+def _reset_peak_rss() -> None:
+    """Reset VmHWM (the peak RSS) to the current RSS, so the peak covers training only (Linux >= 4.0)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def reference_like(pack, model, clip, vae, images, steps: int, resolution: int, device, stamp) -> None:
+    """The reference's training loop (Cones-V2 train_cones2.py) rebuilt on the same host models, as a baseline
+    measured in the same run: the whole text encoder trains (token table included) with torch's default AdamW,
+    in float32 without autocast; the images are VAE-encoded again at every step; e* is the first step's output.
+    Like our paper mode it trains a private copy, since the user's CLIP must stay unchanged."""
+    import torch
+
+    tn = pack.nodes.train_nodes
+    tr = pack.cones2_core.training
+    enc = tn.private_text_encoder(clip, device)  # no trainable_ids: every row of the token table trains
+    tokens = clip.tokenize("dog")
+    rows = tn._subject_rows(clip, "dog", "dog")
+    prediction, sigma_data, ms = tn._prediction(model)
+    sigmas = ms.sigmas.detach().float().cpu()
+    pixels = [tn._resize_for_training(img, resolution) for img in images]
+    opt = torch.optim.AdamW(enc.parameters(), lr=tr.PAPER_LEARNING_RATE, weight_decay=tr.WEIGHT_DECAY)
+    frozen = tr.FrozenWeights()
+    gen = torch.Generator().manual_seed(0)
+    target = None
+    with tn.frozen_unet(model, device, frozen) as mp:
+        for step in range(steps):
+            img = pixels[step % len(pixels)]
+            with torch.no_grad():  # the reference encodes its (randomly cropped) batch at every step
+                x0 = mp.model.process_latent_in(vae.encode(img[:resolution, :resolution].unsqueeze(0)).float())
+            noise = torch.randn(x0.shape, generator=gen)
+            sigma = tr.sample_sigmas(sigmas, 1, gen)
+            ctx = enc.encode_token_weights(tokens)[0].float()
+            if target is None:
+                target = ctx.detach()
+            x_t = ms.noise_scaling(sigma.view(-1, 1, 1, 1), noise, x0)
+            with frozen:
+                den = mp.model.apply_model(x_t, sigma, c_crossattn=ctx, transformer_options={
+                    "optimized_attention_override": tn._sdpa_attention})
+            loss = tr.diffusion_loss(den, x0, sigma, prediction, sigma_data) + \
+                tr.preservation_loss(ctx, target, rows, 1e-2, 1e-3)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(enc.parameters(), tr.MAX_GRAD_NORM)
+            opt.step()
+            opt.zero_grad()
+            stamp()
+
+
+def run_one(cfg: dict) -> dict:
+    """One configuration, in this process: returns seconds per step and memory in MiB."""
     import torch
 
     from harness.host import import_host, load_pack
@@ -99,23 +158,30 @@ def run_one(cfg: dict) -> dict:
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
-    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    node = pack.nodes.train_nodes.Cones2TrainResidual
+    else:
+        _reset_peak_rss()
+        base = _proc_status("VmRSS")
+    images = _images(cfg["resolution"])
     t0 = time.perf_counter()
     with torch.inference_mode():
-        node.execute(model, clip, vae, subject="dog", steps=cfg["steps"], learning_rate=0.0,
-                     resolution=cfg["resolution"], batch_size=1, seed=0, save_name=f"bench_{cfg['mode']}",
-                     mode=cfg["mode"], images=_images(cfg["resolution"]))
+        if cfg["mode"] == "reference-like":
+            with torch.inference_mode(False), torch.enable_grad():
+                reference_like(pack, model, clip, vae, images, cfg["steps"], cfg["resolution"],
+                               mm.get_torch_device(), lambda: stamps.append(time.perf_counter()))
+        else:
+            node = pack.nodes.train_nodes.Cones2TrainResidual
+            node.execute(model, clip, vae, subject="dog", steps=cfg["steps"], learning_rate=0.0,
+                         resolution=cfg["resolution"], batch_size=1, seed=0, save_name=f"bench_{cfg['mode']}",
+                         mode=cfg["mode"], images=images)
     total = time.perf_counter() - t0
+    # the first step pays one-off costs (allocations, kernel selection): time the steps after it
     per_step = (stamps[-1] - stamps[0]) / max(len(stamps) - 1, 1) if len(stamps) > 1 else total
     if cuda:
-        peak = (torch.cuda.max_memory_allocated() - base) / 2**20
-        absolute = torch.cuda.max_memory_allocated() / 2**20
+        peak = torch.cuda.max_memory_allocated() / 2**20
+        base /= 2**20
     else:
-        maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-        peak, absolute = (maxrss - rss0) / 1024, maxrss / 1024
-    del mm
-    return {"s_per_step": per_step, "peak_mib": peak, "abs_mib": absolute, "total_s": total}
+        peak = _proc_status("VmHWM")
+    return {"s_per_step": per_step, "base_mib": base, "peak_mib": peak, "total_s": total}
 
 
 def main(argv=None) -> int:
@@ -141,7 +207,7 @@ def main(argv=None) -> int:
             sys.stderr.write(res.stderr)
             return 1
         ckpt = dict(line.split("\t") for line in res.stdout.strip().splitlines())["sd15"]
-        configs = [("tiny sd15", ckpt, mode, r) for r in (64, 256) for mode in ("paper", "fast")]
+        configs = [("tiny sd15", ckpt, mode, r) for r in (64, 256) for mode in ("reference-like", "paper", "fast")]
     else:
         full_dir = os.path.join(out, "full")
         os.makedirs(full_dir, exist_ok=True)
@@ -156,7 +222,7 @@ def main(argv=None) -> int:
             ckpt = _full_checkpoint(fam, full_dir)
             configs += [(f"full {fam}", ckpt, mode, RESOLUTION[fam]) for mode in ("paper", "fast")]
 
-    rows = []
+    results = {}
     with tempfile.TemporaryDirectory() as base:
         for name, ckpt, mode, r in configs:
             cfg = {"comfyui": args.comfyui, "device": args.device, "ckpt": ckpt, "mode": mode, "resolution": r,
@@ -166,17 +232,25 @@ def main(argv=None) -> int:
             res = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=base)
             lines = [ln for ln in res.stdout.splitlines() if ln.startswith("{")]
             if res.returncode or not lines:
-                rows.append((name, mode, r, "failed: " + (res.stderr.strip().splitlines() or ["?"])[-1][:80]))
-                continue
-            m = json.loads(lines[-1])
-            rows.append((name, mode, r, f"{m['s_per_step']:.3f}", f"{m['peak_mib']:.0f}", f"{m['abs_mib']:.0f}",
-                         f"{m['total_s']:.1f}"))
-    mem = "peak CUDA MiB" if args.device == "cuda" else "peak RSS"
-    header = ("model", "mode", "px", "s/step", f"{mem} growth after loading", f"{mem} of the process",
-              "total s (incl. setup)")
+                results[name, mode, r] = "failed: " + (res.stderr.strip().splitlines() or ["?"])[-1][:80]
+            else:
+                results[name, mode, r] = json.loads(lines[-1])
+    mem = "CUDA MiB allocated" if args.device == "cuda" else "RSS MiB"
+    header = ("model", "mode", "px", "s/step", "speed vs reference-like", f"{mem} at start", f"peak {mem}",
+              "peak growth", "growth vs reference-like", "total s")
     sys.stdout.write(" | ".join(header) + "\n")
     sys.stdout.write(" | ".join("---" for _ in header) + "\n")
-    for row in rows:
+    for (name, mode, r), m in results.items():
+        if isinstance(m, str):
+            sys.stdout.write(f"{name} | {mode} | {r} | {m}\n")
+            continue
+        ref = results.get((name, "reference-like", r))
+        ref = ref if isinstance(ref, dict) else None
+        growth = m["peak_mib"] - m["base_mib"]
+        speed = f"{ref['s_per_step'] / m['s_per_step']:.2f}x" if ref else "-"
+        rel = f"{growth / max(ref['peak_mib'] - ref['base_mib'], 1e-9):.2f}" if ref else "-"
+        row = (name, mode, r, f"{m['s_per_step']:.3f}", speed, f"{m['base_mib']:.0f}", f"{m['peak_mib']:.0f}",
+               f"{growth:.0f}", rel, f"{m['total_s']:.1f}")
         sys.stdout.write(" | ".join(str(c) for c in row) + "\n")
     return 0
 

@@ -148,6 +148,51 @@ def add_at_rows(context: torch.Tensor, rows: Sequence[int], residual: torch.Tens
     return context + delta.to(context.dtype).unsqueeze(0)
 
 
+# ---- frozen weights without copies -------------------------------------------------------------------------
+
+def grad_free_alias(t: torch.Tensor) -> torch.Tensor:
+    """A tensor sharing ``t``'s memory that autograd may save for backward and never differentiates.
+
+    Weights loaded under ``torch.inference_mode()`` are inference tensors, which autograd refuses to save, and
+    parameters may require grad. ``clone()`` would fix both at the cost of a copy of every weight per forward
+    (kept alive until backward); this view of the same storage costs nothing. Plain tensors only: a tensor
+    subclass (e.g. a quantised weight) gets a detached copy instead."""
+    if type(t) not in (torch.Tensor, torch.nn.Parameter) or t.is_sparse or t.device.type == "meta":
+        return t.clone().detach() if t.is_inference() else t.detach()
+    with torch.inference_mode(False):
+        out = torch.empty(0, dtype=t.dtype, device=t.device)
+        out.set_(t.untyped_storage(), t.storage_offset(), t.size(), t.stride())
+    return out
+
+
+class FrozenWeights(torch.overrides.TorchFunctionMode):
+    """While active, every parameter or inference tensor handed to a torch function is replaced by its
+    ``grad_free_alias``: a frozen network can run forward and backward (gradients reach only its other
+    inputs) without touching its modules and without copying its weights. Aliases are cached per tensor."""
+
+    def __init__(self):
+        super().__init__()
+        self._cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _swap(self, a):
+        if isinstance(a, torch.Tensor):
+            if isinstance(a, torch.nn.Parameter) or a.is_inference():
+                hit = self._cache.get(id(a))
+                if hit is None or hit[0] is not a:
+                    hit = (a, grad_free_alias(a))  # holding ``a`` keeps its id from being reused
+                    self._cache[id(a)] = hit
+                return hit[1]
+            return a
+        if type(a) in (list, tuple) and any(isinstance(x, torch.Tensor) for x in a):
+            return type(a)(self._swap(x) for x in a)
+        return a
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        args = tuple(self._swap(a) for a in args)
+        kwargs = {k: self._swap(v) for k, v in (kwargs or {}).items()}
+        return func(*args, **kwargs)
+
+
 # ---- data ---------------------------------------------------------------------------------------------------
 
 def latent_batch(latents: Sequence[torch.Tensor], size: int, batch: int, generator: torch.Generator,

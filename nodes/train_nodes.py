@@ -9,8 +9,8 @@ loss needed (other tokens cannot move).
 
 Host specifics handled here: node execution runs under ``torch.inference_mode()`` and loaded weights are
 inference tensors, so training runs under ``inference_mode(False)``; the text-encoder copy gets fresh float32
-parameters; the frozen UNet runs through a clone of the user's ModelPatcher whose weight wrappers hand the
-forward fresh (non-inference, gradient-free) weights, so gradients reach the context only. The host's CLIP
+parameters; the frozen UNet runs through a clone of the user's ModelPatcher under a torch-function mode that
+hands its ops gradient-free aliases of the weights (no copies), so gradients reach the context only. The host's CLIP
 layers add residuals in place (``x += ...``), which breaks backward: the private copy's layers run an
 out-of-place forward. The user's MODEL and CLIP are left bit-identical.
 """
@@ -35,10 +35,12 @@ from ..cones2_core.training import (
     MAX_GRAD_NORM,
     MODES,
     WEIGHT_DECAY,
+    FrozenWeights,
     TrainSettings,
     add_at_rows,
     diffusion_loss,
     draw_loss_curve,
+    grad_free_alias,
     latent_batch,
     preservation_loss,
     residual_from_templates,
@@ -207,16 +209,28 @@ class _RowDeltaEmbedding(torch.nn.Module):
 
 def private_text_encoder(clip, device: torch.device, checkpointing: bool = False,
                          trainable_ids: list[int] | None = None) -> torch.nn.Module:
-    """A deep copy of the CLIP's text encoder(s) with fresh float32 trainable parameters on ``device``.
+    """A copy of the CLIP's text encoder(s) with fresh float32 trainable parameters on ``device``.
 
-    With ``trainable_ids``, only those rows of the token-embedding tables train (see _RowDeltaEmbedding)."""
+    With ``trainable_ids``, only those rows of the token-embedding tables train (see _RowDeltaEmbedding), and
+    the frozen tables are not copied at all: they are gradient-free aliases of the user's tables (when those
+    sit on ``device`` and no patch can rewrite them in place), which saves a table-sized copy per encoder."""
     import comfy.clip_model
     import comfy.model_patcher
 
     clip.load_model()  # the effective weights (LoRA patches applied) sit in the module now
-    enc = copy.deepcopy(clip.cond_stage_model)
+    src = clip.cond_stage_model
+    # Copy the module tree only: the tensors are copied (or aliased) below, one at a time, never all twice.
+    memo = {id(t): t for t in (*src.parameters(), *src.buffers())}
+    enc = copy.deepcopy(src, memo)
+    patched = " ".join(str(k) for k in getattr(clip.patcher, "patches", {}))
+    shared_tables = set()
+    if trainable_ids is not None and "token_embedding" not in patched:
+        shared_tables = {id(m.token_embedding) for m in enc.modules() if isinstance(m, comfy.clip_model.CLIPEmbeddings)
+                         and m.token_embedding.weight.device == device}
     for m in enc.modules():
         comfy.model_patcher.wipe_lowvram_weight(m)
+        if id(m) in shared_tables:
+            continue
         for name, p in list(m.named_parameters(recurse=False)):
             setattr(m, name, torch.nn.Parameter(p.detach().to(device=device, dtype=torch.float32, copy=True)))
         for name, b in list(m.named_buffers(recurse=False)):
@@ -227,11 +241,17 @@ def private_text_encoder(clip, device: torch.device, checkpointing: bool = False
     enc.reset_clip_options()
     if clip.layer_idx is not None:
         enc.set_clip_options({"layer": clip.layer_idx})
-    enc.requires_grad_(True)
     if trainable_ids is not None:
+        ids = sorted(set(trainable_ids))
         for m in enc.modules():
             if isinstance(m, comfy.clip_model.CLIPEmbeddings):
-                m.token_embedding = _RowDeltaEmbedding(m.token_embedding.weight.detach(), sorted(set(trainable_ids)))
+                table = m.token_embedding.weight
+                table = grad_free_alias(table) if id(m.token_embedding) in shared_tables else table.detach()
+                m.token_embedding = _RowDeltaEmbedding(table, ids)
+    enc.requires_grad_(True)
+    for m in enc.modules():
+        if isinstance(m, _RowDeltaEmbedding):
+            m.weight.requires_grad_(False)  # only its delta rows train
     enc.train(False)  # no dropout in these encoders; keep eval semantics
     return enc
 
@@ -246,50 +266,39 @@ def _sdpa_attention(func, q, k, v, heads, *args, **kwargs):
 
 # ---- the frozen UNet ----------------------------------------------------------------------------------------
 
-class _FreshWeight:
-    """Weight wrapper: hand the forward a gradient-free, non-inference tensor (inference tensors cannot be
-    saved for backward; the host already copies the weight when a module has wrappers)."""
-
-    def __call__(self, w):
-        return w.clone() if w.is_inference() else w.detach()
-
-
-def _ckpt_patch(module):
+def _ckpt_patch(module, frozen: FrozenWeights):
     original = module.__dict__.get("forward")
     bound = module.forward
 
+    def run(*args, **kwargs):
+        with frozen:  # the recomputation in backward runs outside the training forward's mode
+            return bound(*args, **kwargs)
+
     def forward(*args, **kwargs):
-        return torch.utils.checkpoint.checkpoint(bound, *args, use_reentrant=False, **kwargs)
+        return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False, **kwargs)
 
     module.forward = forward
     return module, original
 
 
 @contextlib.contextmanager
-def frozen_unet(model, device: torch.device, checkpointing: bool = False):
-    """A clone of the user's ModelPatcher, loaded through the host's memory management, ready for backward to
-    the context only. Everything touched on the shared modules is restored on exit."""
+def frozen_unet(model, device: torch.device, frozen: FrozenWeights, checkpointing: bool = False):
+    """A clone of the user's ModelPatcher, loaded through the host's memory management. Its forward must run
+    under ``frozen`` (a FrozenWeights mode), which hands every op gradient-free aliases of the weights, so
+    backward reaches the context only and nothing is copied. Block forwards patched for checkpointing are
+    restored on exit; nothing else on the shared modules is touched."""
     import comfy.model_management as mm
 
     mp = model.clone()
-    wrapper = _FreshWeight()
-    for name, m in mp.model.named_modules():
-        if hasattr(m, "weight_function"):
-            for attr in ("weight", "bias"):
-                if getattr(m, attr, None) is not None:
-                    mp.add_weight_wrapper(f"{name}.{attr}", wrapper)
-    flags = [(p, p.requires_grad) for p in mp.model.parameters()]
     patched = []
     try:
-        for p, _ in flags:
-            p.requires_grad_(False)
         mm.load_models_gpu([mp], force_full_load=device.type != "cpu")
         if checkpointing:
             dm = mp.model.diffusion_model
             for block_list in ("input_blocks", "output_blocks"):
-                patched += [_ckpt_patch(b) for b in getattr(dm, block_list, [])]
+                patched += [_ckpt_patch(b, frozen) for b in getattr(dm, block_list, [])]
             if getattr(dm, "middle_block", None) is not None:
-                patched.append(_ckpt_patch(dm.middle_block))
+                patched.append(_ckpt_patch(dm.middle_block, frozen))
         yield mp
     finally:
         for module, original in reversed(patched):
@@ -297,16 +306,6 @@ def frozen_unet(model, device: torch.device, checkpointing: bool = False):
                 module.__dict__.pop("forward", None)
             else:
                 module.forward = original
-        for m in mp.model.modules():
-            for attr in ("weight_function", "bias_function"):
-                funcs = getattr(m, attr, None)
-                if isinstance(funcs, list) and any(f is wrapper for f in funcs):
-                    setattr(m, attr, [f for f in funcs if f is not wrapper])
-        mp.weight_wrapper_patches = {}
-        for p, flag in flags:
-            if p.requires_grad != flag:
-                with torch.inference_mode(p.is_inference()):  # inference tensors only change flags there
-                    p.requires_grad_(flag)
 
 
 # ---- training -----------------------------------------------------------------------------------------------
@@ -330,6 +329,7 @@ class _Trainer:
         self.template_tokens = [clip.tokenize(t) for t in self.templates]
         self.template_rows = [_subject_rows(clip, subject, t) for t in self.templates]
         self.sigmas = model_sampling.sigmas.detach().float().cpu()
+        self.frozen = FrozenWeights()
 
     def _autocast(self, amp: bool = True):
         """bf16 autocast for the training passes where the device supports it (CUDA, CPUs with bf16 kernels)."""
@@ -366,7 +366,7 @@ class _Trainer:
         extra = {} if y is None else {"y": y[: x0.shape[0]]}
         topts = copy.copy(mp.model_options.get("transformer_options", {}))
         topts.setdefault("optimized_attention_override", _sdpa_attention)
-        with self._autocast(amp):
+        with self._autocast(amp), self.frozen:
             return mp.model.apply_model(x_t, sigma, c_crossattn=context.expand(x0.shape[0], -1, -1),
                                         transformer_options=topts, **extra).float()
 
@@ -418,7 +418,7 @@ class _Trainer:
 
             losses: list[float] = []
             eval_points: list[tuple[int, float]] = []
-            with frozen_unet(self.model, self.device, checkpointing=self.cuda) as mp:
+            with frozen_unet(self.model, self.device, self.frozen, checkpointing=self.cuda) as mp:
                 eval_set = self._eval_set()
                 with torch.no_grad():
                     eval_points.append((0, self._eval_loss(mp, context(False), y, eval_set)))

@@ -143,3 +143,49 @@ def test_loss_curve_picture():
     assert blue.sum() > 50 and red.sum() > 10
     assert tr.draw_loss_curve([], ()).shape == (256, 512, 3)
     assert tr.smooth([1.0, 1.0, 1.0]) == pytest.approx([1.0, 1.0, 1.0])
+
+
+def test_grad_free_alias_shares_memory_and_takes_no_gradient():
+    with torch.inference_mode():
+        w = torch.randn(6, 4)
+    p = torch.nn.Parameter(torch.randn(6, 4))
+    for t in (w, p):
+        a = tr.grad_free_alias(t)
+        assert a.data_ptr() == t.data_ptr() and torch.equal(a, t)
+        assert not a.is_inference() and not a.requires_grad and a.grad_fn is None
+    # a strided view aliases the same elements
+    view = p[:, 1:3]
+    assert torch.equal(tr.grad_free_alias(view), view) and tr.grad_free_alias(view).stride() == view.stride()
+
+
+def test_frozen_weights_backward_reaches_inputs_only_without_copies():
+    """An inference-mode Linear runs forward and backward under the mode; the input gradient equals the one a
+    cloned weight gives; the weights get no gradient, are never copied, and the module is not touched."""
+    with torch.inference_mode():
+        lin = torch.nn.Linear(4, 3)
+        conv = torch.nn.Conv2d(2, 2, 3, padding=1)
+    x = torch.randn(5, 4, requires_grad=True)
+    img = torch.randn(1, 2, 6, 6, requires_grad=True)
+    with pytest.raises(RuntimeError, match="[Ii]nference tensors"):
+        lin(x).sum().backward()  # what the mode exists for
+    mode = tr.FrozenWeights()
+    with mode:
+        y = lin(x)
+        z = conv(img)
+    (y.square().sum() + z.square().sum()).backward()
+    w, b = lin.weight.detach().clone(), lin.bias.detach().clone()
+    x2 = x.detach().clone().requires_grad_()
+    torch.nn.functional.linear(x2, w, b).square().sum().backward()
+    assert torch.equal(x.grad, x2.grad)
+    assert img.grad is not None and img.grad.abs().sum() > 0
+    assert lin.weight.grad is None and conv.weight.grad is None
+    assert all(t.is_inference() for t in (lin.weight, lin.bias, conv.weight, conv.bias))
+    # the aliases are cached per tensor and share the weights' memory
+    aliases = {id(t): a for t, a in mode._cache.values()}
+    assert aliases[id(lin.weight)].data_ptr() == lin.weight.data_ptr()
+    # trainable parameters passed in are treated as frozen too (a frozen network never differentiates its weights)
+    p = torch.nn.Parameter(torch.randn(3, 4))
+    with tr.FrozenWeights():
+        out = torch.nn.functional.linear(x.detach().requires_grad_(), p)
+    out.sum().backward()
+    assert p.grad is None

@@ -40,6 +40,11 @@ def sd2v(comfy, tiny_ckpts):
     return _load(tiny_ckpts["sd2v"])
 
 
+@pytest.fixture(scope="module")
+def sdxl(comfy, tiny_ckpts):
+    return _load(tiny_ckpts["sdxl"])
+
+
 def blob_images(n=3, size=64):
     """A red blob on grey, moved a little in each image."""
     yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
@@ -251,6 +256,20 @@ def test_sd2_v_prediction_paper_mode(pack, sd2v, res_dir):
     assert torch.allclose(out[0, 1], base[0, 1] + res.tensors["h"][0], atol=1e-5)
 
 
+def test_sdxl_paper_mode_trains_both_encoders(pack, sdxl, res_dir):
+    """SDXL: both encoders' copies train (their tables are shared, not copied), the residual splits into
+    l (768) and g (1280), and the user's MODEL and CLIP stay bit-identical."""
+    run = watched_run(pack, sdxl, save_name="dog_sdxl", steps=3, batch_size=1)
+    res = run["out"][0][0]
+    assert res.family == "sdxl" and res.tensors["l"].shape == (1, 768) and res.tensors["g"].shape == (1, 1280)
+    assert res.tensors["l"].abs().sum() > 0 and res.tensors["g"].abs().sum() > 0
+    moved = (run["tuned"] - run["frozen"])[0, 1]
+    assert moved[:768].abs().sum() > 0 and moved[768:].abs().sum() > 0
+    sd0, sd1 = run["before"][0], run["after"][0]
+    assert [k for k in sd0 if not torch.equal(sd0[k], sd1[k])] == []
+    assert (res_dir / "dog_sdxl.safetensors").is_file()
+
+
 def test_interrupt_writes_nothing(pack, sd15, res_dir, monkeypatch):
     import comfy.model_management as mm
     import comfy.utils
@@ -372,3 +391,37 @@ def test_row_delta_embedding_matches_a_full_trainable_table(pack):
     untouched = torch.tensor([[0, 1, 2, 4]])
     assert torch.equal(rows(untouched), torch.nn.functional.embedding(untouched, table))
     assert not torch.allclose(rows(tokens), torch.nn.functional.embedding(tokens, table))  # it did train
+
+
+def test_private_encoder_shares_the_frozen_table_and_trains_a_copy(pack, sd15):
+    """The private encoder aliases the user's token table (no table-sized copy) and copies everything that trains;
+    only the instance tokens' delta rows and the transformer weights are trainable."""
+    tn = pack.nodes.train_nodes
+    clip = sd15[1]
+    user = dict(clip.cond_stage_model.named_parameters())
+    ids = [49406, 1929, 49407]  # start, "dog", end
+    with torch.inference_mode(False), torch.enable_grad():
+        enc = tn.private_text_encoder(clip, torch.device("cpu"), trainable_ids=ids)
+    mine = dict(enc.named_parameters())
+    table_key = next(k for k in user if k.endswith("token_embedding.weight"))
+    shared = mine[table_key]
+    assert shared.data_ptr() == user[table_key].data_ptr() and not shared.requires_grad
+    delta = mine[table_key.replace(".weight", ".delta")]
+    assert delta.requires_grad and tuple(delta.shape) == (3, user[table_key].shape[1])
+    for key, p in mine.items():
+        if key in user and key != table_key:
+            assert p.data_ptr() != user[key].data_ptr() and p.dtype == torch.float32 and p.requires_grad, key
+            assert torch.equal(p.detach(), user[key].detach().float()) or torch.isnan(user[key]).any(), key
+    # a step on the copy leaves the user's weights and their flags alone
+    with torch.inference_mode(False), torch.enable_grad():
+        out = enc.encode_token_weights(clip.tokenize(SUBJECT))[0]
+        out.square().mean().backward()
+        torch.optim.SGD([p for p in enc.parameters() if p.requires_grad], lr=1.0).step()
+    assert delta.abs().sum() > 0
+    assert all(user[k].is_inference() for k in user) and all(p.grad is None for p in user.values())
+    # with a patch on the table (a LoRA could rewrite it in place later) the table is copied instead
+    patched = clip.clone()
+    patched.add_patches({table_key: (torch.zeros_like(user[table_key]),)}, 0.0)
+    with torch.inference_mode(False), torch.enable_grad():
+        enc2 = tn.private_text_encoder(patched, torch.device("cpu"), trainable_ids=ids)
+    assert dict(enc2.named_parameters())[table_key].data_ptr() != user[table_key].data_ptr()
