@@ -113,8 +113,8 @@ def reference_like(pack, model, clip, vae, images, steps: int, resolution: int, 
             img = pixels[step % len(pixels)]
             with torch.no_grad():  # the reference encodes its (randomly cropped) batch at every step
                 x0 = mp.model.process_latent_in(vae.encode(img[:resolution, :resolution].unsqueeze(0)).float())
-            noise = torch.randn(x0.shape, generator=gen)
-            sigma = tr.sample_sigmas(sigmas, 1, gen)
+            noise = torch.randn(x0.shape, generator=gen).to(x0.device)
+            sigma = tr.sample_sigmas(sigmas, 1, gen).to(x0.device)
             ctx = enc.encode_token_weights(tokens)[0].float()
             if target is None:
                 target = ctx.detach()
@@ -128,6 +128,7 @@ def reference_like(pack, model, clip, vae, images, steps: int, resolution: int, 
             torch.nn.utils.clip_grad_norm_(enc.parameters(), tr.MAX_GRAD_NORM)
             opt.step()
             opt.zero_grad()
+            float(loss)  # wait for the step to finish (as the node's progress bar does)
             stamp()
 
 
@@ -220,7 +221,8 @@ def main(argv=None) -> int:
         comfy.cli_args.args.cpu = False
         for fam in ("sd15", "sd2v", "sdxl"):
             ckpt = _full_checkpoint(fam, full_dir)
-            configs += [(f"full {fam}", ckpt, mode, RESOLUTION[fam]) for mode in ("paper", "fast")]
+            modes = ("paper", "fast") if fam == "sdxl" else ("reference-like", "paper", "fast")  # ref: no SDXL
+            configs += [(f"full {fam}", ckpt, mode, RESOLUTION[fam]) for mode in modes]
 
     results = {}
     with tempfile.TemporaryDirectory() as base:

@@ -440,3 +440,52 @@ def test_private_encoder_shares_the_frozen_table_and_trains_a_copy(pack, sd15):
     with torch.inference_mode(False), torch.enable_grad():
         enc2 = tn.private_text_encoder(patched, torch.device("cpu"), trainable_ids=ids)
     assert dict(enc2.named_parameters())[table_key].data_ptr() != user[table_key].data_ptr()
+
+
+def test_checkpointed_unet_gives_the_same_context_gradient(pack, sd15):
+    """The CUDA path checkpoints the UNet's blocks (recomputed in backward, under the same FrozenWeights mode);
+    on CPU here it must give the plain path's context gradient, and restore the blocks' forwards afterwards."""
+    tn = pack.nodes.train_nodes
+    model = sd15[0]
+    dm = model.model.diffusion_model
+    blocks = [*dm.input_blocks, dm.middle_block, *dm.output_blocks]
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 4, 8, 8, generator=g)
+    ctx0 = torch.randn(1, 77, 768, generator=g)
+    sigma = torch.tensor([3.0])
+    grads = []
+    with torch.inference_mode(False), torch.enable_grad():
+        for checkpointing in (False, True):
+            frozen = pack.cones2_core.training.FrozenWeights()
+            ctx = ctx0.clone().requires_grad_()
+            with tn.frozen_unet(model, torch.device("cpu"), frozen, checkpointing=checkpointing) as mp:
+                assert all(("forward" in b.__dict__) == checkpointing for b in blocks)
+                with frozen:
+                    out = mp.model.apply_model(x, sigma, c_crossattn=ctx)
+                out.square().mean().backward()
+            grads.append(ctx.grad)
+    assert all("forward" not in b.__dict__ for b in blocks)
+    assert grads[0].abs().sum() > 0
+    assert torch.allclose(grads[0], grads[1], rtol=1e-4, atol=1e-8)
+
+
+def test_checkpointed_encoder_gives_the_same_gradients(pack, sd15):
+    """The CUDA path also checkpoints the private encoder's layers: same output and parameter gradients."""
+    tn = pack.nodes.train_nodes
+    clip = sd15[1]
+    tokens = clip.tokenize(SUBJECT)
+    ids = [t[0] for chunks in tokens.values() for chunk in chunks for t in chunk]
+    results = []
+    with torch.inference_mode(False), torch.enable_grad():
+        for checkpointing in (False, True):
+            enc = tn.private_text_encoder(clip, torch.device("cpu"), checkpointing=checkpointing, trainable_ids=ids)
+            want = tn._clip_layer_forward_ckpt if checkpointing else tn._clip_layer_forward
+            layers = [m for m in enc.modules() if type(m).__name__ == "CLIPLayer"]
+            assert layers and all(m.forward.__func__ is want for m in layers)
+            out = enc.encode_token_weights(tokens)[0]
+            out.square().mean().backward()
+            results.append((out.detach(), {k: p.grad for k, p in enc.named_parameters() if p.requires_grad}))
+    (out0, g0), (out1, g1) = results
+    assert torch.equal(out0, out1) and g0.keys() == g1.keys()
+    assert sum(float(g.abs().sum()) for g in g0.values() if g is not None) > 0
+    assert all((g0[k] is None and g1[k] is None) or torch.allclose(g0[k], g1[k], rtol=1e-4, atol=1e-9) for k in g0)
