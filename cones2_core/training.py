@@ -188,9 +188,23 @@ class FrozenWeights(torch.overrides.TorchFunctionMode):
         return a
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        args = tuple(self._swap(a) for a in args)
-        kwargs = {k: self._swap(v) for k, v in (kwargs or {}).items()}
-        return func(*args, **kwargs)
+        # This runs for every torch call, and most calls only see activations (plain, non-inference tensors):
+        # look before rebuilding anything, with the cheapest checks first.
+        for a in args:
+            t = type(a)
+            if t is _Tensor:
+                if not a.is_inference():
+                    continue
+            elif t is not list and t is not tuple and not isinstance(a, _Tensor):
+                continue
+            args = tuple(self._swap(x) for x in args)
+            break
+        if kwargs:
+            return func(*args, **{k: self._swap(v) for k, v in kwargs.items()})
+        return func(*args)
+
+
+_Tensor = torch.Tensor
 
 
 # ---- data ---------------------------------------------------------------------------------------------------
