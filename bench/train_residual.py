@@ -108,7 +108,8 @@ def reference_like(pack, model, clip, vae, images, steps: int, resolution: int, 
     frozen = tr.FrozenWeights()
     gen = torch.Generator().manual_seed(0)
     target = None
-    with tn.frozen_unet(model, device, frozen) as mp:
+    with tn.FrozenUNet(model, device, frozen) as unet:
+        mp = unet.mp
         for step in range(steps):
             img = pixels[step % len(pixels)]
             with torch.no_grad():  # the reference encodes its (randomly cropped) batch at every step

@@ -179,11 +179,6 @@ def _clip_layer_forward(self, x, mask=None, optimized_attention=None):
     return x + self.mlp(self.layer_norm2(x))
 
 
-def _clip_layer_forward_ckpt(self, x, mask=None, optimized_attention=None):
-    return torch.utils.checkpoint.checkpoint(_clip_layer_forward, self, x, mask, optimized_attention,
-                                             use_reentrant=False)
-
-
 class _RowDeltaEmbedding(torch.nn.Module):
     """A token embedding whose rows for ``ids`` train as a delta on the frozen table; other rows stay frozen.
 
@@ -207,8 +202,7 @@ class _RowDeltaEmbedding(torch.nn.Module):
         return out if out_dtype is None else out.to(out_dtype)
 
 
-def private_text_encoder(clip, device: torch.device, checkpointing: bool = False,
-                         trainable_ids: list[int] | None = None) -> torch.nn.Module:
+def private_text_encoder(clip, device: torch.device, trainable_ids: list[int] | None = None) -> torch.nn.Module:
     """A copy of the CLIP's text encoder(s) with fresh float32 trainable parameters on ``device``.
 
     With ``trainable_ids``, only those rows of the token-embedding tables train (see _RowDeltaEmbedding), and
@@ -236,8 +230,7 @@ def private_text_encoder(clip, device: torch.device, checkpointing: bool = False
         for name, b in list(m.named_buffers(recurse=False)):
             m._buffers[name] = b.detach().to(device=device, copy=True)
         if isinstance(m, comfy.clip_model.CLIPLayer):
-            fwd = _clip_layer_forward_ckpt if checkpointing else _clip_layer_forward
-            m.forward = types.MethodType(fwd, m)
+            m.forward = types.MethodType(_clip_layer_forward, m)
     enc.reset_clip_options()
     if clip.layer_idx is not None:
         enc.set_clip_options({"layer": clip.layer_idx})
@@ -266,46 +259,59 @@ def _sdpa_attention(func, q, k, v, heads, *args, **kwargs):
 
 # ---- the frozen UNet ----------------------------------------------------------------------------------------
 
-def _ckpt_patch(module, frozen: FrozenWeights):
-    original = module.__dict__.get("forward")
-    bound = module.forward
+class FrozenUNet:
+    """A clone of the user's ModelPatcher, loaded through the host's memory management, as a context manager.
 
-    def run(*args, **kwargs):
-        with frozen:  # the recomputation in backward runs outside the training forward's mode
-            return bound(*args, **kwargs)
+    Its forward must run under ``frozen`` (a FrozenWeights mode), which hands every op gradient-free aliases
+    of the weights, so backward reaches the context only and nothing is copied. ``checkpoint_blocks()``
+    switches on gradient checkpointing of the UNet's blocks (their forwards are wrapped until exit, then
+    restored); nothing else on the shared modules is touched."""
 
-    def forward(*args, **kwargs):
-        return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False, **kwargs)
+    def __init__(self, model, device: torch.device, frozen: FrozenWeights):
+        self.model, self.device, self.frozen = model, device, frozen
+        self.mp = None
+        self.checkpointing = False
+        self._patched: list = []
 
-    module.forward = forward
-    return module, original
+    def __enter__(self) -> FrozenUNet:
+        import comfy.model_management as mm
 
+        self.mp = self.model.clone()
+        mm.load_models_gpu([self.mp], force_full_load=self.device.type != "cpu")
+        return self
 
-@contextlib.contextmanager
-def frozen_unet(model, device: torch.device, frozen: FrozenWeights, checkpointing: bool = False):
-    """A clone of the user's ModelPatcher, loaded through the host's memory management. Its forward must run
-    under ``frozen`` (a FrozenWeights mode), which hands every op gradient-free aliases of the weights, so
-    backward reaches the context only and nothing is copied. Block forwards patched for checkpointing are
-    restored on exit; nothing else on the shared modules is touched."""
-    import comfy.model_management as mm
+    def checkpoint_blocks(self) -> None:
+        if self.checkpointing:
+            return
+        dm = self.mp.model.diffusion_model
+        blocks = [*getattr(dm, "input_blocks", []), *getattr(dm, "output_blocks", [])]
+        if getattr(dm, "middle_block", None) is not None:
+            blocks.append(dm.middle_block)
+        for block in blocks:
+            self._patched.append((block, block.__dict__.get("forward")))
+            block.forward = self._checkpointed(block.forward)
+        self.checkpointing = True
 
-    mp = model.clone()
-    patched = []
-    try:
-        mm.load_models_gpu([mp], force_full_load=device.type != "cpu")
-        if checkpointing:
-            dm = mp.model.diffusion_model
-            for block_list in ("input_blocks", "output_blocks"):
-                patched += [_ckpt_patch(b, frozen) for b in getattr(dm, block_list, [])]
-            if getattr(dm, "middle_block", None) is not None:
-                patched.append(_ckpt_patch(dm.middle_block, frozen))
-        yield mp
-    finally:
-        for module, original in reversed(patched):
+    def _checkpointed(self, bound):
+        frozen = self.frozen
+
+        def run(*args, **kwargs):
+            with frozen:  # the recomputation in backward runs outside the training forward's mode
+                return bound(*args, **kwargs)
+
+        def forward(*args, **kwargs):
+            return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False, **kwargs)
+
+        return forward
+
+    def __exit__(self, *exc) -> None:
+        for module, original in reversed(self._patched):
             if original is None:
                 module.__dict__.pop("forward", None)
             else:
                 module.forward = original
+        self._patched.clear()
+        self.checkpointing = False
 
 
 # ---- training -----------------------------------------------------------------------------------------------
@@ -379,10 +385,31 @@ class _Trainer:
         return x0, noise, sigma
 
     def _eval_loss(self, mp, context, y, eval_set) -> float:
+        """Mean diffusion loss over the evaluation set, one sample at a time (no batch-sized activations)."""
         x0, noise, sigma = eval_set
+        total = 0.0
         with torch.no_grad():
-            den = self._denoise(mp, x0, noise, sigma, context, y, amp=False)  # float32: a clean measurement
-            return float(diffusion_loss(den, x0, sigma, self.prediction, self.sigma_data))
+            for i in range(x0.shape[0]):
+                one = slice(i, i + 1)
+                den = self._denoise(mp, x0[one], noise[one], sigma[one], context, y, amp=False)  # float32
+                total += float(diffusion_loss(den, x0[one], sigma[one], self.prediction, self.sigma_data))
+        return total / x0.shape[0]
+
+    def _step(self, mp, opt, params, context, frozen_ctx, x0, noise, sigma, y, paper: bool) -> torch.Tensor:
+        """One optimisation step; returns the (detached) loss. The gradients are dropped before the forward, so
+        a step that fails before ``opt.step()`` leaves the trainable state as it was."""
+        s = self.s
+        opt.zero_grad(set_to_none=True)
+        ctx = context()
+        den = self._denoise(mp, x0, noise, sigma, ctx, y)
+        loss = diffusion_loss(den, x0, sigma, self.prediction, self.sigma_data)
+        if paper:
+            loss = loss + preservation_loss(ctx, frozen_ctx, self.instance_rows, s.preservation_weight_start,
+                                            s.preservation_weight_rest)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
+        opt.step()
+        return loss.detach()
 
     def run(self, pbar=None, eval_every: int = 0):
         import comfy.model_management as mm
@@ -392,8 +419,7 @@ class _Trainer:
         paper = s.mode == "paper"
         ids = [t[0] for chunks in self.instance_tokens.values() for chunk in chunks for t in chunk
                if isinstance(t[0], int)]
-        enc = private_text_encoder(self.clip, self.device, checkpointing=self.cuda, trainable_ids=ids) if paper \
-            else None
+        enc = private_text_encoder(self.clip, self.device, trainable_ids=ids) if paper else None
         opt = None
         try:
             with torch.no_grad():
@@ -418,7 +444,8 @@ class _Trainer:
 
             losses: list[float] = []
             eval_points: list[tuple[int, float]] = []
-            with frozen_unet(self.model, self.device, self.frozen, checkpointing=self.cuda) as mp:
+            with FrozenUNet(self.model, self.device, self.frozen) as unet:
+                mp = unet.mp
                 eval_set = self._eval_set()
                 with torch.no_grad():
                     eval_points.append((0, self._eval_loss(mp, context(False), y, eval_set)))
@@ -428,16 +455,24 @@ class _Trainer:
                     x0 = latent_batch(self.latents, self.size, s.batch_size, gen)
                     noise = torch.randn(x0.shape, generator=gen).to(self.device)
                     sigma = sample_sigmas(self.sigmas, s.batch_size, gen).to(self.device)
-                    ctx = context()
-                    den = self._denoise(mp, x0, noise, sigma, ctx, y)
-                    loss = diffusion_loss(den, x0, sigma, self.prediction, self.sigma_data)
-                    if paper:
-                        loss = loss + preservation_loss(ctx, frozen_ctx, self.instance_rows,
-                                                        s.preservation_weight_start, s.preservation_weight_rest)
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
-                    opt.step()
+                    for _attempt in range(2):
+                        try:
+                            loss = self._step(mp, opt, params, context, frozen_ctx, x0, noise, sigma, y, paper)
+                            break
+                        except torch.OutOfMemoryError as e:
+                            if unet.checkpointing:
+                                raise Cones2Error(
+                                    f"out of {self.device.type.upper()} memory at training step {step + 1}, even "
+                                    "with gradient checkpointing; lower the resolution or batch_size, or use mode "
+                                    "'fast'") from e
+                            oom = str(e).splitlines()[0] if str(e) else "out of memory"
+                        # here, outside the except block, its frames (and their activations) are already freed
+                        opt.zero_grad(set_to_none=True)
+                        if self.cuda:
+                            torch.cuda.empty_cache()
+                        log.warning("out of memory at training step %d (%s); switching on gradient checkpointing "
+                                    "of the UNet (slower, much less memory) and redoing the step", step + 1, oom)
+                        unet.checkpoint_blocks()
                     value = float(loss.detach())
                     if not math.isfinite(value):
                         raise Cones2Error(f"the training loss became {value} at step {step + 1}; lower the "

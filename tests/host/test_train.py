@@ -118,8 +118,8 @@ def watched_run(pack, mc, **kw):
     seen = {}
     original_enc, original_train = tn.private_text_encoder, tn.train_residual
 
-    def enc_spy(clip, device, checkpointing=False, trainable_ids=None):
-        enc = original_enc(clip, device, checkpointing, trainable_ids)
+    def enc_spy(clip, device, trainable_ids=None):
+        enc = original_enc(clip, device, trainable_ids)
         with torch.no_grad():
             seen["frozen"] = enc.encode_token_weights(clip.tokenize(SUBJECT))[0].clone()
         seen["enc"] = enc
@@ -443,8 +443,8 @@ def test_private_encoder_shares_the_frozen_table_and_trains_a_copy(pack, sd15):
 
 
 def test_checkpointed_unet_gives_the_same_context_gradient(pack, sd15):
-    """The CUDA path checkpoints the UNet's blocks (recomputed in backward, under the same FrozenWeights mode);
-    on CPU here it must give the plain path's context gradient, and restore the blocks' forwards afterwards."""
+    """Gradient checkpointing of the UNet's blocks (recomputed in backward, under the same FrozenWeights mode)
+    gives the plain path's context gradient, and the blocks' forwards are restored on exit."""
     tn = pack.nodes.train_nodes
     model = sd15[0]
     dm = model.model.diffusion_model
@@ -458,10 +458,13 @@ def test_checkpointed_unet_gives_the_same_context_gradient(pack, sd15):
         for checkpointing in (False, True):
             frozen = pack.cones2_core.training.FrozenWeights()
             ctx = ctx0.clone().requires_grad_()
-            with tn.frozen_unet(model, torch.device("cpu"), frozen, checkpointing=checkpointing) as mp:
+            with tn.FrozenUNet(model, torch.device("cpu"), frozen) as unet:
+                if checkpointing:
+                    unet.checkpoint_blocks()
+                    unet.checkpoint_blocks()  # idempotent
                 assert all(("forward" in b.__dict__) == checkpointing for b in blocks)
                 with frozen:
-                    out = mp.model.apply_model(x, sigma, c_crossattn=ctx)
+                    out = unet.mp.model.apply_model(x, sigma, c_crossattn=ctx)
                 out.square().mean().backward()
             grads.append(ctx.grad)
     assert all("forward" not in b.__dict__ for b in blocks)
@@ -469,23 +472,38 @@ def test_checkpointed_unet_gives_the_same_context_gradient(pack, sd15):
     assert torch.allclose(grads[0], grads[1], rtol=1e-4, atol=1e-8)
 
 
-def test_checkpointed_encoder_gives_the_same_gradients(pack, sd15):
-    """The CUDA path also checkpoints the private encoder's layers: same output and parameter gradients."""
+def test_out_of_memory_switches_on_checkpointing_and_redoes_the_step(pack, sd15, res_dir, monkeypatch, caplog):
+    """A step that runs out of memory is redone with the UNet's blocks checkpointed, giving exactly the residual
+    of an uninterrupted run; running out again says what to change."""
     tn = pack.nodes.train_nodes
-    clip = sd15[1]
-    tokens = clip.tokenize(SUBJECT)
-    ids = [t[0] for chunks in tokens.values() for chunk in chunks for t in chunk]
-    results = []
-    with torch.inference_mode(False), torch.enable_grad():
-        for checkpointing in (False, True):
-            enc = tn.private_text_encoder(clip, torch.device("cpu"), checkpointing=checkpointing, trainable_ids=ids)
-            want = tn._clip_layer_forward_ckpt if checkpointing else tn._clip_layer_forward
-            layers = [m for m in enc.modules() if type(m).__name__ == "CLIPLayer"]
-            assert layers and all(m.forward.__func__ is want for m in layers)
-            out = enc.encode_token_weights(tokens)[0]
-            out.square().mean().backward()
-            results.append((out.detach(), {k: p.grad for k, p in enc.named_parameters() if p.requires_grad}))
-    (out0, g0), (out1, g1) = results
-    assert torch.equal(out0, out1) and g0.keys() == g1.keys()
-    assert sum(float(g.abs().sum()) for g in g0.values() if g is not None) > 0
-    assert all((g0[k] is None and g1[k] is None) or torch.allclose(g0[k], g1[k], rtol=1e-4, atol=1e-9) for k in g0)
+    kw = dict(mode="fast", steps=3, learning_rate=1e-2, seed=5)
+    clean = train(pack, sd15, save_name="oom_clean", **kw)[0][0]
+    real_denoise = tn._Trainer._denoise
+    calls = {"train": 0, "failed": 0}
+
+    def flaky(self, mp, x0, noise, sigma, context, y, amp=True):
+        if amp:  # training passes (evaluation passes run without autocast)
+            calls["train"] += 1
+            if calls["train"] == 2:  # step 2, before checkpointing
+                calls["failed"] += 1
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real_denoise(self, mp, x0, noise, sigma, context, y, amp)
+
+    monkeypatch.setattr(tn._Trainer, "_denoise", flaky)
+    with caplog.at_level("WARNING", logger="comfyui-cones2"):
+        redone = train(pack, sd15, save_name="oom_redone", **kw)[0][0]
+    assert calls == {"train": 4, "failed": 1}
+    assert "switching on gradient checkpointing" in caplog.text and "step 2" in caplog.text
+    assert torch.allclose(redone.tensors["l"], clean.tensors["l"], rtol=1e-4, atol=1e-7)
+
+    def always(self, mp, x0, noise, sigma, context, y, amp=True):
+        if amp:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return real_denoise(self, mp, x0, noise, sigma, context, y, amp)
+
+    monkeypatch.setattr(tn._Trainer, "_denoise", always)
+    with pytest.raises(Exception, match="even with gradient checkpointing; lower the resolution or batch_size"):
+        train(pack, sd15, save_name="oom_fail", **kw)
+    assert not (res_dir / "oom_fail.safetensors").exists()
+    dm = sd15[0].model.diffusion_model
+    assert all("forward" not in b.__dict__ for b in [*dm.input_blocks, dm.middle_block, *dm.output_blocks])
