@@ -25,7 +25,7 @@ import subprocess
 import sys
 import time
 
-TOKENIZER_DIR = os.path.expanduser("~/ComfyUI/comfy/sd1_tokenizer")
+TOKENIZER_DIR = os.path.join(os.environ.get("COMFYUI_DIR") or os.path.expanduser("~/ComfyUI"), "comfy", "sd1_tokenizer")
 
 
 def _status(field: str) -> float:

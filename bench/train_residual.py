@@ -13,7 +13,11 @@ On CUDA, "paper@12" repeats paper mode with the process capped at 12 GiB of GPU 
 "reference-like" is the reference's loop (Cones-V2 train_cones2.py: whole encoder, default AdamW, float32, VAE
 encode every step) rebuilt on the same host models, so the ratios compare runs of this machine at this time.
 
-    python bench/train_residual.py --comfyui ~/ComfyUI [--device cuda] [--steps 4]
+With ``--reference-dir`` (CPU), the authors' own trainer runs too, unedited, on a random-weight diffusers
+pipeline of the same shape (bench/reference_cones2.py says how to set that up), and every row is compared
+with it.
+
+    python bench/train_residual.py --comfyui ~/ComfyUI [--device cuda] [--steps 4] [--reference-dir DIR]
 """
 
 from __future__ import annotations
@@ -192,12 +196,41 @@ def run_one(cfg: dict) -> dict:
     return {"s_per_step": per_step, "base_mib": base, "peak_mib": peak, "total_s": total}
 
 
+def _run_reference(args, resolutions: list[int]) -> dict:
+    """{px: {s_per_step, base_mib, peak_mib} or an error string} from the unedited reference trainer, run by
+    bench/reference_cones2.py in a child process per resolution (its pipeline is built once)."""
+    import statistics
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    tool = os.path.join(here, "reference_cones2.py")
+    work = os.path.join(tempfile.gettempdir(), "cones2-reference")  # its random-weight pipeline is reused
+    os.makedirs(work, exist_ok=True)
+    env = dict(os.environ, COMFYUI_DIR=args.comfyui)
+    out = {}
+    for px in resolutions:
+        result = os.path.join(work, f"result_{px}.json")
+        res = subprocess.run([sys.executable, tool, "--reference-dir", args.reference_dir, "--workdir", work,
+                              "--steps", str(args.steps), "--resolutions", str(px)], capture_output=True, text=True,
+                             env=env)
+        if res.returncode or not os.path.isfile(result):
+            out[px] = "failed: " + (res.stderr.strip().splitlines() or res.stdout.strip().splitlines() or ["?"])[-1]
+            continue
+        with open(result) as f:
+            r = json.load(f)
+        steps = r["step_s"][1:] or r["step_s"]
+        out[px] = {"s_per_step": statistics.mean(steps), "base_mib": r["rss_start"], "peak_mib": r["peak"]}
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--comfyui", default=os.path.expanduser("~/ComfyUI"))
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--ckpt-dir", default=os.environ.get("CONES2_CKPT_DIR"))
+    ap.add_argument("--reference-dir", help="CPU: also run the authors' train_cones2.py (unedited) from this "
+                    "checkout through bench/reference_cones2.py (needs diffusers and accelerate on PYTHONPATH; "
+                    "see that file) and compare with it")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.one:
@@ -247,11 +280,22 @@ def main(argv=None) -> int:
             else:
                 results[name, mode, r] = json.loads(lines[-1])
                 results[name, mode, r]["ckpt"] = "switching on gradient checkpointing" in res.stderr
+    reference = _run_reference(args, sorted({r for _, _, _, r in configs})) if args.reference_dir else {}
     mem = "CUDA MiB allocated" if args.device == "cuda" else "RSS MiB"
     header = ("model", "mode", "px", "s/step", "speed vs reference-like", f"{mem} at start", f"peak {mem}",
               "peak growth", "growth vs reference-like", "UNet checkpointing", "total s")
+    if reference:
+        header += ("speed vs reference", "peak vs reference")
     sys.stdout.write(" | ".join(header) + "\n")
     sys.stdout.write(" | ".join("---" for _ in header) + "\n")
+    for r, m in reference.items():
+        if isinstance(m, str):
+            sys.stdout.write(f"reference pipe | reference (train_cones2.py) | {r} | {m}\n")
+            continue
+        row = ("reference pipe", "reference (train_cones2.py, unedited)", r, f"{m['s_per_step']:.3f}", "-",
+               f"{m['base_mib']:.0f}", f"{m['peak_mib']:.0f}", f"{m['peak_mib'] - m['base_mib']:.0f}", "-", "off",
+               "-", "1.00x", "1.00")
+        sys.stdout.write(" | ".join(str(c) for c in row) + "\n")
     for (name, mode, r), m in results.items():
         if isinstance(m, str):
             sys.stdout.write(f"{name} | {mode} | {r} | {m}\n")
@@ -263,6 +307,10 @@ def main(argv=None) -> int:
         rel = f"{growth / max(ref['peak_mib'] - ref['base_mib'], 1e-9):.2f}" if ref else "-"
         row = (name, mode, r, f"{m['s_per_step']:.3f}", speed, f"{m['base_mib']:.0f}", f"{m['peak_mib']:.0f}",
                f"{growth:.0f}", rel, "on (after an OOM)" if m["ckpt"] else "off", f"{m['total_s']:.1f}")
+        if reference:
+            real = reference.get(r)
+            row += (f"{real['s_per_step'] / m['s_per_step']:.2f}x", f"{m['peak_mib'] / real['peak_mib']:.2f}") \
+                if isinstance(real, dict) else ("-", "-")
         sys.stdout.write(" | ".join(str(c) for c in row) + "\n")
     return 0
 
