@@ -260,15 +260,33 @@ def main(argv=None) -> int:
 
         comfy.cli_args.args.cpu = False
         for fam in ("sd15", "sd2v", "sdxl"):
-            ckpt = _full_checkpoint(fam, full_dir)
+            ckpt = (fam, full_dir)  # built when its first row runs, so a time-limited run measures early
             # the reference has no SDXL; "paper@12": the same run on the GPU capped at 12 GiB (a consumer card),
             # where the trainer switches on gradient checkpointing if a step runs out of memory
             modes = ("paper", "paper@12", "fast") if fam == "sdxl" else ("reference-like", "paper", "paper@12", "fast")
             configs += [(f"full {fam}", ckpt, mode, RESOLUTION[fam]) for mode in modes]
 
+    # Rows are printed as they are measured (a time-limited run still shows what it finished); each family's
+    # reference-like row (and the unedited reference's, with --reference-dir) comes first, for the ratios.
+    reference = _run_reference(args, sorted({r for _, _, _, r in configs})) if args.reference_dir else {}
+    mem = "CUDA MiB allocated" if args.device == "cuda" else "RSS MiB"
+    header = ("model", "mode", "px", "s/step", "speed vs reference-like", f"{mem} at start", f"peak {mem}",
+              "peak growth", "growth vs reference-like", "UNet checkpointing", "total s")
+    if reference:
+        header += ("speed vs reference", "peak vs reference")
+    out = [" | ".join(header), " | ".join("---" for _ in header)]
+    for r, m in reference.items():
+        out.append(f"reference pipe | reference (train_cones2.py) | {r} | {m}" if isinstance(m, str) else " | ".join(
+            str(c) for c in ("reference pipe", "reference (train_cones2.py, unedited)", r, f"{m['s_per_step']:.3f}",
+                             "-", f"{m['base_mib']:.0f}", f"{m['peak_mib']:.0f}", f"{m['peak_mib'] - m['base_mib']:.0f}",
+                             "-", "off", "-", "1.00x", "1.00")))
+    sys.stdout.write("\n".join(out) + "\n")
+    sys.stdout.flush()
     results = {}
     with tempfile.TemporaryDirectory() as base:
         for name, ckpt, mode, r in configs:
+            if isinstance(ckpt, tuple):
+                ckpt = _full_checkpoint(*ckpt)
             cfg = {"comfyui": args.comfyui, "device": args.device, "ckpt": ckpt, "mode": mode, "resolution": r,
                    "steps": args.steps}
             env = dict(os.environ, COMFYUI_DIR=args.comfyui)
@@ -276,42 +294,25 @@ def main(argv=None) -> int:
             res = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=base)
             lines = [ln for ln in res.stdout.splitlines() if ln.startswith("{")]
             if res.returncode or not lines:
-                results[name, mode, r] = "failed: " + (res.stderr.strip().splitlines() or ["?"])[-1][:80]
-            else:
-                results[name, mode, r] = json.loads(lines[-1])
-                results[name, mode, r]["ckpt"] = "switching on gradient checkpointing" in res.stderr
-    reference = _run_reference(args, sorted({r for _, _, _, r in configs})) if args.reference_dir else {}
-    mem = "CUDA MiB allocated" if args.device == "cuda" else "RSS MiB"
-    header = ("model", "mode", "px", "s/step", "speed vs reference-like", f"{mem} at start", f"peak {mem}",
-              "peak growth", "growth vs reference-like", "UNet checkpointing", "total s")
-    if reference:
-        header += ("speed vs reference", "peak vs reference")
-    sys.stdout.write(" | ".join(header) + "\n")
-    sys.stdout.write(" | ".join("---" for _ in header) + "\n")
-    for r, m in reference.items():
-        if isinstance(m, str):
-            sys.stdout.write(f"reference pipe | reference (train_cones2.py) | {r} | {m}\n")
-            continue
-        row = ("reference pipe", "reference (train_cones2.py, unedited)", r, f"{m['s_per_step']:.3f}", "-",
-               f"{m['base_mib']:.0f}", f"{m['peak_mib']:.0f}", f"{m['peak_mib'] - m['base_mib']:.0f}", "-", "off",
-               "-", "1.00x", "1.00")
-        sys.stdout.write(" | ".join(str(c) for c in row) + "\n")
-    for (name, mode, r), m in results.items():
-        if isinstance(m, str):
-            sys.stdout.write(f"{name} | {mode} | {r} | {m}\n")
-            continue
-        ref = results.get((name, "reference-like", r))
-        ref = ref if isinstance(ref, dict) else None
-        growth = m["peak_mib"] - m["base_mib"]
-        speed = f"{ref['s_per_step'] / m['s_per_step']:.2f}x" if ref else "-"
-        rel = f"{growth / max(ref['peak_mib'] - ref['base_mib'], 1e-9):.2f}" if ref else "-"
-        row = (name, mode, r, f"{m['s_per_step']:.3f}", speed, f"{m['base_mib']:.0f}", f"{m['peak_mib']:.0f}",
-               f"{growth:.0f}", rel, "on (after an OOM)" if m["ckpt"] else "off", f"{m['total_s']:.1f}")
-        if reference:
-            real = reference.get(r)
-            row += (f"{real['s_per_step'] / m['s_per_step']:.2f}x", f"{m['peak_mib'] / real['peak_mib']:.2f}") \
-                if isinstance(real, dict) else ("-", "-")
-        sys.stdout.write(" | ".join(str(c) for c in row) + "\n")
+                results[name, mode, r] = m = "failed: " + (res.stderr.strip().splitlines() or ["?"])[-1][:80]
+                sys.stdout.write(f"{name} | {mode} | {r} | {m}\n")
+                sys.stdout.flush()
+                continue
+            results[name, mode, r] = m = json.loads(lines[-1])
+            m["ckpt"] = "switching on gradient checkpointing" in res.stderr
+            ref = results.get((name, "reference-like", r))
+            ref = ref if isinstance(ref, dict) else None
+            growth = m["peak_mib"] - m["base_mib"]
+            speed = f"{ref['s_per_step'] / m['s_per_step']:.2f}x" if ref else "-"
+            rel = f"{growth / max(ref['peak_mib'] - ref['base_mib'], 1e-9):.2f}" if ref else "-"
+            row = (name, mode, r, f"{m['s_per_step']:.3f}", speed, f"{m['base_mib']:.0f}", f"{m['peak_mib']:.0f}",
+                   f"{growth:.0f}", rel, "on (after an OOM)" if m["ckpt"] else "off", f"{m['total_s']:.1f}")
+            if reference:
+                real = reference.get(r)
+                row += (f"{real['s_per_step'] / m['s_per_step']:.2f}x", f"{m['peak_mib'] / real['peak_mib']:.2f}") \
+                    if isinstance(real, dict) else ("-", "-")
+            sys.stdout.write(" | ".join(str(c) for c in row) + "\n")
+            sys.stdout.flush()
     return 0
 
 
