@@ -507,3 +507,20 @@ def test_out_of_memory_switches_on_checkpointing_and_redoes_the_step(pack, sd15,
     assert not (res_dir / "oom_fail.safetensors").exists()
     dm = sd15[0].model.diffusion_model
     assert all("forward" not in b.__dict__ for b in [*dm.input_blocks, dm.middle_block, *dm.output_blocks])
+
+
+def test_a_layout_guided_model_trains_like_the_plain_one(pack, sd15, res_dir):
+    """Connecting a MODEL that has Layout Guidance applied must not put the layout bias (or its attention path)
+    into training: the residual equals the one trained on the plain model, bit for bit."""
+    layout = '{"version":1,"boxes":[{"subject":"dog","x":0.0,"y":0.0,"w":0.5,"h":1.0}]}'
+    model, clip, vae = sd15
+    with torch.inference_mode():
+        cond = pack.nodes.residual_nodes.Cones2ApplyResiduals.execute(clip, "a photo of a dog", None).result[0]
+        guided = pack.nodes.guidance_nodes.Cones2LayoutGuidance.execute(
+            model, cond, layout, 5.0, 2.5, -1e8, 0.0, 1.0, False).result[0]
+    assert pack.nodes.guidance.specs_of(guided)
+    kw = dict(mode="fast", steps=2, learning_rate=1e-2, seed=9)
+    plain = train(pack, (model, clip, vae), save_name="plain_model", **kw)[0][0]
+    with_guidance = train(pack, (guided, clip, vae), save_name="guided_model", **kw)[0][0]
+    assert torch.equal(plain.tensors["l"], with_guidance.tensors["l"])
+    assert pack.nodes.guidance.specs_of(guided)  # the user's guided model keeps its guidance
