@@ -524,3 +524,72 @@ def test_a_layout_guided_model_trains_like_the_plain_one(pack, sd15, res_dir):
     with_guidance = train(pack, (guided, clip, vae), save_name="guided_model", **kw)[0][0]
     assert torch.equal(plain.tensors["l"], with_guidance.tensors["l"])
     assert pack.nodes.guidance.specs_of(guided)  # the user's guided model keeps its guidance
+
+
+def test_paper_mode_matches_a_naive_full_encoder_loop(pack, sd15, res_dir, monkeypatch):
+    """Our paper mode (row-delta token table aliasing the user's, fused AdamW, SDPA, FrozenWeights) takes the
+    same steps as a naive loop that trains the whole copied encoder, token table included, with torch's plain
+    AdamW and the host's own attention, on the same crops, noise and sigmas (bf16 autocast off in both, so the
+    comparison is about the maths). The tuned encoders' changes and the residuals agree."""
+    import contextlib
+
+    import comfy.model_management as mm
+
+    tn = pack.nodes.train_nodes
+    tr = pack.cones2_core.training
+    model, clip, vae = sd15
+    steps, lr, seed = 3, 1e-4, 3
+    settings = tr.TrainSettings(mode="paper", steps=steps, learning_rate=lr, resolution=64, batch_size=1, seed=seed)
+    images = list(blob_images())
+    seen = {}
+    original_enc = tn.private_text_encoder
+
+    def enc_spy(clip_, device, trainable_ids=None):
+        seen["enc"] = original_enc(clip_, device, trainable_ids)
+        return seen["enc"]
+
+    monkeypatch.setattr(tn, "private_text_encoder", enc_spy)
+    monkeypatch.setattr(tn._Trainer, "_autocast", lambda self, amp=True: contextlib.nullcontext())
+    with torch.inference_mode():
+        ours = tn.train_residual(model, clip, vae, images, SUBJECT, settings)[0].tensors["l"]
+
+    prompts = [clip.tokenize(t) for t in (SUBJECT, "a photo of a dog", "a rendering of a dog")]
+    with torch.inference_mode(False), torch.enable_grad():
+        naive = original_enc(clip, torch.device("cpu"))  # every parameter trains, the whole token table too
+        with torch.no_grad():
+            start = [naive.encode_token_weights(p)[0].clone() for p in prompts]
+            frozen_templates = [naive.encode_token_weights(clip.tokenize(t))[0].clone()
+                                for t in tr.template_prompts(SUBJECT)]
+        opt = torch.optim.AdamW(naive.parameters(), lr=lr, weight_decay=tr.WEIGHT_DECAY, foreach=False)
+        latents = tn.encode_latents(vae, model, images, 64)
+        prediction, sigma_data, ms = tn._prediction(model)
+        sigmas = ms.sigmas.detach().float().cpu()
+        rows = tn._subject_rows(clip, SUBJECT, SUBJECT)
+        gen = torch.Generator().manual_seed(seed)
+        frozen = tr.FrozenWeights()
+        with tn.FrozenUNet(model, mm.get_torch_device(), frozen) as unet:
+            for _ in range(steps):
+                x0 = tr.latent_batch(latents, 8, 1, gen)
+                noise = torch.randn(x0.shape, generator=gen)
+                sigma = tr.sample_sigmas(sigmas, 1, gen)
+                ctx = naive.encode_token_weights(prompts[0])[0].float()
+                x_t = ms.noise_scaling(sigma.view(-1, 1, 1, 1), noise, x0)
+                with frozen:
+                    den = unet.mp.model.apply_model(x_t, sigma, c_crossattn=ctx).float()
+                loss = tr.diffusion_loss(den, x0, sigma, prediction, sigma_data) + tr.preservation_loss(
+                    ctx, start[0], rows, settings.preservation_weight_start, settings.preservation_weight_rest)
+                opt.zero_grad()
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(naive.parameters(), tr.MAX_GRAD_NORM)
+                opt.step()
+        with torch.no_grad():
+            naive_moves = [naive.encode_token_weights(p)[0] - s for p, s in zip(prompts, start, strict=True)]
+            our_moves = [seen["enc"].encode_token_weights(p)[0] - s for p, s in zip(prompts, start, strict=True)]
+            tuned_templates = [naive.encode_token_weights(clip.tokenize(t))[0] for t in tr.template_prompts(SUBJECT)]
+    template_rows = [tn._subject_rows(clip, SUBJECT, t) for t in tr.template_prompts(SUBJECT)]
+    naive_residual = tr.residual_from_templates(tuned_templates, frozen_templates, template_rows)
+    for a, b in zip(our_moves, naive_moves, strict=True):
+        assert b.norm() > 1e-3  # the steps moved the outputs
+        assert (a - b).norm() < 1e-4 * b.norm(), ((a - b).norm(), b.norm())  # seen: 5e-6
+    assert naive_residual.norm() > 1e-3
+    assert (ours - naive_residual).norm() < 1e-4 * naive_residual.norm()
