@@ -148,6 +148,15 @@ def add_at_rows(context: torch.Tensor, rows: Sequence[int], residual: torch.Tens
     return context + delta.to(context.dtype).unsqueeze(0)
 
 
+def needs_loss_scaling(compute_dtype: torch.dtype, autocast_bf16: bool) -> bool:
+    """Whether backward should run on a scaled loss (the usual float16 mixed-precision recipe).
+
+    Without bf16 autocast (GPUs without bf16), the host computes the UNet in its float16 weights, and the
+    small gradients flowing back through it to the text conditioning can underflow float16. bf16 and float32
+    have float32's exponent range and need no scaling."""
+    return compute_dtype == torch.float16 and not autocast_bf16
+
+
 # ---- frozen weights without copies -------------------------------------------------------------------------
 
 def grad_free_alias(t: torch.Tensor) -> torch.Tensor:

@@ -42,6 +42,7 @@ from ..cones2_core.training import (
     draw_loss_curve,
     grad_free_alias,
     latent_batch,
+    needs_loss_scaling,
     preservation_loss,
     residual_from_templates,
     sample_sigmas,
@@ -329,6 +330,8 @@ class _Trainer:
         self.cuda = device.type == "cuda"
         self.amp = (self.cuda and torch.cuda.is_bf16_supported()) or (
             device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        compute = getattr(model.model, "manual_cast_dtype", None) or model.model.get_dtype()
+        self.scaler = torch.amp.GradScaler(device.type) if needs_loss_scaling(compute, self.amp) else None
         self.instance_tokens = clip.tokenize(escape_word(subject))
         self.instance_rows = _subject_rows(clip, subject, escape_word(subject))
         self.templates = template_prompts(escape_word(subject))
@@ -406,9 +409,16 @@ class _Trainer:
         if paper:
             loss = loss + preservation_loss(ctx, frozen_ctx, self.instance_rows, s.preservation_weight_start,
                                             s.preservation_weight_rest)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
-        opt.step()
+        if self.scaler is None:
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
+            opt.step()
+        else:  # float16 UNet: scaled backward, then clip and step on the unscaled gradients (steps with inf skip)
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
+            self.scaler.step(opt)
+            self.scaler.update()
         return loss.detach()
 
     def run(self, pbar=None, eval_every: int = 0):

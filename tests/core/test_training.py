@@ -189,3 +189,10 @@ def test_frozen_weights_backward_reaches_inputs_only_without_copies():
         out = torch.nn.functional.linear(x.detach().requires_grad_(), p)
     out.sum().backward()
     assert p.grad is None
+
+
+def test_loss_scaling_only_for_float16_compute_without_bf16_autocast():
+    assert tr.needs_loss_scaling(torch.float16, autocast_bf16=False)
+    assert not tr.needs_loss_scaling(torch.float16, autocast_bf16=True)
+    assert not tr.needs_loss_scaling(torch.bfloat16, autocast_bf16=False)
+    assert not tr.needs_loss_scaling(torch.float32, autocast_bf16=False)

@@ -593,3 +593,20 @@ def test_paper_mode_matches_a_naive_full_encoder_loop(pack, sd15, res_dir, monke
         assert (a - b).norm() < 1e-4 * b.norm(), ((a - b).norm(), b.norm())  # seen: 5e-6
     assert naive_residual.norm() > 1e-3
     assert (ours - naive_residual).norm() < 1e-4 * naive_residual.norm()
+
+
+@pytest.mark.parametrize(("mode", "tol"), [("fast", 1e-5), ("paper", 1e-3)])
+def test_scaled_loss_path_trains_like_the_plain_one(pack, sd15, res_dir, monkeypatch, mode, tol):
+    """GPUs without bf16 compute the UNet in float16, where training scales the loss (GradScaler). That path is
+    forced here on CPU: the scaler is used at every step and the residual matches the unscaled run's."""
+    tn = pack.nodes.train_nodes
+    kw = dict(mode=mode, steps=2, learning_rate=1e-3 if mode == "fast" else 1e-4, seed=4)
+    plain = train(pack, sd15, save_name=f"unscaled_{mode}", **kw)[0][0].tensors["l"]
+    calls = []
+    real_scale = torch.amp.GradScaler.scale
+    monkeypatch.setattr(tn, "needs_loss_scaling", lambda dtype, amp: True)
+    monkeypatch.setattr(torch.amp.GradScaler, "scale", lambda self, out: calls.append(1) or real_scale(self, out))
+    scaled = train(pack, sd15, save_name=f"scaled_{mode}", **kw)[0][0].tensors["l"]
+    assert len(calls) == 2
+    assert plain.abs().sum() > 0
+    assert torch.allclose(scaled, plain, rtol=tol, atol=tol * float(plain.abs().max())), (scaled, plain)
