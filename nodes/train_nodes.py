@@ -265,8 +265,9 @@ class FrozenUNet:
 
     Its forward must run under ``frozen`` (a FrozenWeights mode), which hands every op gradient-free aliases
     of the weights, so backward reaches the context only and nothing is copied. ``checkpoint_blocks()``
-    switches on gradient checkpointing of the UNet's blocks (their forwards are wrapped until exit, then
-    restored); nothing else on the shared modules is touched."""
+    switches on gradient checkpointing of the UNet's layers (the ResBlocks, transformers and resamplers inside
+    its input, middle and output blocks): their forwards are wrapped until exit, then restored. The host runs a
+    block by calling its layers one by one (``forward_timestep_embed``), so the layers are what gets wrapped."""
 
     def __init__(self, model, device: torch.device, frozen: FrozenWeights):
         self.model, self.device, self.frozen = model, device, frozen
@@ -281,16 +282,20 @@ class FrozenUNet:
         mm.load_models_gpu([self.mp], force_full_load=self.device.type != "cpu")
         return self
 
-    def checkpoint_blocks(self) -> None:
-        if self.checkpointing:
-            return
+    def layers(self) -> list[torch.nn.Module]:
+        """The UNet's layers with parameters, inside its input, middle and output blocks."""
         dm = self.mp.model.diffusion_model
         blocks = [*getattr(dm, "input_blocks", []), *getattr(dm, "output_blocks", [])]
         if getattr(dm, "middle_block", None) is not None:
             blocks.append(dm.middle_block)
-        for block in blocks:
-            self._patched.append((block, block.__dict__.get("forward")))
-            block.forward = self._checkpointed(block.forward)
+        return [layer for block in blocks for layer in block if any(True for _ in layer.parameters())]
+
+    def checkpoint_blocks(self) -> None:
+        if self.checkpointing:
+            return
+        for layer in self.layers():
+            self._patched.append((layer, layer.__dict__.get("forward")))
+            layer.forward = self._checkpointed(layer.forward)
         self.checkpointing = True
 
     def _checkpointed(self, bound):
@@ -301,6 +306,10 @@ class FrozenUNet:
                 return bound(*args, **kwargs)
 
         def forward(*args, **kwargs):
+            # The host updates transformer_options (block indices) as the forward goes on: the recomputation
+            # must see the dict as it was at this call, not as it is at backward time.
+            args = tuple(dict(a) if isinstance(a, dict) else a for a in args)
+            kwargs = {k: dict(v) if isinstance(v, dict) else v for k, v in kwargs.items()}
             return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False, **kwargs)
 
         return forward
