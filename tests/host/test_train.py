@@ -462,9 +462,11 @@ def test_checkpointed_unet_saves_memory_and_gives_the_same_gradient(pack, family
             frozen = pack.cones2_core.training.FrozenWeights()
             ctx = ctx0.clone().requires_grad_()
             saved = [0]
+            storages = []
 
-            def pack_hook(t, saved=saved):
+            def pack_hook(t, saved=saved, storages=storages):
                 saved[0] += t.numel() * t.element_size()
+                storages.append(t.untyped_storage().data_ptr())
                 return t
 
             with tn.FrozenUNet(model, torch.device("cpu"), frozen) as unet:
@@ -479,6 +481,9 @@ def test_checkpointed_unet_saves_memory_and_gives_the_same_gradient(pack, family
                 out.square().mean().backward()
             grads.append(ctx.grad)
             kept.append(saved[0])
+            if not checkpointing:  # the weights kept for backward are the model's own memory, not copies
+                weights = {p.untyped_storage().data_ptr() for p in model.model.diffusion_model.parameters()}
+                assert sum(ptr in weights for ptr in storages) >= len(layers)
     assert all("forward" not in m.__dict__ for m in layers)
     assert grads[0].abs().sum() > 0
     assert torch.allclose(grads[0], grads[1], rtol=1e-4, atol=1e-8)
