@@ -264,7 +264,7 @@ class FrozenUNet:
     """A clone of the user's ModelPatcher, loaded through the host's memory management, as a context manager.
 
     Its forward must run under ``frozen`` (a FrozenWeights mode), which hands every op gradient-free aliases
-    of the weights, so backward reaches the context only and nothing is copied. ``checkpoint_blocks()``
+    of the weights, so backward reaches the context only and nothing is copied. ``checkpoint_layers()``
     switches on gradient checkpointing of the UNet's layers (the ResBlocks, transformers and resamplers inside
     its input, middle and output blocks): their forwards are wrapped until exit, then restored. The host runs a
     block by calling its layers one by one (``forward_timestep_embed``), so the layers are what gets wrapped."""
@@ -288,9 +288,9 @@ class FrozenUNet:
         blocks = [*getattr(dm, "input_blocks", []), *getattr(dm, "output_blocks", [])]
         if getattr(dm, "middle_block", None) is not None:
             blocks.append(dm.middle_block)
-        return [layer for block in blocks for layer in block if any(True for _ in layer.parameters())]
+        return [layer for block in blocks for layer in block if next(layer.parameters(), None) is not None]
 
-    def checkpoint_blocks(self) -> None:
+    def checkpoint_layers(self) -> None:
         if self.checkpointing:
             return
         for layer in self.layers():
@@ -485,14 +485,15 @@ class _Trainer:
                                     "with gradient checkpointing; lower the resolution or batch_size, or use mode "
                                     "'fast'") from e
                             oom = str(e).splitlines()[0] if str(e) else "out of memory"
-                        # here, outside the except block, its frames (and their activations) are already freed
+                        # here, outside the except block, its frames (and their activations) are already freed;
+                        # drop the failed backward's partial gradients too before the allocator gives memory back
                         opt.zero_grad(set_to_none=True)
                         if self.cuda:
                             torch.cuda.empty_cache()
                         log.warning("out of memory at training step %d (%s); switching on gradient checkpointing "
                                     "of the UNet (slower, much less memory) and redoing the step", step + 1, oom)
-                        unet.checkpoint_blocks()
-                    value = float(loss.detach())
+                        unet.checkpoint_layers()
+                    value = float(loss)
                     if not math.isfinite(value):
                         raise Cones2Error(f"the training loss became {value} at step {step + 1}; lower the "
                                           "learning_rate")

@@ -473,8 +473,8 @@ def test_checkpointed_unet_saves_memory_and_gives_the_same_gradient(pack, family
                 layers = unet.layers()
                 assert len(layers) >= 6
                 if checkpointing:
-                    unet.checkpoint_blocks()
-                    unet.checkpoint_blocks()  # idempotent
+                    unet.checkpoint_layers()
+                    unet.checkpoint_layers()  # idempotent
                 assert all(("forward" in m.__dict__) == checkpointing for m in layers)
                 with frozen, torch.autograd.graph.saved_tensors_hooks(pack_hook, lambda t: t):
                     out = unet.mp.model.apply_model(x, sigma, c_crossattn=ctx, **extra)
