@@ -165,7 +165,7 @@ def grad_free_alias(t: torch.Tensor) -> torch.Tensor:
     Weights loaded under ``torch.inference_mode()`` are inference tensors, which autograd refuses to save, and
     parameters may require grad. ``clone()`` would fix both at the cost of a copy of every weight per forward
     (kept alive until backward); this view of the same storage costs nothing. Plain tensors only: a tensor
-    subclass (e.g. a quantised weight) gets a detached copy instead."""
+    subclass (e.g. a quantised weight) is detached instead, and copied when it is an inference tensor."""
     if type(t) not in (torch.Tensor, torch.nn.Parameter) or t.is_sparse or t.device.type == "meta":
         return t.clone().detach() if t.is_inference() else t.detach()
     with torch.inference_mode(False):
