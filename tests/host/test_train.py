@@ -628,3 +628,21 @@ def test_scaled_loss_path_trains_like_the_plain_one(pack, sd15, res_dir, monkeyp
     assert len(calls) == 2
     assert plain.abs().sum() > 0
     assert torch.allclose(scaled, plain, rtol=tol, atol=tol * float(plain.abs().max())), (scaled, plain)
+
+
+def test_evaluation_runs_one_sample_at_a_time(pack, sd15, res_dir, monkeypatch):
+    """The evaluation passes (before the first and after the last step) never hold a batch of activations:
+    each of the EVAL_SAMPLES fixed samples runs alone, in float32 (no autocast)."""
+    tn = pack.nodes.train_nodes
+    real_denoise = tn._Trainer._denoise
+    calls = []
+
+    def spy(self, mp, x0, noise, sigma, context, y, amp=True):
+        calls.append((amp, x0.shape[0]))
+        return real_denoise(self, mp, x0, noise, sigma, context, y, amp)
+
+    monkeypatch.setattr(tn._Trainer, "_denoise", spy)
+    train(pack, sd15, mode="fast", steps=1, batch_size=2, save_name="eval_batches")
+    evals = [n for amp, n in calls if not amp]
+    assert evals == [1] * (2 * tn.EVAL_SAMPLES)
+    assert [n for amp, n in calls if amp] == [2]  # the training step keeps its batch
