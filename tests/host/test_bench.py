@@ -28,3 +28,26 @@ def test_train_bench_one_configuration(host_dir, tiny_ckpts, mode, tmp_path):
         assert m["peak_mib"] - m["base_mib"] > 200
     host_residuals = os.path.join(host_dir, "models", "cones2_residuals")
     assert not os.path.exists(os.path.join(host_residuals, f"bench_{mode}.safetensors"))  # writes to a temp dir
+
+
+@pytest.mark.parametrize(("family", "model_class", "unet_millions"),
+                         [("sd15", "SD15", 859.52), ("sd2v", "SD20", 865.91), ("sdxl", "SDXL", 2567.46)])
+def test_full_size_bench_architectures_are_the_real_ones(comfy, family, model_class, unet_millions):
+    """The GPU benchmark's full-size random-weight UNets (built on the meta device here: shapes only) are what
+    the host detects as SD1.5 / SD2.x / SDXL, with the real models' parameter counts."""
+    import importlib.util
+
+    import comfy.model_detection
+    import comfy.supported_models
+    import torch
+
+    spec = importlib.util.spec_from_file_location("cones2_bench_train", os.path.join(ROOT, "bench", "train_residual.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    config = getattr(comfy.supported_models, model_class)(dict(bench.FULL_FAMILIES[family]))
+    with torch.device("meta"):
+        unet = config.get_model({}).diffusion_model
+    sd = {"model.diffusion_model." + k: v for k, v in unet.state_dict().items()}
+    found = comfy.model_detection.model_config_from_unet(sd, "model.diffusion_model.")
+    assert type(found).__name__ == model_class
+    assert sum(p.numel() for p in unet.parameters()) / 1e6 == pytest.approx(unet_millions, abs=0.01)
