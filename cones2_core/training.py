@@ -148,12 +148,20 @@ def add_at_rows(context: torch.Tensor, rows: Sequence[int], residual: torch.Tens
     return context + delta.to(context.dtype).unsqueeze(0)
 
 
+def unet_autocast(compute_dtype: torch.dtype, bf16_supported: bool) -> bool:
+    """Whether the frozen UNet's training passes run under bf16 autocast.
+
+    Only a float32 UNet gains from it (bf16 kernels). A UNet the host already runs in float16 or bf16 runs as
+    it is: autocast would make a bf16 copy of every weight at each forward and keep it for backward (5 GB for
+    SDXL), while the weights themselves can be used in place."""
+    return compute_dtype == torch.float32 and bf16_supported
+
+
 def needs_loss_scaling(compute_dtype: torch.dtype, autocast_bf16: bool) -> bool:
     """Whether backward should run on a scaled loss (the usual float16 mixed-precision recipe).
 
-    Without bf16 autocast (GPUs without bf16), the host computes the UNet in its float16 weights, and the
-    small gradients flowing back through it to the text conditioning can underflow float16. bf16 and float32
-    have float32's exponent range and need no scaling."""
+    A UNet computing in float16 (without bf16 autocast) passes small gradients back to the text conditioning,
+    which can underflow float16; bf16 and float32 have float32's exponent range and need no scaling."""
     return compute_dtype == torch.float16 and not autocast_bf16
 
 

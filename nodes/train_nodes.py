@@ -48,6 +48,7 @@ from ..cones2_core.training import (
     sample_sigmas,
     split_channels,
     template_prompts,
+    unet_autocast,
 )
 from .common import CATEGORY, Residuals
 from .encoding import clip_family, escape_word, word_positions, word_tokens
@@ -340,7 +341,8 @@ class _Trainer:
         self.amp = (self.cuda and torch.cuda.is_bf16_supported()) or (
             device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported())
         compute = getattr(model.model, "manual_cast_dtype", None) or model.model.get_dtype()
-        self.scaler = torch.amp.GradScaler(device.type) if needs_loss_scaling(compute, self.amp) else None
+        self.unet_amp = unet_autocast(compute, self.amp)  # the encoder's float32 weights always use self.amp
+        self.scaler = torch.amp.GradScaler(device.type) if needs_loss_scaling(compute, self.unet_amp) else None
         self.instance_tokens = clip.tokenize(escape_word(subject))
         self.instance_rows = _subject_rows(clip, subject, escape_word(subject))
         self.templates = template_prompts(escape_word(subject))
@@ -384,7 +386,7 @@ class _Trainer:
         extra = {} if y is None else {"y": y[: x0.shape[0]]}
         topts = copy.copy(mp.model_options.get("transformer_options", {}))
         topts.setdefault("optimized_attention_override", _sdpa_attention)
-        with self._autocast(amp), self.frozen:
+        with self._autocast(amp and self.unet_amp), self.frozen:
             return mp.model.apply_model(x_t, sigma, c_crossattn=context.expand(x0.shape[0], -1, -1),
                                         transformer_options=topts, **extra).float()
 

@@ -196,3 +196,10 @@ def test_loss_scaling_only_for_float16_compute_without_bf16_autocast():
     assert not tr.needs_loss_scaling(torch.float16, autocast_bf16=True)
     assert not tr.needs_loss_scaling(torch.bfloat16, autocast_bf16=False)
     assert not tr.needs_loss_scaling(torch.float32, autocast_bf16=False)
+
+
+def test_unet_autocast_only_for_a_float32_unet():
+    assert tr.unet_autocast(torch.float32, bf16_supported=True)
+    assert not tr.unet_autocast(torch.float32, bf16_supported=False)
+    assert not tr.unet_autocast(torch.float16, bf16_supported=True)  # runs in its own float16, loss scaled
+    assert not tr.unet_autocast(torch.bfloat16, bf16_supported=True)

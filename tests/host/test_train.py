@@ -646,3 +646,37 @@ def test_evaluation_runs_one_sample_at_a_time(pack, sd15, res_dir, monkeypatch):
     evals = [n for amp, n in calls if not amp]
     assert evals == [1] * (2 * tn.EVAL_SAMPLES)
     assert [n for amp, n in calls if amp] == [2]  # the training step keeps its batch
+
+
+@pytest.mark.parametrize("unet_in_half", [False, True])
+def test_unet_autocast_follows_its_compute_dtype(pack, sd15, res_dir, monkeypatch, unet_in_half):
+    """A float32 UNet trains under bf16 autocast where the device has bf16 kernels; a UNet the host runs in
+    float16 (GPUs; forced here) runs as it is, without per-forward bf16 weight copies, and with a scaled loss."""
+    tn = pack.nodes.train_nodes
+    if unet_in_half:
+        monkeypatch.setattr(tn, "unet_autocast", lambda dtype, ok: False)
+        monkeypatch.setattr(tn, "needs_loss_scaling", lambda dtype, autocast: not autocast)
+    real_autocast, real_denoise = tn._Trainer._autocast, tn._Trainer._denoise
+    inside, unet_amp, scalers = [False], [], []
+
+    def autocast_spy(self, amp=True):
+        if inside[0]:
+            unet_amp.append(bool(amp and self.amp))
+        return real_autocast(self, amp)
+
+    def denoise_spy(self, *args, **kwargs):
+        inside[0] = True
+        scalers.append(self.scaler is not None)
+        try:
+            return real_denoise(self, *args, **kwargs)
+        finally:
+            inside[0] = False
+
+    monkeypatch.setattr(tn._Trainer, "_autocast", autocast_spy)
+    monkeypatch.setattr(tn._Trainer, "_denoise", denoise_spy)
+    out = train(pack, sd15, mode="fast", steps=2, learning_rate=1e-3, save_name=f"unet_amp_{unet_in_half}")
+    assert out[0][0].tensors["l"].abs().sum() > 0
+    bf16 = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    # evaluation passes never autocast; the 2 training passes do exactly when the UNet is float32 and bf16 runs
+    assert len(unet_amp) == len(scalers) and unet_amp.count(True) == (0 if unet_in_half or not bf16 else 2)
+    assert all(scalers) == unet_in_half
