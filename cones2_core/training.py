@@ -165,6 +165,52 @@ def needs_loss_scaling(compute_dtype: torch.dtype, autocast_bf16: bool) -> bool:
     return compute_dtype == torch.float16 and not autocast_bf16
 
 
+# ---- low-rank weight gradients --------------------------------------------------------------------------------
+
+class LowRankGradLinear(torch.autograd.Function):
+    """``F.linear`` whose weight gradient is not formed in backward but kept as its factors.
+
+    For inputs ``x`` [..., in] (T rows in all) and output gradient ``g`` [..., out], the weight gradient is
+    ``g^T x`` [out, in], of rank at most T. Training the text encoder on one 77-token prompt, T = 77 while a
+    weight has 768 x 3072 entries: appending (g, x) to ``sink`` keeps the step's gradients at a few percent of
+    their full size, and ``factored_grad`` / ``factored_sq_norm`` give the exact gradient and its norm later.
+    The input and bias gradients are returned as usual; the weight gets no ``.grad``."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, sink):
+        ctx.save_for_backward(x, weight)
+        ctx.sink, ctx.has_bias = sink, bias is not None
+        return torch.nn.functional.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight = ctx.saved_tensors
+        g = grad_out.reshape(-1, grad_out.shape[-1])
+        ctx.sink.append((g, x.reshape(-1, x.shape[-1])))
+        grad_x = (g @ weight.to(g.dtype)).reshape(*grad_out.shape[:-1], weight.shape[1])
+        return grad_x.to(x.dtype), None, (g.sum(0) if ctx.has_bias else None), None
+
+
+def _stacked(factors: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    if len(factors) == 1:
+        return factors[0]
+    return torch.cat([f[0] for f in factors]), torch.cat([f[1] for f in factors])
+
+
+def factored_grad(factors: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """sum_k g_k^T x_k as float32: the weight gradient from LowRankGradLinear's factors. The product runs in
+    the output gradient's precision (bf16 under autocast, as autograd's own weight gradient would)."""
+    g, x = _stacked(factors)
+    return (g.T @ x.to(g.dtype)).float()
+
+
+def factored_sq_norm(factors: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """||sum_k g_k^T x_k||_F^2 without forming it: sum((G G^T) * (X X^T)) over the T x T Gram matrices."""
+    g, x = _stacked(factors)
+    g, x = g.float(), x.float()
+    return ((g @ g.T) * (x @ x.T)).sum()
+
+
 # ---- frozen weights without copies -------------------------------------------------------------------------
 
 def grad_free_alias(t: torch.Tensor) -> torch.Tensor:

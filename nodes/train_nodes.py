@@ -36,10 +36,13 @@ from ..cones2_core.training import (
     MODES,
     WEIGHT_DECAY,
     FrozenWeights,
+    LowRankGradLinear,
     TrainSettings,
     add_at_rows,
     diffusion_loss,
     draw_loss_curve,
+    factored_grad,
+    factored_sq_norm,
     grad_free_alias,
     latent_batch,
     needs_loss_scaling,
@@ -58,6 +61,7 @@ log = logging.getLogger("comfyui-cones2")
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 EVAL_SAMPLES = 8
+LOW_RANK_CHUNK = 64 * 2**20  # bytes of weight gradients formed at once from their factors
 PREVIEW_UPDATES = 20
 
 
@@ -181,6 +185,11 @@ def _clip_layer_forward(self, x, mask=None, optimized_attention=None):
     return x + self.mlp(self.layer_norm2(x))
 
 
+def _low_rank_linear_forward(self, x, *args, **kwargs):
+    """A private encoder Linear whose weight gradient is kept as factors (see LowRankGradLinear)."""
+    return LowRankGradLinear.apply(x, self.weight, self.bias, self.lowrank_sink)
+
+
 class _RowDeltaEmbedding(torch.nn.Module):
     """A token embedding whose rows for ``ids`` train as a delta on the frozen table; other rows stay frozen.
 
@@ -204,12 +213,15 @@ class _RowDeltaEmbedding(torch.nn.Module):
         return out if out_dtype is None else out.to(out_dtype)
 
 
-def private_text_encoder(clip, device: torch.device, trainable_ids: list[int] | None = None) -> torch.nn.Module:
+def private_text_encoder(clip, device: torch.device, trainable_ids: list[int] | None = None,
+                         low_rank_grads: bool = False) -> torch.nn.Module:
     """A copy of the CLIP's text encoder(s) with fresh float32 trainable parameters on ``device``.
 
     With ``trainable_ids``, only those rows of the token-embedding tables train (see _RowDeltaEmbedding), and
     the frozen tables are not copied at all: they are gradient-free aliases of the user's tables (when those
-    sit on ``device`` and no patch can rewrite them in place), which saves a table-sized copy per encoder."""
+    sit on ``device`` and no patch can rewrite them in place), which saves a table-sized copy per encoder.
+    With ``low_rank_grads``, the transformer layers' Linear weights keep their gradients as factors in a
+    ``lowrank_sink`` list on each Linear (see LowRankGradLinear) instead of in ``.grad``."""
     import comfy.clip_model
     import comfy.model_patcher
 
@@ -233,6 +245,10 @@ def private_text_encoder(clip, device: torch.device, trainable_ids: list[int] | 
             m._buffers[name] = b.detach().to(device=device, copy=True)
         if isinstance(m, comfy.clip_model.CLIPLayer):
             m.forward = types.MethodType(_clip_layer_forward, m)
+            for lin in m.modules() if low_rank_grads else ():
+                if isinstance(lin, torch.nn.Linear):
+                    lin.lowrank_sink = []
+                    lin.forward = types.MethodType(_low_rank_linear_forward, lin)
     enc.reset_clip_options()
     if clip.layer_idx is not None:
         enc.set_clip_options({"layer": clip.layer_idx})
@@ -350,6 +366,8 @@ class _Trainer:
         self.template_rows = [_subject_rows(clip, subject, t) for t in self.templates]
         self.sigmas = model_sampling.sigmas.detach().float().cpu()
         self.frozen = FrozenWeights()
+        self.low_rank: list = []  # (weight, its factor sink) per low-rank-gradient Linear (see _clip_and_step)
+        self.low_rank_opt = None
 
     def _autocast(self, amp: bool = True):
         """bf16 autocast for the training passes where the device supports it (CUDA, CPUs with bf16 kernels)."""
@@ -414,6 +432,8 @@ class _Trainer:
         a step that fails before ``opt.step()`` leaves the trainable state as it was."""
         s = self.s
         opt.zero_grad(set_to_none=True)
+        for _, sink in self.low_rank:
+            sink.clear()
         ctx = context()
         den = self._denoise(mp, x0, noise, sigma, ctx, y)
         loss = diffusion_loss(den, x0, sigma, self.prediction, self.sigma_data)
@@ -422,8 +442,7 @@ class _Trainer:
                                             s.preservation_weight_rest)
         if self.scaler is None:
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
-            opt.step()
+            self._clip_and_step(opt, params)
         else:  # float16 UNet: scaled backward, then clip and step on the unscaled gradients (steps with inf skip)
             self.scaler.scale(loss).backward()
             self.scaler.unscale_(opt)
@@ -431,6 +450,36 @@ class _Trainer:
             self.scaler.step(opt)
             self.scaler.update()
         return loss.detach()
+
+    def _clip_and_step(self, opt, params) -> None:
+        """clip_grad_norm_(all trainable parameters, MAX_GRAD_NORM), then AdamW. The low-rank Linears' gradients
+        are formed from their factors a few at a time (LOW_RANK_CHUNK bytes), each batch stepped and dropped,
+        so the step never holds them all."""
+        if not self.low_rank:
+            torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
+            opt.step()
+            return
+        grads = [p.grad for p in params if p.grad is not None]
+        sq = sum((g.float().pow(2).sum() for g in grads), torch.zeros((), device=self.device))
+        for _, sink in self.low_rank:
+            if sink:
+                sq = sq + factored_sq_norm(sink)
+        coef = (MAX_GRAD_NORM / (sq.sqrt() + 1e-6)).clamp(max=1.0)  # as clip_grad_norm_ computes it
+        for g in grads:
+            g.mul_(coef.to(g.dtype))
+        opt.step()
+        pending, size = [], 0
+        for i, (w, sink) in enumerate(self.low_rank):
+            if sink:
+                w.grad = factored_grad(sink).mul_(coef).to(w.dtype)
+                sink.clear()
+                pending.append(w)
+                size += w.numel() * w.element_size()
+            if pending and (size >= LOW_RANK_CHUNK or i == len(self.low_rank) - 1):
+                self.low_rank_opt.step()  # steps exactly the weights that hold a gradient now
+                for p in pending:
+                    p.grad = None
+                pending, size = [], 0
 
     def run(self, pbar=None, eval_every: int = 0):
         import comfy.model_management as mm
@@ -440,7 +489,10 @@ class _Trainer:
         paper = s.mode == "paper"
         ids = [t[0] for chunks in self.instance_tokens.values() for chunk in chunks for t in chunk
                if isinstance(t[0], int)]
-        enc = private_text_encoder(self.clip, self.device, trainable_ids=ids) if paper else None
+        # Low-rank gradients keep a step's weight gradients as factors (exact, a few % of the memory); the
+        # float16 loss-scaling path keeps plain gradients, which the scaler unscales and checks.
+        enc = private_text_encoder(self.clip, self.device, trainable_ids=ids, low_rank_grads=self.scaler is None) \
+            if paper else None
         opt = None
         try:
             with torch.no_grad():
@@ -448,9 +500,13 @@ class _Trainer:
                 frozen_templates = self._encode_templates(enc) if paper else None
             y = self._adm(pooled, max(s.batch_size, EVAL_SAMPLES))
             if paper:
-                params = [p for p in enc.parameters() if p.requires_grad]
-                opt = torch.optim.AdamW(params, lr=s.learning_rate, weight_decay=WEIGHT_DECAY,
-                                        fused=self.device.type in ("cpu", "cuda"))
+                fused = self.device.type in ("cpu", "cuda")
+                self.low_rank = [(m.weight, m.lowrank_sink) for m in enc.modules() if hasattr(m, "lowrank_sink")]
+                factored = {id(w) for w, _ in self.low_rank}
+                self.low_rank_opt = torch.optim.AdamW([w for w, _ in self.low_rank], lr=s.learning_rate,
+                                                      weight_decay=WEIGHT_DECAY, fused=fused) if self.low_rank else None
+                params = [p for p in enc.parameters() if p.requires_grad and id(p) not in factored]
+                opt = torch.optim.AdamW(params, lr=s.learning_rate, weight_decay=WEIGHT_DECAY, fused=fused)
                 residual = None
             else:  # the frozen outputs above are all fast mode needs
                 residual = torch.zeros(len(self.instance_rows), frozen_ctx.shape[-1], device=self.device,
@@ -522,6 +578,7 @@ class _Trainer:
             return delta, losses, eval_points
         finally:
             enc = opt = None  # drop the private encoder and optimiser state now
+            self.low_rank, self.low_rank_opt = [], None
             if self.cuda:
                 torch.cuda.empty_cache()
 

@@ -203,3 +203,31 @@ def test_unet_autocast_only_for_a_float32_unet():
     assert not tr.unet_autocast(torch.float32, bf16_supported=False)
     assert not tr.unet_autocast(torch.float16, bf16_supported=True)  # runs in its own float16, loss scaled
     assert not tr.unet_autocast(torch.bfloat16, bf16_supported=True)
+
+
+def test_low_rank_grad_linear_gives_the_exact_gradients_as_factors():
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(6, 4, generator=g, requires_grad=True)
+    b = torch.randn(6, generator=g, requires_grad=True)
+    x1 = torch.randn(2, 3, 4, generator=g, requires_grad=True)
+    x2 = torch.randn(5, 4, generator=g, requires_grad=True)
+    target = torch.randn(2, 3, 6, generator=g)
+    # reference: autograd's own gradients, two calls of the same layer in one step
+    loss = ((torch.nn.functional.linear(x1, w, b) - target) ** 3).sum() + torch.nn.functional.linear(x2, w, b).sum()
+    gw, gb, gx1, gx2 = torch.autograd.grad(loss, (w, b, x1, x2))
+    sink = []
+    w2, b2 = w.detach().clone().requires_grad_(), b.detach().clone().requires_grad_()
+    y1 = tr.LowRankGradLinear.apply(x1, w2, b2, sink)
+    y2 = tr.LowRankGradLinear.apply(x2, w2, b2, sink)
+    assert torch.equal(y1, torch.nn.functional.linear(x1, w, b))
+    fx1, fx2 = (x1.detach().clone().requires_grad_(), x2.detach().clone().requires_grad_())
+    sink.clear()
+    loss2 = ((tr.LowRankGradLinear.apply(fx1, w2, b2, sink) - target) ** 3).sum() + \
+        tr.LowRankGradLinear.apply(fx2, w2, b2, sink).sum()
+    loss2.backward()
+    assert w2.grad is None and len(sink) == 2  # the weight gradient is only in the factors
+    assert torch.allclose(tr.factored_grad(sink), gw, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(tr.factored_sq_norm(sink), gw.pow(2).sum(), rtol=1e-5)
+    assert torch.allclose(b2.grad, gb, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(fx1.grad, gx1, rtol=1e-5, atol=1e-5) and torch.allclose(fx2.grad, gx2, rtol=1e-5, atol=1e-5)
+    del y1, y2

@@ -118,8 +118,8 @@ def watched_run(pack, mc, **kw):
     seen = {}
     original_enc, original_train = tn.private_text_encoder, tn.train_residual
 
-    def enc_spy(clip, device, trainable_ids=None):
-        enc = original_enc(clip, device, trainable_ids)
+    def enc_spy(clip, device, trainable_ids=None, **kwargs):
+        enc = original_enc(clip, device, trainable_ids, **kwargs)
         with torch.no_grad():
             seen["frozen"] = enc.encode_token_weights(clip.tokenize(SUBJECT))[0].clone()
         seen["enc"] = enc
@@ -562,8 +562,8 @@ def test_paper_mode_matches_a_naive_full_encoder_loop(pack, sd15, res_dir, monke
     seen = {}
     original_enc = tn.private_text_encoder
 
-    def enc_spy(clip_, device, trainable_ids=None):
-        seen["enc"] = original_enc(clip_, device, trainable_ids)
+    def enc_spy(clip_, device, trainable_ids=None, **kwargs):
+        seen["enc"] = original_enc(clip_, device, trainable_ids, **kwargs)
         return seen["enc"]
 
     monkeypatch.setattr(tn, "private_text_encoder", enc_spy)
@@ -613,11 +613,16 @@ def test_paper_mode_matches_a_naive_full_encoder_loop(pack, sd15, res_dir, monke
     assert (ours - naive_residual).norm() < 1e-4 * naive_residual.norm()
 
 
-@pytest.mark.parametrize(("mode", "tol"), [("fast", 1e-5), ("paper", 1e-3)])
+@pytest.mark.parametrize(("mode", "tol"), [("fast", 1e-5), ("paper", 1e-4)])
 def test_scaled_loss_path_trains_like_the_plain_one(pack, sd15, res_dir, monkeypatch, mode, tol):
     """GPUs without bf16 compute the UNet in float16, where training scales the loss (GradScaler). That path is
     forced here on CPU: the scaler is used at every step and the residual matches the unscaled run's."""
+    import contextlib
+
     tn = pack.nodes.train_nodes
+    # float32 throughout: the two paths then differ only by float32 rounding (paper mode's plain path forms
+    # the weight gradients from low-rank factors, the scaled path from autograd's bf16 products otherwise)
+    monkeypatch.setattr(tn._Trainer, "_autocast", lambda self, amp=True: contextlib.nullcontext())
     kw = dict(mode=mode, steps=2, learning_rate=1e-3 if mode == "fast" else 1e-4, seed=4)
     plain = train(pack, sd15, save_name=f"unscaled_{mode}", **kw)[0][0].tensors["l"]
     calls = []
