@@ -685,3 +685,33 @@ def test_unet_autocast_follows_its_compute_dtype(pack, sd15, res_dir, monkeypatc
     # evaluation passes never autocast; the 2 training passes do exactly when the UNet is float32 and bf16 runs
     assert len(unet_amp) == len(scalers) and unet_amp.count(True) == (0 if unet_in_half or not bf16 else 2)
     assert all(scalers) == unet_in_half
+
+
+def test_paper_mode_never_holds_all_weight_gradients(pack, sd15, res_dir, monkeypatch):
+    """Paper mode keeps the encoder Linears' gradients as low-rank factors and forms them a chunk at a time for
+    the optimiser: with a 1-byte chunk, no step ever sees more than one weight's gradient, every Linear weight
+    is still stepped at every step, and the residual is the same as with the default chunk."""
+    tn = pack.nodes.train_nodes
+    kw = dict(mode="paper", steps=2, learning_rate=1e-4, seed=6)
+    default = train(pack, sd15, save_name="chunk_default", **kw)[0][0].tensors["l"]
+    formed, live = [], []
+    real_factored, real_step = tn.factored_grad, torch.optim.AdamW.step
+
+    def factored_spy(factors):
+        out = real_factored(factors)
+        formed.append(tuple(out.shape))
+        return out
+
+    def step_spy(self, *args, **kwargs):
+        live.append(sum(1 for group in self.param_groups for p in group["params"]
+                        if p.grad is not None and p.ndim == 2 and p.shape[0] * p.shape[1] >= 768 * 768))
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(tn, "LOW_RANK_CHUNK", 1)
+    monkeypatch.setattr(tn, "factored_grad", factored_spy)
+    monkeypatch.setattr(torch.optim.AdamW, "step", step_spy)
+    one_at_a_time = train(pack, sd15, save_name="chunk_one", **kw)[0][0].tensors["l"]
+    linears = 2 * 6  # the test CLIP keeps 2 transformer layers: q, k, v, out, fc1, fc2 each
+    assert len(formed) == 2 * linears and (3072, 768) in formed and (768, 3072) in formed
+    assert max(live) == 1  # never more than one full weight gradient at a time
+    assert torch.equal(one_at_a_time, default)
