@@ -25,16 +25,9 @@ import subprocess
 import sys
 import time
 
+from train_residual import _proc_status, _reset_peak_rss  # bench/ is sys.path[0] when run as a script
+
 TOKENIZER_DIR = os.path.join(os.environ.get("COMFYUI_DIR") or os.path.expanduser("~/ComfyUI"), "comfy", "sd1_tokenizer")
-
-
-def _status(field: str) -> float:
-    """A /proc/self/status field (kB) in MiB."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    raise KeyError(field)
 
 
 def build_pipe(pipe_dir: str) -> dict[str, int]:
@@ -92,9 +85,8 @@ def child(script: str, workdir: str, px: int, steps: int, out_json: str) -> None
 
     def hooked_set_description(self, desc=None, refresh=True):
         if desc == "Steps" and st["bar"] is None:  # the training bar, just before the loop
-            st["bar"], st["rss_start"] = self, _status("VmRSS")
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")  # reset VmHWM to the current RSS
+            st["bar"], st["rss_start"] = self, _proc_status("VmRSS")
+            _reset_peak_rss()
             st["t"].append(time.perf_counter())
             st["cpu"] = [sum(os.times()[:2])]
         return set_description(self, desc, refresh)
@@ -102,7 +94,7 @@ def child(script: str, workdir: str, px: int, steps: int, out_json: str) -> None
     def hooked_update(self, n=1):
         if self is st["bar"]:
             st["t"].append(time.perf_counter())
-            st["peak"] = _status("VmHWM")
+            st["peak"] = _proc_status("VmHWM")
             st["cpu"].append(sum(os.times()[:2]))
         return update(self, n)
 
