@@ -180,7 +180,9 @@ class LowRankGradLinear(torch.autograd.Function):
     def forward(ctx, x, weight, bias, sink):
         ctx.save_for_backward(x, weight)
         ctx.sink, ctx.has_bias = sink, bias is not None
-        return torch.nn.functional.linear(x, weight, bias)
+        # detach(): under autocast a leaf weight that requires grad would have its low-precision copy cached
+        # until the autocast region ends (the whole encoder's weights at once); each is used once per forward
+        return torch.nn.functional.linear(x, weight.detach(), bias)
 
     @staticmethod
     def backward(ctx, grad_out):

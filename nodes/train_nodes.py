@@ -573,6 +573,10 @@ class _Trainer:
                 if residual is not None:
                     delta = residual.detach().float().cpu()
                 else:
+                    # the optimiser state (two moments per trainable weight) is done with: free it before the
+                    # template pass, so that pass reuses its memory instead of adding to the peak
+                    opt = params = None
+                    self.low_rank, self.low_rank_opt = [], None
                     tuned = self._encode_templates(enc)
                     delta = residual_from_templates(tuned, frozen_templates, self.template_rows)
             return delta, losses, eval_points

@@ -231,3 +231,35 @@ def test_low_rank_grad_linear_gives_the_exact_gradients_as_factors():
     assert torch.allclose(b2.grad, gb, rtol=1e-5, atol=1e-5)
     assert torch.allclose(fx1.grad, gx1, rtol=1e-5, atol=1e-5) and torch.allclose(fx2.grad, gx2, rtol=1e-5, atol=1e-5)
     del y1, y2
+
+
+def test_low_rank_grad_linear_keeps_no_low_precision_weight_copy_under_autocast():
+    """Under autocast a leaf weight that requires grad would have its bf16 copy cached until the autocast region
+    ends (for the text encoder: every weight at once). The low-rank Linear's copy dies with its own call."""
+    import weakref
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class BF16Copies(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.refs = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if isinstance(out, torch.Tensor) and out.dtype == torch.bfloat16 and out.shape == (64, 32):
+                self.refs.append(weakref.ref(out))  # the cast copy of the [64, 32] weight
+            return out
+
+    def alive_copies(fn):
+        w = torch.randn(64, 32, requires_grad=True)
+        x = torch.randn(3, 32, requires_grad=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            with BF16Copies() as mode:
+                y = fn(x, w)
+            assert y.dtype == torch.bfloat16 and len(mode.refs) == 1  # the weight was cast once, in the region
+            return sum(r() is not None for r in mode.refs)
+
+    # the plain linear shows what the test detects: autocast's cache keeps the copy alive
+    assert alive_copies(lambda x, w: torch.nn.functional.linear(x, w)) == 1
+    assert alive_copies(lambda x, w: tr.LowRankGradLinear.apply(x, w, None, [])) == 0

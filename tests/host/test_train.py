@@ -715,3 +715,29 @@ def test_paper_mode_never_holds_all_weight_gradients(pack, sd15, res_dir, monkey
     assert len(formed) == 2 * linears and (3072, 768) in formed and (768, 3072) in formed
     assert max(live) == 1  # never more than one full weight gradient at a time
     assert torch.equal(one_at_a_time, default)
+
+
+def test_paper_mode_frees_the_optimiser_state_before_the_template_pass(pack, sd15, res_dir, monkeypatch):
+    """The optimiser's moments (2 x the encoder's trainable weights) are dead by the time the tuned encoder
+    encodes the 27 templates, so that pass reuses their memory instead of raising the peak."""
+    import weakref
+
+    tn = pack.nodes.train_nodes
+    moments, alive_at_templates = [], []
+    real_step, real_templates = torch.optim.AdamW.step, tn._Trainer._encode_templates
+
+    def step_spy(self, *args, **kwargs):
+        out = real_step(self, *args, **kwargs)
+        moments.extend(weakref.ref(t) for st in self.state.values() for k, t in st.items() if k.startswith("exp_avg"))
+        return out
+
+    def templates_spy(self, enc):
+        alive_at_templates.append(sum(r() is not None for r in moments))
+        return real_templates(self, enc)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step_spy)
+    monkeypatch.setattr(tn._Trainer, "_encode_templates", templates_spy)
+    out = train(pack, sd15, mode="paper", steps=2, save_name="freed_moments")
+    assert out[0][0].tensors["l"].abs().sum() > 0
+    assert len(moments) > 20  # two moments per trainable tensor, recorded at each step
+    assert alive_at_templates == [0, 0]  # the frozen pass (before any step) and the tuned pass (after training)
