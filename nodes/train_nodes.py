@@ -61,7 +61,7 @@ log = logging.getLogger("comfyui-cones2")
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 EVAL_SAMPLES = 8
-LOW_RANK_CHUNK = 64 * 2**20  # bytes of weight gradients formed at once from their factors
+LOW_RANK_CHUNK = 16 * 2**20  # bytes of weight gradients formed at once from their factors
 PREVIEW_UPDATES = 20
 
 
