@@ -165,6 +165,55 @@ def needs_loss_scaling(compute_dtype: torch.dtype, autocast_bf16: bool) -> bool:
     return compute_dtype == torch.float16 and not autocast_bf16
 
 
+
+class _Unscale(torch.autograd.Function):
+    """Identity forward; backward divides the gradient by the scale and records whether it is finite."""
+
+    @staticmethod
+    def forward(ctx, x, scaler):
+        ctx.scaler = scaler
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        sc = ctx.scaler
+        finite = torch.isfinite(grad).all()
+        sc.finite = finite if sc.finite is None else sc.finite & finite
+        return grad / sc.scale, None
+
+
+class BoundaryLossScaler:
+    """Dynamic loss scaling for a float16 network inside an otherwise float32/bf16 graph, confined to it.
+
+    The float16 network's loss is multiplied by ``scale`` for backward, so its small gradients do not underflow
+    float16, and its input passes through ``boundary()``, which divides the gradient by ``scale`` on the way out
+    (exact: the scale is a power of two). Everything upstream (the text encoder, its low-rank gradient factors,
+    the clipping and the optimiser) sees true gradients, and terms outside the network (the preservation loss)
+    are never scaled. A step whose boundary gradient is not finite is skipped and the scale halved; after
+    ``interval`` good steps in a row it doubles. The constants are GradScaler's defaults."""
+
+    def __init__(self, scale: float = 2.0 ** 16, growth: float = 2.0, backoff: float = 0.5, interval: int = 2000):
+        self.scale, self.growth, self.backoff, self.interval = float(scale), growth, backoff, interval
+        self.finite: torch.Tensor | None = None
+        self.good_steps = 0
+
+    def boundary(self, x: torch.Tensor) -> torch.Tensor:
+        return _Unscale.apply(x, self)
+
+    def update(self) -> bool:
+        """After backward: whether the step's gradients are finite (take the step); adjusts the scale."""
+        ok = self.finite is None or bool(self.finite)
+        self.finite = None
+        if ok:
+            self.good_steps += 1
+            if self.good_steps >= self.interval:
+                self.scale *= self.growth
+                self.good_steps = 0
+        else:
+            self.scale *= self.backoff
+            self.good_steps = 0
+        return ok
+
 # ---- low-rank weight gradients --------------------------------------------------------------------------------
 
 class LowRankGradLinear(torch.autograd.Function):

@@ -35,6 +35,7 @@ from ..cones2_core.training import (
     MAX_GRAD_NORM,
     MODES,
     WEIGHT_DECAY,
+    BoundaryLossScaler,
     FrozenWeights,
     LowRankGradLinear,
     TrainSettings,
@@ -358,7 +359,7 @@ class _Trainer:
             device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported())
         compute = getattr(model.model, "manual_cast_dtype", None) or model.model.get_dtype()
         self.unet_amp = unet_autocast(compute, self.amp)  # the encoder's float32 weights always use self.amp
-        self.scaler = torch.amp.GradScaler(device.type) if needs_loss_scaling(compute, self.unet_amp) else None
+        self.scaler = BoundaryLossScaler() if needs_loss_scaling(compute, self.unet_amp) else None
         self.instance_tokens = clip.tokenize(escape_word(subject))
         self.instance_rows = _subject_rows(clip, subject, escape_word(subject))
         self.templates = template_prompts(escape_word(subject))
@@ -434,22 +435,21 @@ class _Trainer:
         opt.zero_grad(set_to_none=True)
         for _, sink in self.low_rank:
             sink.clear()
+        sc = self.scaler  # float16 UNet: its loss is scaled, and its gradient unscaled where it leaves the UNet
+        if sc is not None:
+            sc.finite = None  # nothing left over from a step that ran out of memory
         ctx = context()
-        den = self._denoise(mp, x0, noise, sigma, ctx, y)
-        loss = diffusion_loss(den, x0, sigma, self.prediction, self.sigma_data)
-        if paper:
-            loss = loss + preservation_loss(ctx, frozen_ctx, self.instance_rows, s.preservation_weight_start,
-                                            s.preservation_weight_rest)
-        if self.scaler is None:
-            loss.backward()
+        den = self._denoise(mp, x0, noise, sigma, ctx if sc is None else sc.boundary(ctx), y)
+        diffusion = diffusion_loss(den, x0, sigma, self.prediction, self.sigma_data)
+        keep = preservation_loss(ctx, frozen_ctx, self.instance_rows, s.preservation_weight_start,
+                                 s.preservation_weight_rest) if paper else torch.zeros((), device=diffusion.device)
+        (diffusion + keep if sc is None else diffusion * sc.scale + keep).backward()
+        if sc is None or sc.update():
             self._clip_and_step(opt, params)
-        else:  # float16 UNet: scaled backward, then clip and step on the unscaled gradients (steps with inf skip)
-            self.scaler.scale(loss).backward()
-            self.scaler.unscale_(opt)
-            torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
-            self.scaler.step(opt)
-            self.scaler.update()
-        return loss.detach()
+        else:
+            log.info("training step skipped: the float16 UNet's gradient overflowed; loss scale lowered to %g",
+                     sc.scale)
+        return (diffusion + keep).detach()
 
     def _clip_and_step(self, opt, params) -> None:
         """clip_grad_norm_(all trainable parameters, MAX_GRAD_NORM), then AdamW. The low-rank Linears' gradients
@@ -489,10 +489,8 @@ class _Trainer:
         paper = s.mode == "paper"
         ids = [t[0] for chunks in self.instance_tokens.values() for chunk in chunks for t in chunk
                if isinstance(t[0], int)]
-        # Low-rank gradients keep a step's weight gradients as factors (exact, a few % of the memory); the
-        # float16 loss-scaling path keeps plain gradients, which the scaler unscales and checks.
-        enc = private_text_encoder(self.clip, self.device, trainable_ids=ids, low_rank_grads=self.scaler is None) \
-            if paper else None
+        # Low-rank gradients keep a step's weight gradients as factors (exact, a few % of the memory)
+        enc = private_text_encoder(self.clip, self.device, trainable_ids=ids, low_rank_grads=True) if paper else None
         opt = None
         try:
             with torch.no_grad():

@@ -263,3 +263,45 @@ def test_low_rank_grad_linear_keeps_no_low_precision_weight_copy_under_autocast(
     # the plain linear shows what the test detects: autocast's cache keeps the copy alive
     assert alive_copies(lambda x, w: torch.nn.functional.linear(x, w)) == 1
     assert alive_copies(lambda x, w: tr.LowRankGradLinear.apply(x, w, None, [])) == 0
+
+
+def test_boundary_loss_scaler_rescues_float16_gradients_that_underflow():
+    """A float16 layer whose true gradient underflows float16 (zero without scaling) gets it back through the
+    boundary scaler, unscaled exactly; a term outside the boundary is never scaled."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(8, 8, generator=g).half()
+    x0 = torch.randn(4, 8, generator=g)
+
+    def grads(scaler):
+        x = x0.clone().requires_grad_(True)
+        inner = x if scaler is None else scaler.boundary(x)
+        small = 1e-9 * (inner.half() @ w).float().sum()  # d small / d (x @ w) = 1e-9: below float16's 6e-8
+        outside = 0.5 * x.pow(2).sum()
+        (small + outside if scaler is None else small * scaler.scale + outside).backward()
+        return x.grad
+
+    exact = 1e-9 * w.float().sum(1).expand(4, 8) + x0
+    plain, scaled = grads(None), grads(tr.BoundaryLossScaler())
+    assert torch.equal(plain, x0)  # the small term's gradient underflowed to zero
+    assert torch.allclose(scaled, exact, rtol=1e-3, atol=0) and not torch.equal(scaled, x0)
+
+
+def test_boundary_loss_scaler_skips_overflowed_steps_and_adapts_its_scale():
+    sc = tr.BoundaryLossScaler(scale=1024.0, interval=3)
+
+    def backward(value):
+        x = torch.ones(3, requires_grad=True)
+        (sc.boundary(x) * value).sum().backward()
+        return x.grad
+
+    assert torch.equal(backward(1024.0), torch.ones(3))  # a scaled gradient comes out unscaled
+    assert sc.update() and sc.scale == 1024.0
+    backward(float("inf"))
+    assert not sc.update() and sc.scale == 512.0  # overflow: skip the step, halve the scale
+    backward(float("nan"))
+    assert not sc.update() and sc.scale == 256.0
+    for _ in range(3):
+        backward(1.0)
+        assert sc.update()
+    assert sc.scale == 512.0  # doubled after `interval` good steps in a row
+    assert sc.update() and sc.scale == 512.0  # a step that never reached the boundary counts as finite

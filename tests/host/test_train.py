@@ -7,6 +7,7 @@ checkpoints carry full-size encoders); the server test uses the untouched checkp
 
 from __future__ import annotations
 
+import logging
 import os
 
 import numpy as np
@@ -613,26 +614,72 @@ def test_paper_mode_matches_a_naive_full_encoder_loop(pack, sd15, res_dir, monke
     assert (ours - naive_residual).norm() < 1e-4 * naive_residual.norm()
 
 
-@pytest.mark.parametrize(("mode", "tol"), [("fast", 1e-5), ("paper", 1e-4)])
+@pytest.mark.parametrize(("mode", "tol"), [("fast", 1e-5), ("paper", 1e-5)])
 def test_scaled_loss_path_trains_like_the_plain_one(pack, sd15, res_dir, monkeypatch, mode, tol):
-    """GPUs without bf16 compute the UNet in float16, where training scales the loss (GradScaler). That path is
-    forced here on CPU: the scaler is used at every step and the residual matches the unscaled run's."""
+    """GPUs compute the UNet in float16, where training scales the UNet's loss and unscales its gradient where it
+    leaves the UNet (BoundaryLossScaler). That path is forced here on CPU: the scale is used at every step,
+    paper mode still keeps the encoder's weight gradients as low-rank factors, and the residual matches the
+    unscaled run's."""
     import contextlib
 
-    tn = pack.nodes.train_nodes
-    # float32 throughout: the two paths then differ only by float32 rounding (paper mode's plain path forms
-    # the weight gradients from low-rank factors, the scaled path from autograd's bf16 products otherwise)
+    tn, tr = pack.nodes.train_nodes, pack.cones2_core.training
+    # float32 throughout: the two paths then differ only by float32 rounding
     monkeypatch.setattr(tn._Trainer, "_autocast", lambda self, amp=True: contextlib.nullcontext())
     kw = dict(mode=mode, steps=2, learning_rate=1e-3 if mode == "fast" else 1e-4, seed=4)
     plain = train(pack, sd15, save_name=f"unscaled_{mode}", **kw)[0][0].tensors["l"]
-    calls = []
-    real_scale = torch.amp.GradScaler.scale
+    updates, formed = [], []
+    real_update, real_factored = tr.BoundaryLossScaler.update, tn.factored_grad
+
+    def update_spy(self):
+        updates.append((self.scale, bool(self.finite)))
+        return real_update(self)
+
     monkeypatch.setattr(tn, "needs_loss_scaling", lambda dtype, amp: True)
-    monkeypatch.setattr(torch.amp.GradScaler, "scale", lambda self, out: calls.append(1) or real_scale(self, out))
+    monkeypatch.setattr(tr.BoundaryLossScaler, "update", update_spy)
+    monkeypatch.setattr(tn, "factored_grad", lambda factors: formed.append(1) or real_factored(factors))
     scaled = train(pack, sd15, save_name=f"scaled_{mode}", **kw)[0][0].tensors["l"]
-    assert len(calls) == 2
+    assert updates == [(2.0 ** 16, True)] * 2  # the scaled gradient reached the boundary at both steps
+    assert (len(formed) > 0) == (mode == "paper")
     assert plain.abs().sum() > 0
     assert torch.allclose(scaled, plain, rtol=tol, atol=tol * float(plain.abs().max())), (scaled, plain)
+
+
+def test_overflowed_float16_step_is_skipped(pack, sd15, res_dir, monkeypatch, caplog):
+    """On the scaled (float16) path a step whose UNet gradient overflows leaves the trainable state as it was,
+    halves the loss scale and says so; training goes on."""
+    tn = pack.nodes.train_nodes
+    real_denoise, real_step = tn._Trainer._denoise, tn._Trainer._clip_and_step
+    calls, stepped = [0], []
+
+    class Overflow(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.view_as(x)
+
+        @staticmethod
+        def backward(ctx, grad):
+            return grad * float("inf")
+
+    def denoise(self, *args, amp=True, **kwargs):
+        out = real_denoise(self, *args, amp=amp, **kwargs)
+        if amp:  # a training pass (evaluation passes run without autocast)
+            calls[0] += 1
+            if calls[0] == 1:
+                out = Overflow.apply(out)
+        return out
+
+    def clip_and_step(self, opt, params):
+        stepped.append(self.scaler.scale)
+        return real_step(self, opt, params)
+
+    monkeypatch.setattr(tn, "needs_loss_scaling", lambda dtype, amp: True)
+    monkeypatch.setattr(tn._Trainer, "_denoise", denoise)
+    monkeypatch.setattr(tn._Trainer, "_clip_and_step", clip_and_step)
+    with caplog.at_level(logging.INFO, logger="comfyui-cones2"):
+        out = train(pack, sd15, mode="fast", steps=3, learning_rate=1e-3, save_name="overflow")
+    assert calls[0] == 3 and stepped == [2.0 ** 15] * 2  # step 1 skipped, then two steps at the halved scale
+    assert "loss scale lowered to 32768" in caplog.text
+    assert out[0][0].tensors["l"].abs().sum() > 0 and torch.isfinite(out[0][0].tensors["l"]).all()
 
 
 def test_evaluation_runs_one_sample_at_a_time(pack, sd15, res_dir, monkeypatch):
