@@ -274,13 +274,13 @@ def main(argv=None) -> int:
     header = ("model", "mode", "px", "s/step", "speed vs reference-like", f"{mem} at start", f"peak {mem}",
               "peak growth", "growth vs reference-like", "UNet checkpointing", "total s")
     if reference:
-        header += ("speed vs reference", "peak vs reference")
+        header += ("speed vs reference", "peak vs reference", "growth vs reference")
     out = [" | ".join(header), " | ".join("---" for _ in header)]
     for r, m in reference.items():
         out.append(f"reference pipe | reference (train_cones2.py) | {r} | {m}" if isinstance(m, str) else " | ".join(
             str(c) for c in ("reference pipe", "reference (train_cones2.py, unedited)", r, f"{m['s_per_step']:.3f}",
                              "-", f"{m['base_mib']:.0f}", f"{m['peak_mib']:.0f}", f"{m['peak_mib'] - m['base_mib']:.0f}",
-                             "-", "off", "-", "1.00x", "1.00")))
+                             "-", "off", "-", "1.00x", "1.00", "1.00")))
     sys.stdout.write("\n".join(out) + "\n")
     sys.stdout.flush()
     results = {}
@@ -310,8 +310,9 @@ def main(argv=None) -> int:
                    f"{growth:.0f}", rel, "on (after an OOM)" if m["ckpt"] else "off", f"{m['total_s']:.1f}")
             if reference:
                 real = reference.get(r)
-                row += (f"{real['s_per_step'] / m['s_per_step']:.2f}x", f"{m['peak_mib'] / real['peak_mib']:.2f}") \
-                    if isinstance(real, dict) else ("-", "-")
+                row += (f"{real['s_per_step'] / m['s_per_step']:.2f}x", f"{m['peak_mib'] / real['peak_mib']:.2f}",
+                        f"{growth / max(real['peak_mib'] - real['base_mib'], 1e-9):.2f}") \
+                    if isinstance(real, dict) else ("-", "-", "-")
             sys.stdout.write(" | ".join(str(c) for c in row) + "\n")
             sys.stdout.flush()
     return 0
