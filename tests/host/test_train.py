@@ -19,11 +19,11 @@ from harness import tiny_checkpoints
 SUBJECT = "dog"
 
 
-def _load(path):
+def _load(path, **model_options):
     import comfy.sd
 
     with torch.inference_mode():
-        model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(path)
+        model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(path, model_options=model_options)
         for key in ("clip_l", "clip_h", "clip_g"):
             sub = getattr(clip.cond_stage_model, key, None)
             if sub is not None:
@@ -788,3 +788,52 @@ def test_paper_mode_frees_the_optimiser_state_before_the_template_pass(pack, sd1
     assert out[0][0].tensors["l"].abs().sum() > 0
     assert len(moments) > 20  # two moments per trainable tensor, recorded at each step
     assert alive_at_templates == [0, 0]  # the frozen pass (before any step) and the tuned pass (after training)
+
+
+def test_a_float16_unet_trains_in_float16_like_the_float32_one(pack, sd15, tiny_ckpts, res_dir, monkeypatch):
+    """The GPU path for real: the host loads the UNet in float16 and computes in it (made possible on CPU by
+    turning off the host's float32 manual cast while loading). Training then runs the UNet in float16 without
+    autocast and with the boundary loss scaler at every step; in both modes the first step's (unscaled)
+    gradients and the residuals match the float32 UNet's within low-precision rounding, and the user's float16
+    MODEL is left bit-identical."""
+    import comfy.model_management as mm
+
+    tn, tr = pack.nodes.train_nodes, pack.cones2_core.training
+    with monkeypatch.context() as m:
+        m.setattr(mm, "unet_manual_cast", lambda *args, **kwargs: None)  # as on a GPU with float16 kernels
+        half = _load(tiny_ckpts["sd15"], dtype=torch.float16)
+    assert half[0].model.get_dtype() == torch.float16 and half[0].model.manual_cast_dtype is None
+    before = snapshot(half[0], half[1])
+    chosen, updates, grads = [], [], []
+    real_init, real_update, real_step = tn._Trainer.__init__, tr.BoundaryLossScaler.update, tn._Trainer._clip_and_step
+
+    def init_spy(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        chosen.append((self.unet_amp, type(self.scaler).__name__))
+        grads.append(None)
+
+    def update_spy(self):
+        updates.append(bool(self.finite))
+        return real_update(self)
+
+    def step_spy(self, opt, params):
+        if grads[-1] is None:  # the first step's gradients, before clipping
+            grads[-1] = torch.cat([p.grad.detach().flatten().float() for p in params if p.grad is not None])
+        return real_step(self, opt, params)
+
+    monkeypatch.setattr(tn._Trainer, "__init__", init_spy)
+    monkeypatch.setattr(tr.BoundaryLossScaler, "update", update_spy)
+    monkeypatch.setattr(tn._Trainer, "_clip_and_step", step_spy)
+    for mode, lr in (("fast", 1e-3), ("paper", 1e-4)):
+        kw = dict(mode=mode, steps=3, learning_rate=lr, seed=5, batch_size=1)
+        ref = train(pack, sd15, save_name=f"f32_{mode}", **kw)[0][0].tensors["l"]
+        got = train(pack, half, save_name=f"f16_{mode}", **kw)[0][0].tensors["l"]
+        g32, g16 = grads[-2], grads[-1]
+        assert g32.norm() > 0 and (g16 - g32).norm() < 5e-2 * g32.norm(), (mode, float((g16 - g32).norm() / g32.norm()))
+        assert torch.isfinite(got).all() and ref.norm() > 0
+        assert torch.nn.functional.cosine_similarity(got.flatten(), ref.flatten(), dim=0) > 0.99, mode
+    assert chosen[1::2] == [(False, "BoundaryLossScaler")] * 2  # float16 runs: no autocast, scaled loss
+    assert chosen[0::2] == [(chosen[0][0], "NoneType")] * 2  # float32 runs: no scaler
+    assert updates == [True] * 6
+    after = snapshot(half[0], half[1])
+    assert all(torch.equal(before[0][k], after[0][k]) for k in before[0]) and before[1:] == after[1:]
