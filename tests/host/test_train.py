@@ -837,3 +837,24 @@ def test_a_float16_unet_trains_in_float16_like_the_float32_one(pack, sd15, tiny_
     assert updates == [True] * 6
     after = snapshot(half[0], half[1])
     assert all(torch.equal(before[0][k], after[0][k]) for k in before[0]) and before[1:] == after[1:]
+
+
+def test_a_float8_weight_unet_trains(pack, tiny_ckpts, res_dir):
+    """Small cards often load the UNet with float8 weights (the host casts each weight to its compute dtype per
+    op). Training works through that cast: the residual matches that of a float32 UNet holding the same
+    (float8-rounded) weights, and the user's float8 MODEL is left bit-identical."""
+    fp8 = _load(tiny_ckpts["sd15"], dtype=torch.float8_e4m3fn)
+    held = {n: p for n, p in fp8[0].model.diffusion_model.named_parameters() if p.dtype == torch.float8_e4m3fn}
+    assert len(held) > 20
+    before = {n: p.detach().view(torch.uint8).clone() for n, p in held.items()}
+    rounded = _load(tiny_ckpts["sd15"])  # float32, with every weight that fp8 holds rounded the same way
+    with torch.inference_mode():
+        for n, p in rounded[0].model.diffusion_model.named_parameters():
+            if n in held:
+                p.copy_(p.to(torch.float8_e4m3fn).float())
+    kw = dict(mode="fast", steps=3, learning_rate=1e-3, seed=5, batch_size=1)
+    ref = train(pack, rounded, save_name="f8_rounded_fast", **kw)[0][0].tensors["l"]
+    got = train(pack, fp8, save_name="f8_fast", **kw)[0][0].tensors["l"]
+    assert torch.isfinite(got).all() and ref.norm() > 0
+    assert torch.nn.functional.cosine_similarity(got.flatten(), ref.flatten(), dim=0) > 0.99
+    assert all(torch.equal(before[n], p.detach().view(torch.uint8)) for n, p in held.items())
