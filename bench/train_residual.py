@@ -96,6 +96,11 @@ def _reset_peak_rss() -> None:
         f.write("5")
 
 
+def _growth(m: dict) -> float:
+    """A measurement's memory growth during training: its peak minus its memory at the start (MiB)."""
+    return m["peak_mib"] - m["base_mib"]
+
+
 def reference_like(pack, model, clip, vae, images, steps: int, resolution: int, device, stamp) -> None:
     """The reference's training loop (Cones-V2 train_cones2.py) rebuilt on the same host models, as a baseline
     measured in the same run: the whole text encoder trains (token table included) with torch's default AdamW,
@@ -279,7 +284,7 @@ def main(argv=None) -> int:
     for r, m in reference.items():
         out.append(f"reference pipe | reference (train_cones2.py) | {r} | {m}" if isinstance(m, str) else " | ".join(
             str(c) for c in ("reference pipe", "reference (train_cones2.py, unedited)", r, f"{m['s_per_step']:.3f}",
-                             "-", f"{m['base_mib']:.0f}", f"{m['peak_mib']:.0f}", f"{m['peak_mib'] - m['base_mib']:.0f}",
+                             "-", f"{m['base_mib']:.0f}", f"{m['peak_mib']:.0f}", f"{_growth(m):.0f}",
                              "-", "off", "-", "1.00x", "1.00", "1.00")))
     sys.stdout.write("\n".join(out) + "\n")
     sys.stdout.flush()
@@ -303,15 +308,15 @@ def main(argv=None) -> int:
             m["ckpt"] = "switching on gradient checkpointing" in res.stderr
             ref = results.get((name, "reference-like", r))
             ref = ref if isinstance(ref, dict) else None
-            growth = m["peak_mib"] - m["base_mib"]
+            growth = _growth(m)
             speed = f"{ref['s_per_step'] / m['s_per_step']:.2f}x" if ref else "-"
-            rel = f"{growth / max(ref['peak_mib'] - ref['base_mib'], 1e-9):.2f}" if ref else "-"
+            rel = f"{growth / max(_growth(ref), 1e-9):.2f}" if ref else "-"
             row = (name, mode, r, f"{m['s_per_step']:.3f}", speed, f"{m['base_mib']:.0f}", f"{m['peak_mib']:.0f}",
                    f"{growth:.0f}", rel, "on (after an OOM)" if m["ckpt"] else "off", f"{m['total_s']:.1f}")
             if reference:
                 real = reference.get(r)
                 row += (f"{real['s_per_step'] / m['s_per_step']:.2f}x", f"{m['peak_mib'] / real['peak_mib']:.2f}",
-                        f"{growth / max(real['peak_mib'] - real['base_mib'], 1e-9):.2f}") \
+                        f"{growth / max(_growth(real), 1e-9):.2f}") \
                     if isinstance(real, dict) else ("-", "-", "-")
             sys.stdout.write(" | ".join(str(c) for c in row) + "\n")
             sys.stdout.flush()

@@ -165,7 +165,6 @@ def needs_loss_scaling(compute_dtype: torch.dtype, autocast_bf16: bool) -> bool:
     return compute_dtype == torch.float16 and not autocast_bf16
 
 
-
 class _Unscale(torch.autograd.Function):
     """Identity forward; backward divides the gradient by the scale and records whether it is finite."""
 
@@ -213,6 +212,7 @@ class BoundaryLossScaler:
             self.scale *= self.backoff
             self.good_steps = 0
         return ok
+
 
 # ---- low-rank weight gradients --------------------------------------------------------------------------------
 

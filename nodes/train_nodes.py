@@ -442,14 +442,15 @@ class _Trainer:
         den = self._denoise(mp, x0, noise, sigma, ctx if sc is None else sc.boundary(ctx), y)
         diffusion = diffusion_loss(den, x0, sigma, self.prediction, self.sigma_data)
         keep = preservation_loss(ctx, frozen_ctx, self.instance_rows, s.preservation_weight_start,
-                                 s.preservation_weight_rest) if paper else torch.zeros((), device=diffusion.device)
-        (diffusion + keep if sc is None else diffusion * sc.scale + keep).backward()
+                                 s.preservation_weight_rest) if paper else 0.0
+        loss = diffusion + keep
+        (loss if sc is None else diffusion * sc.scale + keep).backward()
         if sc is None or sc.update():
             self._clip_and_step(opt, params)
         else:
             log.info("training step skipped: the float16 UNet's gradient overflowed; loss scale lowered to %g",
                      sc.scale)
-        return (diffusion + keep).detach()
+        return loss.detach()
 
     def _clip_and_step(self, opt, params) -> None:
         """clip_grad_norm_(all trainable parameters, MAX_GRAD_NORM), then AdamW. The low-rank Linears' gradients
