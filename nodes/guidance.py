@@ -172,9 +172,11 @@ class Cones2CrossAttention:
             raise Cones2Error(f"cannot map {q.shape[1]} attention pixels to a {h}x{w} grid; this UNet layout is "
                               "not supported by Layout Guidance")
         t = k.shape[1]
-        if sum(len(g.rows) for g in groups) < q.shape[0]:
-            # Unguided rows (the uncond pass, other prompts): the host's own attention over the whole batch, the
-            # very call an unpatched model makes, so they stay bit-identical (a sub-batch can round differently).
+        biased = [g for g in groups if g.spec.guidance_weight != 0]
+        if sum(len(g.rows) for g in biased) < q.shape[0]:
+            # Unbiased rows (the uncond pass, other prompts, guidance_weight 0): the host's own attention over the
+            # whole batch, the very call an unpatched model makes, so they stay bit-identical (a sub-batch can
+            # round differently).
             out = optimized_attention(q, k, v, heads, attn_precision=extra_options.get("attn_precision"),
                                       transformer_options=extra_options).clone()
         else:
@@ -184,7 +186,8 @@ class Cones2CrossAttention:
             wm = g.spec.weight_map(g.subjects, h, w, t, q.device)
             res, probs = guided_attention(q[rows], k[rows], v[rows], heads, wm, sig, g.spec.guidance_weight,
                                           return_probs=True)
-            out[rows] = res.to(out.dtype)
+            if g.spec.guidance_weight != 0:  # at weight 0 the rows keep the host's output; only the maps are read
+                out[rows] = res.to(out.dtype)
             t0 = next(ref.shape[1] for ref, s in g.spec.conds if s is g.subjects)
             tokens = [[p + r for r in range(0, t, t0) for p in s.positions] for s in g.subjects]
             recording(g.spec.uid).add(h, w, probs, g.subjects, tokens)
@@ -246,7 +249,7 @@ class Cones2Sampler:
                  disable_pbar):
         for spec in self.specs:
             recording(spec.uid, reset=True)
-        rec_specs = [s for s in self.specs if s.self_recurrence]
+        rec_specs = [s for s in self.specs if s.self_recurrence and s.guidance_weight != 0]
         n = len(sigmas) - 1
         guided = [any(in_window(float(sigmas[i]), s.sigma_start, s.sigma_end) for s in rec_specs) for i in range(n)]
         if not any(guided):

@@ -138,7 +138,9 @@ class Cones2LayoutGuidance(io.ComfyNode):
                                         "with coordinates as fractions of the image; optional per-box \"weight\"."),
                 io.Float.Input("guidance_weight", default=0.08, min=0.0, max=2.0, step=0.01,
                                tooltip="Strength of the layout bias (paper default 0.08). Raise it if subjects "
-                                       "leave their boxes; lower it if images look stiff."),
+                                       "leave their boxes; lower it if images look stiff. 0 turns guidance off "
+                                       "(sampling is exactly as without this node; the attention maps still "
+                                       "record)."),
                 io.Float.Input("positive_weight", default=2.5, min=0.0, max=50.0, step=0.1,
                                tooltip="w inside a subject's region (paper: 2.5); a box's own \"weight\" overrides it."),
                 io.Float.Input("negative_weight", default=-1e8, min=-1e9, max=0.0, step=1.0,

@@ -143,6 +143,19 @@ def test_self_recurrence_takes_guided_steps_twice(pack, loaded):
     assert torch.equal(a, sample(m, gpos, neg, steps=3))  # deterministic
 
 
+@pytest.mark.parametrize("fam", ["sd15", "sdxl"])
+def test_guidance_weight_zero_is_unguided_bit_for_bit_and_still_records(pack, loaded, fam):
+    model, clip = loaded(fam)
+    pos, neg = encode(pack, clip), negative(clip)
+    plain = sample(model, pos, neg, steps=3, batch=2)
+    gm, gpos = guide(pack, model, pos, gw=0.0, recurrence=True)  # self-recurrence on: still plain sampling
+    m, log = logged(gm)
+    assert torch.equal(sample(m, gpos, neg, steps=3, batch=2), plain)
+    assert len(log.calls) == 3  # no step taken twice
+    rows = report(pack, gm)  # the unguided attention is recorded for the maps
+    assert {r["subject"] for r in rows} == {"dog", "cat"} and all(r["share"] < 0.99 for r in rows)
+
+
 def test_cfg1_and_batch(pack, loaded):
     model, clip = loaded("sd15")
     pos, neg = encode(pack, clip), negative(clip)
