@@ -15,3 +15,8 @@ echo
 echo "## train residual ($DEVICE)"
 COMFYUI_DIR="$HOST" "$PY" bench/train_residual.py --comfyui "$HOST" --device "$DEVICE" --steps "${TRAIN_STEPS:-6}" \
   2>/dev/null | grep --line-buffered -E "\|"
+if [ "$DEVICE" = cpu ]; then
+  echo
+  echo "## toy world: presence and in-box rates, unguided and guided"
+  COMFYUI_DIR="$HOST" "$PY" bench/toy_world.py --samplers ${SAMPLERS:-euler} 2>/dev/null
+fi

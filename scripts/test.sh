@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Sets everything up on a fresh machine (host, venv, tiny checkpoints) and runs the whole test suite:
+# Sets everything up on a fresh machine (host, venv, tiny checkpoints, the toy world) and runs the whole test suite:
 # ruff, then pytest (core tests on tiny tensors + host tests through the real ComfyUI).
 # Extra arguments go to pytest, e.g.  bash scripts/test.sh -k residual
 set -euo pipefail
@@ -10,6 +10,8 @@ VENV="$(sed -n 's/^VENV=//p' <<<"$env_lines")"
 export COMFYUI_DIR
 echo "[cones2] host: $COMFYUI_DIR  venv: $VENV"
 "$VENV/bin/ruff" check .
+# The trained toy world (harness/toy_world.py) is built once into its cache here, where its progress shows.
+"$VENV/bin/python" harness/toy_world.py --comfyui "$COMFYUI_DIR" >/dev/null
 start=$(date +%s)
 set +e
 "$VENV/bin/python" -m pytest tests "$@"

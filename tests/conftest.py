@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from harness import tiny_checkpoints, tiny_extras
+from harness import tiny_checkpoints, tiny_extras, toy_world
 from harness.host import HostNotFound, find_host
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
@@ -40,6 +40,20 @@ def tiny_ckpts(host_dir) -> dict[str, str]:
     paths = dict(line.split("\t") for line in res.stdout.strip().splitlines())
     assert set(paths) == set(tiny_checkpoints.FAMILIES)
     return paths
+
+
+@pytest.fixture(scope="session")
+def toy_ckpt(host_dir) -> str:
+    """The trained toy world's checkpoint (harness/toy_world.py), built once into its versioned cache (about ten
+    minutes on two cores, with a progress line every 25 training steps on stderr)."""
+    out = toy_world.default_cache_dir()  # CONES2_TOY_DIR overrides
+    res = subprocess.run([sys.executable, toy_world.__file__, "--comfyui", host_dir, "--out", out],
+                         stdout=subprocess.PIPE, stderr=None, text=True, timeout=2400)
+    if res.returncode != 0:
+        pytest.fail(f"building the toy world failed (its log is above):\n{res.stdout}")
+    kind, path = res.stdout.strip().splitlines()[-1].split("\t")
+    assert kind == "toy" and os.path.isfile(path)
+    return path
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,112 @@
+"""The trained toy world (harness/toy_world.py) through the real host: an SD1.5 checkpoint whose words decide
+which objects appear (never where), a VAE that speaks the world, and what Layout Guidance does to its images.
+
+Every generation-level rate is over 16 samples (one batch of 16 noise draws from one seed, 20 euler steps, cfg 5)
+and is compared with the unguided rate of the very same draws.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from harness import toy_measures, toy_world
+
+PAIR = "a photo of a dog and a cat"
+LEFT, RIGHT = toy_measures.LEFT, toy_measures.RIGHT
+
+
+@pytest.fixture(scope="module")
+def world(comfy, toy_ckpt):
+    import comfy.sd
+
+    model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(toy_ckpt, output_vae=True, output_clip=True)
+    return model, clip, vae
+
+
+@pytest.fixture(scope="module")
+def runs(pack, world):
+    """Raw latents of 16 noise draws (one seed), 20 euler steps, cfg 5; Layout Guidance at node defaults when
+    boxes are given. Cached, so each guided run is compared with the unguided run of the same draws."""
+    model, clip, _ = world
+    return toy_measures.Sampler(pack, model, clip)
+
+
+def test_checkpoint_is_sd15_eps_with_the_tiny_clip(world, toy_ckpt, tiny_ckpts):
+    import comfy.model_base
+    import comfy.supported_models
+    from safetensors import safe_open
+
+    model, clip, _ = world
+    assert type(model.model.model_config) is comfy.supported_models.SD15
+    assert model.model.model_type == comfy.model_base.ModelType.EPS
+    assert set(clip.tokenize("a dog")) == {"l"}
+    with safe_open(toy_ckpt, "pt") as ours, safe_open(tiny_ckpts["sd15"], "pt") as theirs:
+        keys = sorted(k for k in ours.keys() if k.startswith("cond_stage_model."))
+        assert keys and keys == sorted(k for k in theirs.keys() if k.startswith("cond_stage_model."))
+        for k in keys:  # the tiny checkpoint's own CLIP-L, bit for bit
+            assert torch.equal(ours.get_tensor(k), theirs.get_tensor(k)), k
+
+
+def test_vae_encodes_pictures_to_the_world_latents_and_decodes_back(world):
+    import nodes
+
+    _, _, vae = world
+    gen = torch.Generator().manual_seed(3)
+    scenes = [toy_world.place(gen, [("dog", False), ("car", True)]), toy_world.place(gen, [("cat", True)])]
+    pictures = torch.stack([toy_world.picture(s) for s in scenes])
+    latents = nodes.VAEEncode().encode(vae, pictures)[0]["samples"]
+    expected = torch.stack([toy_world.render(s) for s in scenes])
+    assert latents.shape == (2, 4, 16, 16)
+    assert (latents - expected).abs().max() < 1e-3
+    decoded = nodes.VAEDecode().decode(vae, {"samples": expected})[0]
+    assert (decoded - pictures).abs().max() < 1e-3
+    # the objects are visible: each one's colour at its centre, the grey background elsewhere
+    for scene, image in zip(scenes, decoded, strict=True):
+        for name, _big, cy, cx in scene:
+            pixel = image[int(cy * 8), int(cx * 8)]
+            assert torch.allclose(pixel, torch.tensor(toy_world.object_colour(name)), atol=0.02), (name, pixel)
+        found = toy_measures.find_all(nodes.VAEEncode().encode(vae, image[None])[0]["samples"][0])
+        for name, big, cy, cx in scene:
+            f = found[name]
+            assert f.present and abs(f.cx * 16 - cx) < 0.3 and abs(f.cy * 16 - cy) < 0.3
+            assert abs(f.radius - (toy_world.BIG_RADIUS if big else toy_world.RADIUS)) < 0.5
+        assert sum(f.present for f in found.values()) == len(scene)
+
+
+@pytest.mark.parametrize("prompt,objects", [("a photo of a dog", ["dog"]), ("a photo of a car", ["car"]),
+                                            (PAIR, ["dog", "cat"])])
+def test_prompted_objects_appear_and_unprompted_do_not(runs, prompt, objects):
+    s = toy_measures.summarise(runs(prompt), objects)
+    assert s["presence"] >= 0.9, s
+    assert s["unprompted"] <= 0.05, s
+
+
+def test_big_makes_the_object_big(runs):
+    plain = toy_measures.summarise(runs("a photo of a dog"), ["dog"])
+    big = toy_measures.summarise(runs("a photo of a big dog"), ["dog"])
+    assert big["presence"] >= 0.9 and big["unprompted"] <= 0.05, big
+    assert abs(plain["radius"]["dog"] - toy_world.RADIUS) < 0.6, plain["radius"]
+    assert big["radius"]["dog"] > plain["radius"]["dog"] + 0.8, (plain["radius"], big["radius"])
+
+
+def test_unguided_pairs_land_in_boxes_only_by_chance(runs):
+    s = toy_measures.summarise(runs(PAIR), ["dog", "cat"], {"dog": LEFT, "cat": RIGHT})
+    swapped = toy_measures.summarise(runs(PAIR), ["dog", "cat"], {"dog": RIGHT, "cat": LEFT})
+    assert s["in_boxes"] <= 0.6 and swapped["in_boxes"] <= 0.6, (s["in_boxes"], swapped["in_boxes"])
+
+
+@pytest.mark.parametrize("boxes", [{"dog": LEFT, "cat": RIGHT}, {"dog": RIGHT, "cat": LEFT}],
+                         ids=["dog-left", "dog-right"])
+def test_guidance_with_node_defaults_puts_both_subjects_in_their_boxes(runs, boxes):
+    unguided = toy_measures.summarise(runs(PAIR), ["dog", "cat"], boxes)
+    guided = toy_measures.summarise(runs(PAIR, boxes), ["dog", "cat"], boxes)
+    assert guided["in_boxes"] >= 0.9, (guided["in_boxes"], unguided["in_boxes"])
+    assert guided["in_boxes"] >= unguided["in_boxes"] + 0.3, (guided["in_boxes"], unguided["in_boxes"])
+    assert guided["presence"] >= unguided["presence"] - 0.05 and guided["unprompted"] <= 0.05, guided
+
+
+def test_guidance_weight_zero_samples_exactly_as_unguided(runs):
+    plain = runs(PAIR)
+    off = runs(PAIR, {"dog": LEFT, "cat": RIGHT}, guidance_weight=0.0)  # self-recurrence on, as by default
+    assert torch.equal(plain, off)
