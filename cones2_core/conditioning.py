@@ -8,7 +8,8 @@ concatenation of the chunks along the token axis, so a token at position ``p`` o
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import unicodedata
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -48,6 +49,78 @@ def find_occurrences(chunks: Sequence[Sequence[object]], pattern: Sequence[int],
             if ids[p:p + n] == list(pattern):
                 found.append([c * chunk_len + p + i for i in range(n)])
     return found
+
+
+def _bpe_byte_alphabet() -> dict[str, int]:
+    """Byte-level BPE's alphabet (CLIP, GPT-2): the printable character each byte is written as -> the byte.
+    Printable Latin-1 bytes stand for themselves; the other 68 bytes are written as chr(256 + k) in byte order."""
+    kept = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1),
+            *range(ord("\u00ae"), ord("\u00ff") + 1)]
+    alphabet = {chr(b): b for b in kept}
+    others = [b for b in range(256) if b not in alphabet.values()]
+    alphabet.update({chr(256 + k): b for k, b in enumerate(others)})
+    return alphabet
+
+
+_BPE_BYTES = _bpe_byte_alphabet()
+
+
+def bpe_token_bytes(token: object) -> bytes | None:
+    """The UTF-8 bytes a CLIP BPE token (e.g. 'ç', 'Ĭ', '¬</w>') spells; a word-final token gets a trailing b" ".
+    None for anything that is not such a token."""
+    if not isinstance(token, str):
+        return None
+    final = token.endswith("</w>")
+    try:
+        piece = bytes(_BPE_BYTES[ch] for ch in token.removesuffix("</w>"))
+    except KeyError:
+        return None
+    return piece + b" " if final else piece
+
+
+def spelled_without_spaces(word: str) -> bool:
+    """Whether ``word`` holds a letter of a script written without spaces (CJK, kana, Thai: Unicode category
+    Lo) or a symbol such as an emoji (category S*). Such a word can sit inside a longer run of text ("犬" in
+    "一只犬和猫", "🐶" in "🐶🐱") where its own tokens differ from the run's, so it is found by spelling."""
+    return any(unicodedata.category(ch) == "Lo" or unicodedata.category(ch).startswith("S") for ch in word)
+
+
+def find_spelled(token_text: Sequence[Sequence[bytes | None]], word: str, chunk_len: int) -> list[list[int]]:
+    """Occurrences of ``word`` found by what the prompt's tokens spell, as lists of flat token rows.
+
+    ``token_text``: per chunk, per token, the UTF-8 bytes the token decodes to (a word-final token ends with
+    b" "), or None for start, end, padding and embedding tokens. Each occurrence is the rows of every token
+    whose bytes overlap the word's; the text is lower-cased as CLIP's tokenizer does.
+    """
+    needle = " ".join(word.lower().split()).encode("utf-8")
+    if not needle:
+        return []
+    found = []
+    for c, chunk in enumerate(token_text):
+        text, spans = b"", []
+        for p, piece in enumerate(chunk):
+            if piece is None:
+                text += b"\0"  # nothing matches across a start, end or embedding token
+                continue
+            spans.append((len(text), len(text) + len(piece), c * chunk_len + p))
+            text += piece
+        start = text.find(needle)
+        while start >= 0:
+            end = start + len(needle)
+            rows = [row for a, b, row in spans if a < end and b > start]
+            if rows:
+                found.append(rows)
+            start = text.find(needle, end)
+    return found
+
+
+def agreed_occurrences(per_key: Mapping[str, list[list[int]]]) -> list[list[int]]:
+    """One list of occurrences from each text encoder's (SDXL has two): theirs when they agree, else the
+    shortest, so that no row is guided or changed that one encoder does not give the word."""
+    results = list(per_key.values())
+    if not results:
+        return []
+    return results[0] if all(r == results[0] for r in results) else min(results, key=len)
 
 
 @dataclass(frozen=True)

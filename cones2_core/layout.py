@@ -19,9 +19,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .errors import Cones2Error
+from .errors import Cones2Error, short
 
 LAYOUT_VERSION = 1
+MAX_LAYOUT_CHARS = 1_000_000
+MAX_BOX_WEIGHT = 50.0  # the node's positive_weight maximum
 _SLACK = 1e-6  # tolerance on coordinates just outside 0..1 (float rounding in the editor)
 _BOX_EXAMPLE = '{"subject": "dog", "x": 0.1, "y": 0.1, "w": 0.4, "h": 0.8}'
 _EXAMPLE = '{"version": 1, "boxes": [' + _BOX_EXAMPLE + ']}'
@@ -83,7 +85,7 @@ def _parse_box(index: int, raw) -> Box:
     if not isinstance(subject, str) or not subject.strip():
         raise Cones2Error(f"box {index} has no subject: type the subject word for it (e.g. \"dog\")")
     subject = subject.strip()
-    name = f"box {index} ({subject!r})"
+    name = f"box {index} ({short(repr(subject))})"
     coords = {}
     for key in ("x", "y", "w", "h"):
         if key not in raw:
@@ -105,6 +107,9 @@ def _parse_box(index: int, raw) -> Box:
     weight = raw.get("weight")
     if weight is not None:
         weight = _number(weight, f"{name}: 'weight'")
+        if not 0 <= weight <= MAX_BOX_WEIGHT:
+            raise Cones2Error(f"{name}: 'weight' = {weight:g} is outside 0..{MAX_BOX_WEIGHT:g} (the range of the "
+                              "node's positive_weight); leave it empty to use positive_weight")
     return Box(subject, x, y, w, h, weight)
 
 
@@ -114,8 +119,14 @@ def parse_layout(text: str) -> Layout:
         raise Cones2Error(f"the layout must be JSON text, got {type(text).__name__}")
     if not text.strip():
         raise Cones2Error(f"the layout is empty: draw at least one box in the layout editor (or paste {_EXAMPLE})")
+    if len(text) > MAX_LAYOUT_CHARS:
+        raise Cones2Error(f"the layout is {len(text)} characters long; a layout is at most {MAX_LAYOUT_CHARS} "
+                          f"(a few boxes like {_EXAMPLE})")
     try:
         data = json.loads(text)
+    except RecursionError:
+        raise Cones2Error(f"the layout's JSON is nested too deeply to read; a layout is one object with a list of "
+                          f"boxes, e.g. {_EXAMPLE}") from None
     except json.JSONDecodeError as err:
         raise Cones2Error(
             f"the layout is not valid JSON: {err.msg} at line {err.lineno} column {err.colno} (char {err.pos}); "

@@ -24,7 +24,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save as st_save
 
-from .errors import Cones2Error
+from .errors import Cones2Error, short
 
 log = logging.getLogger("comfyui-cones2")
 
@@ -38,6 +38,7 @@ REFERENCE_EXTENSIONS = (".pt", ".pth", ".bin")
 ACCEPTED_EXTENSIONS = (".safetensors", *REFERENCE_EXTENSIONS)
 _REFERENCE_FAMILY_BY_WIDTH = {1024: ("sd2", "h"), 768: ("sd1", "l")}
 _ROOT_HINT = "residual file names must be relative to models/cones2_residuals/"
+MAX_RESIDUAL_VALUE = 1e4  # |value| bound: text encoder outputs are O(1..100), residuals smaller
 
 
 def _quoted(keys) -> str:
@@ -57,7 +58,7 @@ def _check_family(family: str) -> dict[str, int]:
 
 def _check_subject(subject: object) -> str:
     if not isinstance(subject, str) or not subject.strip():
-        raise Cones2Error(f"the residual's subject word is {subject!r}; set it to the class word, e.g. 'dog'")
+        raise Cones2Error(f"the residual's subject word is {short(repr(subject))}; set it to the class word, e.g. 'dog'")
     return subject.strip()
 
 
@@ -150,6 +151,13 @@ class Residual:
                 raise Cones2Error(
                     f"the '{key}' tensor contains NaN or infinite values; retrain the subject "
                     "(e.g. with a lower learning rate) or re-export it"
+                )
+            peak = float(t.abs().max())
+            if peak > MAX_RESIDUAL_VALUE:
+                raise Cones2Error(
+                    f"the '{key}' tensor holds a value of magnitude {peak:.3g}; a residual is a small offset to the "
+                    f"text encoder's output (allowed: at most {MAX_RESIDUAL_VALUE:g}; trained ones stay far below). "
+                    "The file is corrupt or not a Cones 2 residual"
                 )
             counts[key] = int(t.shape[0])
         if len(set(counts.values())) > 1:

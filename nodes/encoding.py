@@ -12,10 +12,14 @@ from ..cones2_core.conditioning import (
     CHANNELS,
     Placement,
     add_residuals,
+    agreed_occurrences,
+    bpe_token_bytes,
     family_of_encoder_keys,
     find_occurrences,
+    find_spelled,
+    spelled_without_spaces,
 )
-from ..cones2_core.errors import Cones2Error
+from ..cones2_core.errors import Cones2Error, short
 from ..cones2_core.residual import FAMILY_NAMES, Residual
 
 COND_KEY = "cones2"  # key of our record in the conditioning dict
@@ -59,16 +63,38 @@ def prompt_words(text: str) -> list[str]:
     return list(dict.fromkeys(words))
 
 
-def word_positions(clip, tokens, word: str) -> list[list[int]]:
-    """Occurrences of ``word`` in the prompt, as lists of token rows (agreeing across SDXL's encoders)."""
+def token_text(clip, text: str) -> dict[str, list[list[bytes | None]]]:
+    """Per encoder key, per chunk, per token: the UTF-8 bytes the token spells (b" " after a word's last token),
+    None for start/end/padding/embeddings. Empty when the tokenizer is not a CLIP byte-level BPE."""
+    out = {}
+    for key, chunks in clip.tokenize(text, return_word_ids=True).items():
+        vocab = getattr(getattr(clip.tokenizer, f"clip_{key}", None), "inv_vocab", None)
+        if not isinstance(vocab, dict):
+            return {}
+        out[key] = [[bpe_token_bytes(vocab.get(t)) if wid != 0 and isinstance(t, int) else None
+                     for t, _weight, wid in chunk] for chunk in chunks]
+    return out
+
+
+def spelled_positions(text_by_key: dict, word: str) -> list[list[int]]:
+    """Occurrences of a word written without spaces ("犬" in "一只犬和猫", "🐶"), found by spelling; [] for others."""
+    if not text_by_key or not spelled_without_spaces(word):
+        return []
+    return agreed_occurrences({k: find_spelled(chunks, word, len(chunks[0])) for k, chunks in text_by_key.items()})
+
+
+def word_positions(clip, tokens, word: str, text_by_key: dict | None = None) -> list[list[int]]:
+    """Occurrences of ``word`` in the prompt, as lists of token rows (agreeing across SDXL's encoders).
+
+    A word's own tokens are searched for first; a word of a script written without spaces, or a symbol, that
+    sits inside a longer run is then found by what the tokens spell (``text_by_key``, from ``token_text``)."""
     per_key = {}
     for key, pattern in word_tokens(clip, word).items():
         if not pattern:
             return []
         chunks = tokens[key]
         per_key[key] = find_occurrences(_token_ids(chunks), pattern, len(chunks[0]))
-    results = list(per_key.values())
-    return results[0] if all(r == results[0] for r in results) else min(results, key=len)
+    return agreed_occurrences(per_key) or spelled_positions(text_by_key or {}, word)
 
 
 def encode_with_residuals(clip, text: str, residuals: list[Residual] | None):
@@ -82,6 +108,7 @@ def encode_with_residuals(clip, text: str, residuals: list[Residual] | None):
     residuals = list(residuals or [])
     family = clip_family(clip)
     tokens = clip.tokenize(text)
+    spelled = token_text(clip, text)
     words = prompt_words(text)
     placements = []
     subjects: dict[str, list[list[int]]] = {}
@@ -91,11 +118,11 @@ def encode_with_residuals(clip, text: str, residuals: list[Residual] | None):
             raise Cones2Error(f"residual '{name}' is for {_describe(res.family)} but the connected CLIP is "
                               f"{_describe(family)}: connect the CLIP of a {FAMILY_NAMES[res.family]} checkpoint "
                               f"or use a residual made for {FAMILY_NAMES[family]}")
-        occ = word_positions(clip, tokens, res.subject)
+        occ = word_positions(clip, tokens, res.subject, spelled)
         if not occ:
-            raise Cones2Error(f"the subject word '{res.subject}' of residual '{name}' is not in the prompt; the prompt's "
-                              f"words are: {', '.join(words) or '(none)'}. Add '{res.subject}' to the prompt or set the "
-                              "residual's subject to one of these words")
+            raise Cones2Error(f"the subject word '{short(res.subject)}' of residual '{short(name)}' is not in the prompt; "
+                              f"the prompt's words are: {short(', '.join(words) or '(none)', 400)}. Add "
+                              f"'{short(res.subject)}' to the prompt or set the residual's subject to one of these words")
         if len(occ[0]) != res.n_tokens:
             raise Cones2Error(f"residual '{name}' has {res.n_tokens} token rows but the word '{res.subject}' has "
                               f"{len(occ[0])} token(s) for this tokenizer: set the subject to the word the residual "
@@ -115,7 +142,7 @@ def encode_with_residuals(clip, text: str, residuals: list[Residual] | None):
         if width != expected:
             raise Cones2Error(f"the CLIP produced a {width}-wide conditioning; {_describe(family)} needs {expected}")
         record = {"version": 1, "prompt": text, "family": family, "n_tokens": int(cond.shape[1]),
-                  "words": {w: p for w, p in positions_by_word.items() if p},
+                  "words": {w: p for w, p in positions_by_word.items() if p}, "token_text": spelled,
                   "residuals": [{"subject": r.subject, "source": r.source, "strength": float(r.strength)}
                                 for r in residuals]}
         new_cond = add_residuals(cond, placements) if placements else cond

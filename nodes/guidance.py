@@ -24,6 +24,7 @@ from ..cones2_core.attention import guided_attention
 from ..cones2_core.errors import Cones2Error
 from ..cones2_core.layout import build_weight_map, rasterize_boxes, resize_mask
 from ..cones2_core.schedule import in_window, recurrence_plan, renoise_scale
+from .common import warn
 
 log = logging.getLogger("comfyui-cones2")
 
@@ -203,6 +204,8 @@ class Cones2ApplyModel:
     def __call__(self, executor, x, t, c_concat, c_crossattn, control, transformer_options, **kwargs):
         self._check_patches(transformer_options)
         groups = self.groups(c_crossattn, t, transformer_options.get("cond_or_uncond") or [0])
+        for g in groups:
+            recording(g.spec.uid).calls += 1
         if groups:
             transformer_options = {**transformer_options, CALL_KEY: groups}
         return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
@@ -249,17 +252,31 @@ class Cones2Sampler:
                  disable_pbar):
         for spec in self.specs:
             recording(spec.uid, reset=True)
+        out = self._sample(executor, guider, sigmas, extra_args, callback, noise, latent_image, denoise_mask,
+                           disable_pbar)
+        unused = [s for s in self.specs if recording(s.uid).calls == 0]
+        if unused:
+            warn(
+                "Cones2 Layout Guidance: this sampling run never used the guided prompt as its positive "
+                "conditioning, so nothing was guided (%d of %d layouts). Connect the CONDITIONING output of "
+                "Cones2 Layout Guidance to the sampler's positive input (the negative is never guided), or "
+                "widen start_percent/end_percent", len(unused), len(self.specs))
+        return out
+
+    def _sample(self, executor, guider, sigmas, extra_args, callback, noise, latent_image, denoise_mask,
+                disable_pbar):
         rec_specs = [s for s in self.specs if s.self_recurrence and s.guidance_weight != 0]
         n = len(sigmas) - 1
         guided = [any(in_window(float(sigmas[i]), s.sigma_start, s.sigma_end) for s in rec_specs) for i in range(n)]
         if not any(guided):
             return executor(guider, sigmas, extra_args, callback, noise, latent_image, denoise_mask, disable_pbar)
         if denoise_mask is not None:
-            log.warning("Cones2: self-recurrence is skipped with an inpainting mask; sampling normally")
+            warn("Cones2: self-recurrence is skipped with an inpainting mask; sampling normally")
             return executor(guider, sigmas, extra_args, callback, noise, latent_image, denoise_mask, disable_pbar)
         plan = recurrence_plan([float(s) for s in sigmas], guided)
         total = sum((stop - start) * reps for start, stop, reps in plan)
-        gen = torch.Generator(device="cpu").manual_seed(int(extra_args.get("seed", 0) or 0) + 0x5EED)
+        # the sampler's seed goes up to 2^64 - 1: derive the re-noising seed modulo 2^64
+        gen = torch.Generator(device="cpu").manual_seed((int(extra_args.get("seed", 0) or 0) + 0x5EED) % 2**64)
         x, done = None, 0
         for start, stop, reps in plan:
             for r in range(reps):

@@ -10,11 +10,12 @@ import uuid
 import torch
 from comfy_api.latest import io
 
-from ..cones2_core.errors import Cones2Error
-from ..cones2_core.layout import colour_map_regions, parse_layout
+from ..cones2_core.errors import Cones2Error, check_number, short
+from ..cones2_core.layout import MAX_BOX_WEIGHT, MAX_LAYOUT_CHARS, colour_map_regions, parse_layout
 from ..cones2_core.maps import render_panel, share_inside
-from .common import CATEGORY
-from .encoding import COND_KEY
+from ..cones2_core.residual import FAMILY_NAMES
+from .common import CATEGORY, warn
+from .encoding import COND_KEY, spelled_positions
 from .guidance import GuidanceSpec, SubjectRegion, find_recording, install, specs_of
 
 log = logging.getLogger("comfyui-cones2")
@@ -40,9 +41,13 @@ def _colour_pairs(text: str) -> dict[str, str]:
 
 
 def _has_boxes(text: str) -> bool:
+    if not text or not text.strip():
+        return False
+    if len(text) > MAX_LAYOUT_CHARS:
+        return True  # let parse_layout report the size
     try:
-        data = json.loads(text) if text and text.strip() else {}
-    except json.JSONDecodeError:
+        data = json.loads(text)
+    except (json.JSONDecodeError, RecursionError):
         return True  # let parse_layout report the JSON error
     return not isinstance(data, dict) or bool(data.get("boxes"))
 
@@ -53,19 +58,31 @@ def subject_positions(record: dict, subject: str) -> tuple[int, ...]:
     key = subject.lower().strip()
     if key in words:
         return tuple(words[key])
+    spelled = spelled_positions(record.get("token_text") or {}, key)  # "犬" inside "一只犬和猫", "🐶"
+    if spelled:
+        return tuple(sorted({r for o in spelled for r in o}))
     parts = re.findall(r"[^\W_]+(?:['-][^\W_]+)*", key)
     if parts and all(p in words for p in parts):
         return tuple(sorted({r for p in parts for r in words[p]}))
-    raise Cones2Error(f"the layout's subject '{subject}' is not a word of the prompt; the prompt's words are: "
-                      f"{', '.join(words) or '(none)'}. Rename the box or add the word to the prompt")
+    raise Cones2Error(f"the layout's subject '{short(subject)}' is not a word of the prompt; the prompt's words are: "
+                      f"{short(', '.join(words) or '(none)', 400)}. Rename the box or add the word to the prompt")
 
 
 def build_spec(model, conditioning, layout, guidance_weight, positive_weight, negative_weight, start_percent,
                end_percent, self_recurrence, masks=None, mask_subjects="", colour_map=None, colour_subjects=""):
     if not conditioning:
         raise Cones2Error("the conditioning input is empty: connect Cones2 Apply Residuals to Conditioning")
-    if not 0.0 <= start_percent <= end_percent <= 1.0:
+    # The API accepts NaN and values past the widgets' limits; every number is checked here, not at the sampler.
+    guidance_weight = check_number(guidance_weight, "guidance_weight", 0.0, 2.0)
+    positive_weight = check_number(positive_weight, "positive_weight", 0.0, MAX_BOX_WEIGHT)
+    negative_weight = check_number(negative_weight, "negative_weight", -1e9, 0.0)
+    start_percent = check_number(start_percent, "start_percent", 0.0, 1.0)
+    end_percent = check_number(end_percent, "end_percent", 0.0, 1.0)
+    if not start_percent <= end_percent:
         raise Cones2Error(f"need 0 <= start_percent <= end_percent <= 1, got {start_percent} and {end_percent}")
+    if start_percent == end_percent:
+        warn("Cones2 Layout Guidance: start_percent = end_percent = %g leaves no part of the schedule to "
+                    "guide, so this node changes nothing; widen the window (e.g. 0 to 1)", start_percent)
     # regions per subject, from boxes, masks and a colour map
     boxes: dict[str, list] = {}
     weights: dict[str, float] = {}
@@ -84,6 +101,9 @@ def build_spec(model, conditioning, layout, guidance_weight, positive_weight, ne
         for name, mask in zip(names, m, strict=True):
             region_masks.setdefault(name, []).append(mask.float().cpu())
     if colour_map is not None:
+        if colour_map.shape[0] > 1:
+            warn("Cones2 Layout Guidance: the colour_map input holds %d images; only the first is used "
+                        "(one layout for every sample of the batch)", colour_map.shape[0])
         pairs = _colour_pairs(colour_subjects)
         if not pairs:
             raise Cones2Error("a colour_map is connected but colour_subjects is empty: write '#rrggbb=word' pairs")
@@ -91,12 +111,20 @@ def build_spec(model, conditioning, layout, guidance_weight, positive_weight, ne
             region_masks.setdefault(name, []).append(region.float())
     subjects = list(dict.fromkeys([*boxes, *region_masks]))
     conds = []
+    context_dim = (getattr(model.model, "model_config", None) and
+                   model.model.model_config.unet_config.get("context_dim"))
     for cond, extra in conditioning:
         record = extra.get(COND_KEY)
         if record is None:
             raise Cones2Error("this conditioning does not say where the prompt's words are: encode the prompt with "
                               "'Cones2 Apply Residuals to Conditioning' (it works without residuals too) instead of "
                               "CLIP Text Encode, and connect its output here")
+        if context_dim and cond.shape[-1] != context_dim:
+            cond_family = FAMILY_NAMES.get(record.get("family"), "another model")
+            model_family = {768: "SD1.5", 1024: "SD2.x", 2048: "SDXL"}.get(context_dim, f"{context_dim}-wide")
+            raise Cones2Error(f"the conditioning is {cond_family} text ({cond.shape[-1]} wide) but the model is "
+                              f"{model_family} (it reads {context_dim}-wide text): encode the prompt with the CLIP of "
+                              "the same checkpoint as the model")
         regions = tuple(SubjectRegion(s, subject_positions(record, s), tuple(boxes.get(s, ())),
                                       tuple(region_masks.get(s, ())), float(weights.get(s, positive_weight)))
                         for s in subjects)

@@ -22,6 +22,7 @@ import copy
 import logging
 import math
 import os
+import tempfile
 import time
 import types
 
@@ -410,7 +411,7 @@ class _Trainer:
                                         transformer_options=topts, **extra).float()
 
     def _eval_set(self):
-        g = torch.Generator().manual_seed(self.s.seed + 1)
+        g = torch.Generator().manual_seed((self.s.seed + 1) % 2**64)
         x0 = torch.cat([latent_batch(self.latents, self.size, 1, g, flip=False) for _ in range(EVAL_SAMPLES)])
         noise = torch.randn(x0.shape, generator=g).to(self.device)
         q = torch.linspace(0.1, 0.9, EVAL_SAMPLES)
@@ -633,6 +634,40 @@ def residual_save_path(save_name: str) -> str:
     return resolve_residual_path(default_residual_folder(), name)
 
 
+MAX_NAME_BYTES = 200  # file systems allow 255; the counter and the temporary file's affixes need the rest
+
+
+def free_path(path: str) -> str:
+    """``path`` when no file is there, else the first free ``<stem>_00001.safetensors``, ``_00002``, ...: an
+    existing residual is never replaced (the host's own savers number their files the same way)."""
+    if not os.path.lexists(path):
+        return path
+    stem, ext = os.path.splitext(path)
+    n = 1
+    while os.path.lexists(f"{stem}_{n:05d}{ext}"):
+        n += 1
+    return f"{stem}_{n:05d}{ext}"
+
+
+def prepare_destination(save_name: str) -> str:
+    """Check, before any training, that the residual can be written: the name stays inside the residuals folder
+    and is short enough, its sub-folders exist or can be made, and the folder is writable. Returns the path."""
+    path = residual_save_path(save_name)
+    name = os.path.basename(path)
+    if len(name.encode()) > MAX_NAME_BYTES:
+        raise Cones2Error(f"save_name is {len(name.encode())} bytes long as a file name; use at most "
+                          f"{MAX_NAME_BYTES} (e.g. 'my_dog')")
+    folder = os.path.dirname(path)
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise Cones2Error(f"cannot write residuals into {folder!r} ({e.strerror or e}); pick another save_name or "
+                          "make that folder writable") from e
+    return path
+
+
 class Cones2TrainResidual(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -675,8 +710,10 @@ class Cones2TrainResidual(io.ComfyNode):
                              tooltip="Seed of the crops, noise and timesteps: the same seed gives the same "
                                      "residual."),
                 io.String.Input("save_name", default="cones2_subject",
-                                tooltip="File name in models/cones2_residuals/ ('.safetensors' is added). Written "
-                                        "only when training finishes."),
+                                tooltip="File name in models/cones2_residuals/ ('.safetensors' is added; sub-folders "
+                                        "are made). Written only when training finishes; an existing file is "
+                                        "never replaced: a counter is added (name_00001) and the output says "
+                                        "which file was written."),
                 io.Combo.Input("mode", options=list(MODES), default="paper",
                                tooltip="paper: fine-tune a private text-encoder copy as the Cones 2 paper. fast: "
                                        "optimise the residual directly (our addition; much cheaper)."),
@@ -701,7 +738,7 @@ class Cones2TrainResidual(io.ComfyNode):
                 mode="paper", images=None, image_folder="") -> io.NodeOutput:
         import comfy.utils
 
-        path = residual_save_path(save_name)  # refuse a bad name before spending time on training
+        path = prepare_destination(save_name)  # refuse a bad destination before spending time on training
         pictures = collect_images(images, image_folder or "")
         settings = TrainSettings(mode=mode, steps=int(steps), learning_rate=float(learning_rate),
                                  preservation_weight_start=float(preservation_weight_start),
@@ -709,12 +746,21 @@ class Cones2TrainResidual(io.ComfyNode):
                                  resolution=int(resolution), batch_size=int(batch_size), seed=int(seed))
         pbar = comfy.utils.ProgressBar(int(steps))
         residual, losses, eval_points = train_residual(model, clip, vae, pictures, subject, settings, pbar)
-        save_residual(residual, path)
-        filename = os.path.relpath(path, default_residual_folder())
-        log.info("saved residual %s", path)
         curve = draw_loss_curve(losses, eval_points, title=f"{residual.subject} ({mode}): "
                                 f"eval {eval_points[0][1]:.4g} -> {eval_points[-1][1]:.4g}")
-        return io.NodeOutput([residual.with_strength(1.0)], filename, torch.from_numpy(curve).unsqueeze(0))
+        outputs = ([residual.with_strength(1.0)], torch.from_numpy(curve).unsqueeze(0))
+        final = free_path(path)
+        try:
+            save_residual(residual, final)
+        except Cones2Error as e:  # the training is not lost: the residual still flows to the next nodes
+            message = (f"the residual was trained but could not be written to {final}: {e}. It is still passed on "
+                       "through the 'residuals' output; fix the folder and run again to save it")
+            log.error("Cones2 Train Residual: %s", message)
+            return io.NodeOutput(outputs[0], "", outputs[1], ui={"text": [message]})
+        filename = os.path.relpath(final, default_residual_folder())
+        note = "" if final == path else f" ({os.path.basename(path)} exists and was kept)"
+        log.info("saved residual %s%s", final, note)
+        return io.NodeOutput(outputs[0], filename, outputs[1], ui={"text": [f"saved {filename}{note}"]})
 
 
 NODES = [Cones2TrainResidual]

@@ -312,6 +312,64 @@ def test_interrupt_writes_nothing(pack, sd15, res_dir, monkeypatch):
     assert not any(p.name.startswith(("interrupted", ".interrupted")) for p in res_dir.iterdir())
 
 
+def test_an_existing_residual_is_never_overwritten(pack, sd15, res_dir):
+    first = train(pack, sd15, subject="cat", mode="fast", steps=1, save_name="keep")
+    assert first[1] == "keep.safetensors"
+    before = (res_dir / "keep.safetensors").read_bytes()
+    second = train(pack, sd15, subject="dog", mode="fast", steps=1, save_name="keep")
+    third = train(pack, sd15, subject="dog", mode="fast", steps=1, save_name="keep.safetensors")
+    assert (second[1], third[1]) == ("keep_00001.safetensors", "keep_00002.safetensors")
+    assert (res_dir / "keep.safetensors").read_bytes() == before  # the cat residual is untouched
+    load = pack.cones2_core.residual.load_residual
+    assert load(str(res_dir / "keep.safetensors")).subject == "cat"
+    assert load(str(res_dir / "keep_00001.safetensors")).subject == "dog"
+
+
+def test_destination_is_checked_before_training(pack, sd15, res_dir, monkeypatch):
+    Cones2Error = pack.cones2_core.errors.Cones2Error
+    tn = pack.nodes.train_nodes
+
+    def no_training(*a, **k):
+        raise AssertionError("training started although the destination is unusable")
+
+    monkeypatch.setattr(tn, "train_residual", no_training)
+    with pytest.raises(Cones2Error, match=r"save_name is 3\d\d bytes long as a file name; use at most 200"):
+        train(pack, sd15, save_name="d" * 300)
+    (res_dir / "a_file").write_text("not a folder")
+    with pytest.raises(Cones2Error, match="cannot write residuals into"):
+        train(pack, sd15, save_name="a_file/dog")
+    monkeypatch.undo()
+    out = train(pack, sd15, mode="fast", steps=1, save_name="new_folder/deeper/dog")  # sub-folders are made
+    assert out[1] == os.path.join("new_folder", "deeper", "dog.safetensors")
+    assert (res_dir / "new_folder" / "deeper" / "dog.safetensors").is_file()
+
+
+def test_a_failed_final_write_keeps_the_trained_residual(pack, sd15, res_dir, monkeypatch, caplog):
+    Cones2Error = pack.cones2_core.errors.Cones2Error
+    tn = pack.nodes.train_nodes
+
+    def disk_full(residual, path):
+        raise Cones2Error(f"could not write residual {path!r} ([Errno 28] No space left on device)")
+
+    monkeypatch.setattr(tn, "save_residual", disk_full)
+    with caplog.at_level("ERROR", logger="comfyui-cones2"):
+        with torch.inference_mode():
+            out = tn.Cones2TrainResidual.execute(sd15[0], sd15[1], sd15[2], subject=SUBJECT, steps=1,
+                                                 learning_rate=1e-2, resolution=64, seed=1, save_name="lost",
+                                                 mode="fast", images=blob_images())
+    chain, filename, _curve = out.result
+    assert filename == "" and len(chain) == 1 and chain[0].subject == SUBJECT  # the residual is still passed on
+    assert "was trained but could not be written" in caplog.text and "No space left" in caplog.text
+    assert "could not be written" in out.ui["text"][0]
+    assert not any(p.name.startswith("lost") for p in res_dir.iterdir())
+
+
+def test_largest_seed_trains(pack, sd15, res_dir):
+    a = train(pack, sd15, mode="fast", steps=1, seed=2**64 - 1, save_name="seed_max")[0][0]
+    b = train(pack, sd15, mode="fast", steps=1, seed=2**64 - 1, save_name="seed_max")[0][0]
+    assert torch.equal(a.tensors["l"], b.tensors["l"])
+
+
 class _OtherClip:
     """A CLIP whose tokenizer has a T5 encoder only (not a Cones 2 family)."""
 
@@ -541,7 +599,7 @@ def test_a_layout_guided_model_trains_like_the_plain_one(pack, sd15, res_dir):
     with torch.inference_mode():
         cond = pack.nodes.residual_nodes.Cones2ApplyResiduals.execute(clip, "a photo of a dog", None).result[0]
         guided = pack.nodes.guidance_nodes.Cones2LayoutGuidance.execute(
-            model, cond, layout, 5.0, 2.5, -1e8, 0.0, 1.0, False).result[0]
+            model, cond, layout, 2.0, 2.5, -1e8, 0.0, 1.0, False).result[0]
     assert pack.nodes.guidance.specs_of(guided)
     kw = dict(mode="fast", steps=2, learning_rate=1e-2, seed=9)
     plain = train(pack, (model, clip, vae), save_name="plain_model", **kw)[0][0]
