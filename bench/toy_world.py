@@ -1,12 +1,14 @@
 """The toy world's own rates and what Layout Guidance does to them, measured in one run.
 
-    python bench/toy_world.py [--samplers euler euler_ancestral ...] [--n 16] [--seed 5] [--steps 20] [--cfg 5]
+    python bench/toy_world.py [--samplers euler euler_ancestral ...] [--both] [--n 16] [--seed 5] [--steps 20]
+                              [--cfg 5] [--single PROMPT ...]
 
 Builds (or reuses) the trained toy world (harness/toy_world.py), loads it through the real host in-process and
 prints one table: for single-object and two-object prompts, how often the prompted objects appear, how often an
 unprompted one does, their mean radius, and (for "a photo of a dog and a cat", dog box left, cat box right)
-how often both land in their boxes, unguided and with Layout Guidance at node defaults, per sampler. Every row
-uses the same n noise draws. Rates, not times: they do not depend on the machine's speed.
+how often both land in their boxes, unguided and with Layout Guidance at node defaults (``--both``: also
+with self_recurrence off), per sampler. Every row uses the same n noise draws. Rates, not times: they do not
+depend on the machine's speed.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=5)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--cfg", type=float, default=5.0)
+    ap.add_argument("--both", action="store_true", help="also guided with self_recurrence off")
     ap.add_argument("--single", nargs="*", default=["a photo of a dog", "a photo of a cat", "a photo of a car",
                                                     "a photo of a big dog"])
     args = ap.parse_args(argv)
@@ -51,22 +54,37 @@ def main(argv=None) -> int:
     header = "| prompt | sampler | guidance | prompted present | unprompted | radius | both in their boxes | s |"
     lines = [header, "|" + "---|" * 8]
 
-    def row(prompt, sampler, guided):
+    def row(prompt, sampler, recurrence=None):
+        """recurrence None: unguided; True/False: Layout Guidance at node defaults with self_recurrence so."""
         objects = [o for o in toy_world.OBJECTS if o in prompt.split()]
         t0 = time.time()
-        z = run(prompt, boxes if guided else None, sampler=sampler)
+        guidance = {} if recurrence is None else {"self_recurrence": recurrence}
+        z = run(prompt, boxes if recurrence is not None else None, sampler=sampler, **guidance)
         s = tm.summarise(z, objects, boxes if len(objects) == 2 else None)
         radius = ", ".join(f"{o} {r:.2f}" for o, r in s["radius"].items())
         inbox = f"{s['in_boxes']:.0%}" if "in_boxes" in s else ""
-        lines.append(f"| {prompt} | {sampler} | {'node defaults' if guided else 'none'} | {s['presence']:.0%} | "
+        label = {None: "none", True: "self-recurrence on", False: "self-recurrence off"}[recurrence]
+        lines.append(f"| {prompt} | {sampler} | {label} | {s['presence']:.0%} | "
                      f"{s['unprompted']:.0%} | {radius} | {inbox} | {time.time() - t0:.0f} |")
         sys.stderr.write(lines[-1] + "\n")
 
     for prompt in args.single:
-        row(prompt, args.samplers[0], False)
+        row(prompt, args.samplers[0])
+    import types
+
+    import comfy.samplers
+
     for sampler in args.samplers:
-        row(PAIR, sampler, False)
-        row(PAIR, sampler, True)
+        executor = types.SimpleNamespace(class_obj=comfy.samplers.sampler_object(sampler))
+        stepwise = pack.nodes.guidance.sampler_function_name(executor) in pack.nodes.guidance.STEPWISE_SAMPLERS
+        row(PAIR, sampler)
+        if stepwise:
+            row(PAIR, sampler, True)
+            if args.both:
+                row(PAIR, sampler, False)
+        else:  # the node samples these without self-recurrence (bit for bit as with it off), so one row
+            row(PAIR, sampler, False)
+            lines[-1] = lines[-1].replace("self-recurrence off", "node defaults (self-recurrence off by the node)")
     sys.stdout.write(f"toy world {os.path.basename(path)}: n={args.n} noise draws (seed {args.seed}), {args.steps} "
                      f"steps, cfg {args.cfg}; boxes: dog left half, cat right half\n" + "\n".join(lines) + "\n")
     return 0

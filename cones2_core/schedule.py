@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Sequence
 
@@ -39,3 +40,11 @@ def recurrence_plan(sigmas: Sequence[float], guided: Sequence[bool]) -> list[tup
 def renoise_scale(sigma_from: float, sigma_to: float) -> float:
     """Noise to add after a step sigma_from -> sigma_to to return to sigma_from: sqrt(from^2 - to^2)."""
     return math.sqrt(max(sigma_from**2 - sigma_to**2, 0.0))
+
+
+def segment_seed(seed: int, segment: int) -> int:
+    """The sampler seed for the ``segment``-th restart of a self-recurrent run: seed-determined and different for
+    every segment and repeat, so samplers that draw their noise from the seed (ancestral, SDE, LCM) get fresh
+    noise each time instead of the first step's noise again. Any int seed (the host allows up to 2^64 - 1)."""
+    digest = hashlib.sha256(f"cones2-segment:{int(seed)}:{int(segment)}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1  # < 2^63: safe for torch generators and Brownian trees

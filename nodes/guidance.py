@@ -23,7 +23,7 @@ import torch
 from ..cones2_core.attention import guided_attention
 from ..cones2_core.errors import Cones2Error
 from ..cones2_core.layout import build_weight_map, rasterize_boxes, resize_mask
-from ..cones2_core.schedule import in_window, recurrence_plan, renoise_scale
+from ..cones2_core.schedule import in_window, recurrence_plan, renoise_scale, segment_seed
 from .common import warn
 
 log = logging.getLogger("comfyui-cones2")
@@ -168,6 +168,10 @@ class Cones2CrossAttention:
             return optimized_attention(q, k, v, heads, attn_precision=extra_options.get("attn_precision"),
                                        transformer_options=extra_options)
         shape = extra_options.get("activations_shape")
+        if shape is None or len(shape) < 2:
+            raise Cones2Error("this UNet does not tell its attention layers their image size (transformer_options has "
+                              "no 'activations_shape'), so boxes cannot be placed; Layout Guidance needs ComfyUI's own "
+                              "SD1.5/SD2.x/SDXL UNet (update ComfyUI, or remove the node that replaced the UNet)")
         h, w = int(shape[-2]), int(shape[-1])
         if h * w != q.shape[1]:
             raise Cones2Error(f"cannot map {q.shape[1]} attention pixels to a {h}x{w} grid; this UNet layout is "
@@ -242,6 +246,34 @@ class Cones2ApplyModel:
                     "Guidance (it will then say so) or remove one of them")
 
 
+# Samplers whose update from sigma_i to sigma_i+1 depends on nothing but x, the model and fresh noise, so that
+# taking a guided step as its own sampler run (self-recurrence) is exactly that step. Multistep samplers (a
+# history of earlier steps: lms, dpmpp_2m(_sde), dpmpp_3m_sde, uni_pc, deis, ipndm, res_multistep, ...), those
+# that plan their own schedule over the whole run (dpm_fast, dpm_adaptive, heunpp2's order by distance to the
+# end) and samplers of other packs would silently lose accuracy: they sample without self-recurrence and say so.
+STEPWISE_SAMPLERS = frozenset(f"sample_{name}" for name in (
+    "euler", "euler_cfg_pp", "euler_ancestral", "euler_ancestral_cfg_pp", "euler_ancestral_RF", "heun", "dpm_2",
+    "dpm_2_ancestral", "dpm_2_ancestral_RF", "dpmpp_2s_ancestral", "dpmpp_2s_ancestral_cfg_pp",
+    "dpmpp_2s_ancestral_RF", "dpmpp_sde", "dpmpp_sde_gpu", "ddpm", "lcm"))
+
+
+def sampler_function_name(executor) -> str:
+    """The sampling function a SAMPLER_SAMPLE wrapper's executor runs ('sample_euler', 'sample_unipc', ...)."""
+    sampler = getattr(executor, "class_obj", None)
+    fn = getattr(sampler, "sampler_function", None)
+    while hasattr(fn, "func"):  # functools.partial
+        fn = fn.func
+    return getattr(fn, "__name__", None) or type(sampler).__name__
+
+
+def _positive_contexts(guider):
+    for cond in (getattr(guider, "conds", None) or {}).get("positive", []):
+        mc = cond.get("model_conds", {}).get("c_crossattn") if isinstance(cond, dict) else None
+        ctx = getattr(mc, "cond", None)
+        if isinstance(ctx, torch.Tensor) and ctx.ndim == 3:
+            yield from ctx
+
+
 class Cones2Sampler:
     """SAMPLER_SAMPLE wrapper: fresh attention recording per run; self-recurrence on guided steps."""
 
@@ -263,31 +295,54 @@ class Cones2Sampler:
                 "widen start_percent/end_percent", len(unused), len(self.specs))
         return out
 
+    def _recurrent_specs(self, guider):
+        """Specs that ask for self-recurrence and whose prompt is a positive of this run (a hires-fix pass or
+        another prompt on the same MODEL samples normally)."""
+        wanted = [s for s in self.specs if s.self_recurrence and s.guidance_weight != 0]
+        if not wanted:
+            return []
+        contexts = list(_positive_contexts(guider))
+        return [s for s in wanted if any(s.match(ctx) is not None for ctx in contexts)]
+
     def _sample(self, executor, guider, sigmas, extra_args, callback, noise, latent_image, denoise_mask,
                 disable_pbar):
-        rec_specs = [s for s in self.specs if s.self_recurrence and s.guidance_weight != 0]
+        rec_specs = self._recurrent_specs(guider)
         n = len(sigmas) - 1
         guided = [any(in_window(float(sigmas[i]), s.sigma_start, s.sigma_end) for s in rec_specs) for i in range(n)]
         if not any(guided):
             return executor(guider, sigmas, extra_args, callback, noise, latent_image, denoise_mask, disable_pbar)
         if denoise_mask is not None:
-            warn("Cones2: self-recurrence is skipped with an inpainting mask; sampling normally")
+            warn("Cones2 Layout Guidance: self-recurrence is skipped with an inpainting mask; sampling with guidance "
+                 "but without self-recurrence")
+            return executor(guider, sigmas, extra_args, callback, noise, latent_image, denoise_mask, disable_pbar)
+        name = sampler_function_name(executor)
+        if name not in STEPWISE_SAMPLERS:
+            warn("Cones2 Layout Guidance: self-recurrence is off with the sampler '%s' (it carries a history or its "
+                 "own schedule across steps, which re-taking single steps would break); sampling with guidance but "
+                 "without self-recurrence. It works with euler, euler_ancestral, heun, dpm_2, dpmpp_2s_ancestral, "
+                 "dpmpp_sde, ddpm, lcm and ddim; turn self_recurrence off to silence this",
+                 name.removeprefix("sample_").removesuffix("_function"))
             return executor(guider, sigmas, extra_args, callback, noise, latent_image, denoise_mask, disable_pbar)
         plan = recurrence_plan([float(s) for s in sigmas], guided)
         total = sum((stop - start) * reps for start, stop, reps in plan)
-        # the sampler's seed goes up to 2^64 - 1: derive the re-noising seed modulo 2^64
-        gen = torch.Generator(device="cpu").manual_seed((int(extra_args.get("seed", 0) or 0) + 0x5EED) % 2**64)
-        x, done = None, 0
+        seed = int(extra_args.get("seed", 0) or 0)
+        # the re-noising generator: seeded from the sampler's seed (up to 2^64 - 1) modulo 2^64
+        gen = torch.Generator(device="cpu").manual_seed((seed + 0x5EED) % 2**64)
+        x, done, segment = None, 0, 0
         for start, stop, reps in plan:
             for r in range(reps):
                 cb = None
                 if callback is not None:
                     cb = (lambda off: (lambda i, x0, xi, _total: callback(off + i, x0, xi, total)))(done)
                 seg = sigmas[start:stop + 1]
+                # every restart gets its own seed: samplers that draw noise from it (ancestral, SDE, LCM) must
+                # not inject the first step's noise again at every step
+                args = {**extra_args, "seed": segment_seed(seed, segment)}
+                segment += 1
                 if x is None:
-                    x = executor(guider, seg, extra_args, cb, noise, latent_image, None, disable_pbar)
+                    x = executor(guider, seg, args, cb, noise, latent_image, None, disable_pbar)
                 else:
-                    x = executor(guider, seg, extra_args, cb, torch.zeros_like(x), x, None, disable_pbar)
+                    x = executor(guider, seg, args, cb, torch.zeros_like(x), x, None, disable_pbar)
                 done += stop - start
                 if r + 1 < reps:  # re-noise back to sigma_start of the step and take it again
                     eps = torch.randn(x.shape, generator=gen, dtype=torch.float32).to(x)
@@ -340,7 +395,17 @@ def existing_specs(model_patcher) -> list[GuidanceSpec]:
 
 def install(model_patcher, spec: GuidanceSpec):
     """A clone of ``model_patcher`` with the guidance of ``spec`` (and of earlier Layout Guidance nodes)."""
-    specs = existing_specs(model_patcher) + [spec]
+    earlier = existing_specs(model_patcher)
+    for other in earlier:
+        for ref, _subjects in spec.conds:
+            if any(o.shape == ref.shape and torch.equal(o, ref) for o, _ in other.conds):
+                names = ", ".join(dict.fromkeys(r.subject for _, regions in other.conds for r in regions))
+                raise Cones2Error(
+                    f"this prompt is already guided by an earlier Cones2 Layout Guidance node on this model (subjects "
+                    f"{names}); a second node on the same prompt cannot add to it. Put all boxes in one Layout "
+                    "Guidance node (boxes, masks and a colour map can be combined there), or connect this node's "
+                    "model input to the unguided model")
+    specs = earlier + [spec]
     m = model_patcher.clone()
     patch = Cones2CrossAttention(specs)
     for block, index, tindex in cross_attention_blocks(m):

@@ -45,11 +45,11 @@ def guide(pack, model, cond, layout=TWO_BOXES, gw=0.08, start=0.0, end=1.0, recu
     return node.execute(model, cond, layout, gw, 2.5, -1e8, start, end, recurrence, **kw).result
 
 
-def sample(model, pos, neg, steps=3, cfg=5.0, seed=3, h=64, w=80, batch=1):
+def sample(model, pos, neg, steps=3, cfg=5.0, seed=3, h=64, w=80, batch=1, sampler="euler"):
     import nodes
 
     latent = {"samples": torch.zeros(batch, 4, h // 8, w // 8)}
-    return nodes.common_ksampler(model, seed, steps, cfg, "euler", "normal", pos, neg, latent)[0]["samples"]
+    return nodes.common_ksampler(model, seed, steps, cfg, sampler, "normal", pos, neg, latent)[0]["samples"]
 
 
 def report(pack, model):
@@ -141,6 +141,72 @@ def test_self_recurrence_takes_guided_steps_twice(pack, loaded):
     gm_off, gpos_off = guide(pack, model, pos, recurrence=False)
     assert not torch.equal(a, sample(gm_off, gpos_off, neg, steps=3))
     assert torch.equal(a, sample(m, gpos, neg, steps=3))  # deterministic
+
+
+@pytest.mark.parametrize("sampler", ["euler_ancestral", "dpmpp_sde", "lcm"])
+def test_self_recurrence_gives_every_restart_its_own_noise(pack, loaded, monkeypatch, sampler):
+    """Samplers that draw noise from the seed (ancestral, SDE's Brownian tree, LCM) get a fresh, seed-determined
+    seed per re-taken step; the same seed every time injected the first step's noise at every step."""
+    import comfy.k_diffusion.sampling as ks
+
+    seeds = []
+    for name in ("default_noise_sampler", "BrownianTreeNoiseSampler"):
+        real = getattr(ks, name)
+
+        def spy(*args, _real=real, **kw):
+            seeds.append(kw.get("seed"))
+            return _real(*args, **kw)
+
+        monkeypatch.setattr(ks, name, spy)
+    model, clip = loaded("sd15")
+    pos, neg = encode(pack, clip), negative(clip)
+    gm, gpos = guide(pack, model, pos, recurrence=True)
+    a = sample(gm, gpos, neg, steps=3, seed=2**64 - 1, sampler=sampler)
+    assert len(seeds) == 6 and len(set(seeds)) == 6, seeds  # 3 steps, each taken twice
+    seeds.clear()
+    assert torch.equal(a, sample(gm, gpos, neg, steps=3, seed=2**64 - 1, sampler=sampler))  # seed-determined
+    first = list(seeds)
+    seeds.clear()
+    sample(gm, gpos, neg, steps=3, seed=7, sampler=sampler)
+    assert not set(first) & set(seeds)
+
+
+@pytest.mark.parametrize("sampler", ["dpmpp_2m", "uni_pc", "dpmpp_2m_sde", "lms", "dpm_fast"])
+def test_multistep_samplers_sample_without_self_recurrence_and_say_so(pack, loaded, caplog, sampler):
+    import logging
+
+    model, clip = loaded("sd15")
+    pos, neg = encode(pack, clip), negative(clip)
+    on, on_pos = guide(pack, model, pos, recurrence=True)
+    off, off_pos = guide(pack, model, pos, recurrence=False)
+    with caplog.at_level(logging.WARNING, logger="comfyui-cones2"):
+        a = sample(on, on_pos, neg, steps=4, sampler=sampler)
+    assert f"self-recurrence is off with the sampler '{sampler.replace('uni_pc', 'unipc')}'" in caplog.text
+    assert torch.equal(a, sample(off, off_pos, neg, steps=4, sampler=sampler))  # guided, history intact
+
+
+def test_a_missing_activations_shape_is_a_clear_error(pack, loaded):
+    g = pack.nodes.guidance
+    model, clip = loaded("sd15")
+    gm, _ = guide(pack, model, encode(pack, clip))
+    spec = g.specs_of(gm)[0]
+    group = g._Group(spec, spec.conds[0][1], [0], [1.0])
+    q, k = torch.randn(1, 80, 64), torch.randn(1, 77, 64)
+    with pytest.raises(pack.cones2_core.errors.Cones2Error, match="no 'activations_shape'"):
+        g.Cones2CrossAttention([spec])(q, k, k, {"n_heads": 2, g.CALL_KEY: [group]})
+
+
+def test_self_recurrence_only_in_runs_of_the_guided_prompt(pack, loaded):
+    """Another prompt (or a hires-fix pass with another conditioning) on the guided MODEL samples exactly as the
+    plain model: no step re-taken, no re-noising."""
+    model, clip = loaded("sd15")
+    pos, neg = encode(pack, clip), negative(clip)
+    gm, _gpos = guide(pack, model, pos, recurrence=True)
+    other = encode(pack, clip, "a bird on a fence")
+    m, log = logged(gm)
+    out = sample(m, other, neg, steps=3, sampler="euler_ancestral")
+    assert len(log.calls) == 3
+    assert torch.equal(out, sample(model, other, neg, steps=3, sampler="euler_ancestral"))
 
 
 @pytest.mark.parametrize("fam", ["sd15", "sdxl"])
@@ -266,15 +332,25 @@ def test_conflicting_attn2_replace_is_an_error(pack, loaded):
 
 
 def test_chained_guidance_nodes_compose(pack, loaded):
+    """Two Layout Guidance nodes on one MODEL for two prompts (a batch of both): each prompt's subjects are
+    biased, every one of them. Two nodes on the same prompt are refused, saying what to do."""
+    import node_helpers
+
+    Cones2Error = pack.cones2_core.errors.Cones2Error
     model, clip = loaded("sd15")
     pos, neg = encode(pack, clip), negative(clip)
     one = '{"version":1,"boxes":[{"subject":"dog","x":0,"y":0,"w":0.5,"h":1}]}'
-    two = '{"version":1,"boxes":[{"subject":"cat","x":0.5,"y":0,"w":0.5,"h":1}]}'
-    neg_gm, _ = guide(pack, model, pos, layout=one)
-    gm, gpos = guide(pack, neg_gm, pos, layout=two)
+    two = '{"version":1,"boxes":[{"subject":"bird","x":0.5,"y":0,"w":0.5,"h":1}]}'
+    first, gpos1 = guide(pack, model, pos, layout=one)
+    with pytest.raises(Cones2Error, match="already guided by an earlier Cones2 Layout Guidance node on this model "
+                                          r"\(subjects dog\).*Put all boxes in one Layout Guidance node"):
+        guide(pack, first, gpos1, layout=two.replace("bird", "cat"))
+    gm, gpos2 = guide(pack, first, encode(pack, clip, "a bird on a fence"), layout=two)
     assert len(pack.nodes.guidance.specs_of(gm)) == 2
-    sample(gm, gpos, neg, steps=2)
-    assert min(r["share"] for r in report(pack, gm)) >= 0.99
+    both = node_helpers.conditioning_set_values(gpos1, {}) + gpos2  # ConditioningCombine
+    sample(gm, both, neg, steps=2)
+    rows = report(pack, gm)
+    assert {r["subject"] for r in rows} == {"dog", "bird"} and min(r["share"] for r in rows) >= 0.99, rows
 
 
 @pytest.mark.parametrize("layout, message", [
