@@ -85,12 +85,14 @@ def spelled_without_spaces(word: str) -> bool:
     return any(unicodedata.category(ch) == "Lo" or unicodedata.category(ch).startswith("S") for ch in word)
 
 
-def find_spelled(token_text: Sequence[Sequence[bytes | None]], word: str, chunk_len: int) -> list[list[int]]:
+def find_spelled(token_text: Sequence[Sequence[bytes | None]], word: str, chunk_len: int,
+                 whole_words: bool = False) -> list[list[int]]:
     """Occurrences of ``word`` found by what the prompt's tokens spell, as lists of flat token rows.
 
     ``token_text``: per chunk, per token, the UTF-8 bytes the token decodes to (a word-final token ends with
     b" "), or None for start, end, padding and embedding tokens. Each occurrence is the rows of every token
-    whose bytes overlap the word's; the text is lower-cased as CLIP's tokenizer does.
+    whose bytes overlap the word's; the text is lower-cased as CLIP's tokenizer does. ``whole_words``: only
+    occurrences that start and end at word boundaries (a phrase "red dog", not "red doghouse").
     """
     needle = " ".join(word.lower().split()).encode("utf-8")
     if not needle:
@@ -107,10 +109,11 @@ def find_spelled(token_text: Sequence[Sequence[bytes | None]], word: str, chunk_
         start = text.find(needle)
         while start >= 0:
             end = start + len(needle)
+            bounded = (start == 0 or text[start - 1:start] in (b" ", b"\0")) and text[end:end + 1] == b" "
             rows = [row for a, b, row in spans if a < end and b > start]
-            if rows:
+            if rows and (bounded or not whole_words):
                 found.append(rows)
-            start = text.find(needle, end)
+            start = text.find(needle, end if rows and (bounded or not whole_words) else start + 1)
     return found
 
 

@@ -83,6 +83,14 @@ def spelled_positions(text_by_key: dict, word: str) -> list[list[int]]:
     return agreed_occurrences({k: find_spelled(chunks, word, len(chunks[0])) for k, chunks in text_by_key.items()})
 
 
+def phrase_positions(text_by_key: dict, phrase: str) -> list[list[int]]:
+    """Occurrences of a phrase of several words ("red dog") as one contiguous run of the prompt's words."""
+    if not text_by_key:
+        return []
+    return agreed_occurrences({k: find_spelled(chunks, phrase, len(chunks[0]), whole_words=True)
+                               for k, chunks in text_by_key.items()})
+
+
 def word_positions(clip, tokens, word: str, text_by_key: dict | None = None) -> list[list[int]]:
     """Occurrences of ``word`` in the prompt, as lists of token rows (agreeing across SDXL's encoders).
 

@@ -15,7 +15,7 @@ from ..cones2_core.layout import MAX_BOX_WEIGHT, MAX_LAYOUT_CHARS, colour_map_re
 from ..cones2_core.maps import render_panel, share_inside
 from ..cones2_core.residual import FAMILY_NAMES
 from .common import CATEGORY, warn
-from .encoding import COND_KEY, spelled_positions
+from .encoding import COND_KEY, phrase_positions, spelled_positions
 from .guidance import GuidanceSpec, SubjectRegion, find_recording, install, specs_of
 
 log = logging.getLogger("comfyui-cones2")
@@ -62,7 +62,15 @@ def subject_positions(record: dict, subject: str) -> tuple[int, ...]:
     if spelled:
         return tuple(sorted({r for o in spelled for r in o}))
     parts = re.findall(r"[^\W_]+(?:['-][^\W_]+)*", key)
-    if parts and all(p in words for p in parts):
+    if len(parts) > 1 and record.get("token_text"):  # a phrase binds its contiguous run, as in the reference
+        occ = phrase_positions(record["token_text"], " ".join(key.split()))
+        if occ:
+            return tuple(sorted({r for o in occ for r in o}))
+        if all(p in words for p in parts):
+            raise Cones2Error(f"the layout's subject '{short(subject)}' is not in the prompt as one run of words (its "
+                              "words are there, apart): write the phrase as the prompt has it, or give each word "
+                              "its own box")
+    elif parts and all(p in words for p in parts):
         return tuple(sorted({r for p in parts for r in words[p]}))
     raise Cones2Error(f"the layout's subject '{short(subject)}' is not a word of the prompt; the prompt's words are: "
                       f"{short(', '.join(words) or '(none)', 400)}. Rename the box or add the word to the prompt")

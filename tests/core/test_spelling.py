@@ -26,3 +26,10 @@ def test_find_spelled_gives_the_rows_of_every_overlapping_token():
 def test_which_words_are_found_by_spelling():
     assert spelled_without_spaces("犬") and spelled_without_spaces("🐶") and spelled_without_spaces("ねこ")
     assert not spelled_without_spaces("dog") and not spelled_without_spaces("café")
+
+
+def test_whole_words_only_match_at_word_boundaries():
+    chunk = [None, *(bpe_token_bytes(t) for t in ["a</w>", "red</w>", "dog", "house</w>", "red</w>", "dog</w>"])]
+    assert find_spelled([chunk], "red dog", len(chunk)) == [[2, 3], [5, 6]]
+    assert find_spelled([chunk], "red dog", len(chunk), whole_words=True) == [[5, 6]]
+    assert find_spelled([chunk], "ed dog", len(chunk), whole_words=True) == []

@@ -450,3 +450,18 @@ def test_controlnet_before_or_after_guidance(pack, loaded, extras_files, order):
     plain = sample(gm, guide(pack, model, pos)[1], neg, steps=2)
     assert not torch.equal(out, plain)  # the ControlNet is active
     assert min(r["share"] for r in report(pack, gm)) >= 0.99
+
+
+def test_a_phrase_binds_its_contiguous_tokens_only(pack, loaded):
+    """'red dog' binds the run 'red dog' (as the reference binds a phrase's token sequence), not the 'red' of
+    'red cat'; a phrase whose words are in the prompt but apart is refused, saying so."""
+    subject_positions = pack.nodes.guidance_nodes.subject_positions
+    model, clip = loaded("sd15")
+    record = encode(pack, clip, "a red dog and a red cat")[0][1]["cones2"]
+    assert record["words"]["red"] == [2, 6]
+    assert subject_positions(record, "red dog") == (2, 3)
+    assert subject_positions(record, "Red  Cat") == (6, 7)
+    with pytest.raises(pack.cones2_core.errors.Cones2Error, match="not in the prompt as one run of words"):
+        subject_positions(record, "dog red")
+    # tokens: a 1, red 2, dog 3 + house 4 ("doghouse"), "," 5, a 6, red 7, dog 8
+    assert subject_positions(encode(pack, clip, "a red doghouse, a red dog")[0][1]["cones2"], "red dog") == (7, 8)
