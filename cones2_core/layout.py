@@ -265,12 +265,14 @@ def build_weight_map(
     width: int,
     n_tokens: int,
     negative_weight: float = -1e8,
+    allow_empty: bool = False,
 ) -> torch.Tensor:
     """Cones 2 weight map W -> float32 [height*width, n_tokens] (CPU).
 
     bindings: (token_positions, region bool [height, width], positive_weight) per subject. The columns of
     a binding's tokens hold positive_weight inside its region and negative_weight elsewhere (pixels
-    row-major, index i*width + j); all other columns are 0.
+    row-major, index i*width + j); all other columns are 0. ``allow_empty``: a region may miss the grid (a
+    part of the image that the subject's box does not reach), its tokens then get negative_weight everywhere.
     """
     _check_grid(height, width)
     if isinstance(n_tokens, bool) or not isinstance(n_tokens, int) or n_tokens < 1:
@@ -284,7 +286,7 @@ def build_weight_map(
             raise Cones2Error(f"binding {index}: the region has shape {tuple(region.shape)} but the grid is "
                               f"[{height}, {width}]; resize it to this grid (resize_mask / rasterize_boxes)")
         inside = region.detach().reshape(-1).cpu().bool()
-        if not inside.any():
+        if not inside.any() and not allow_empty:
             raise Cones2Error(f"binding {index}: the region is empty; give the subject a box or mask area")
         if not tokens:
             raise Cones2Error(f"binding {index} has no token positions: is its subject word in the prompt?")

@@ -30,6 +30,7 @@ log = logging.getLogger("comfyui-cones2")
 
 WRAPPER_KEY = "cones2_layout"
 CALL_KEY = "cones2_call"
+AREAS_KEY = "cones2_areas"  # transformer_options: {cond uuid: (y0, x0, y1, x1)} of positives with an area
 
 
 # ---- what one Layout Guidance node asks for ----------------------------------------------------------------
@@ -42,13 +43,28 @@ class SubjectRegion:
     masks: tuple = ()  # float [H0, W0] masks (MASK inputs, colour maps)
     weight: float = 2.5
 
-    def region(self, h: int, w: int) -> torch.Tensor:
+    def region(self, h: int, w: int, window=None) -> torch.Tensor:
+        """The subject's region on an h x w grid of the whole image, or of ``window`` (y0, x0, y1, x1 as fractions
+        of the image: the area a ConditioningSetArea prompt is sampled in)."""
+        if window is not None:
+            y0, x0, y1, x1 = window
+            full_h, full_w = max(h, round(h / max(y1 - y0, 1e-6))), max(w, round(w / max(x1 - x0, 1e-6)))
+            top, left = min(round(y0 * full_h), full_h - h), min(round(x0 * full_w), full_w - w)
+            return self.region(full_h, full_w)[top:top + h, left:left + w]
         grid = torch.zeros(h, w, dtype=torch.bool)
         if self.boxes:
             grid |= rasterize_boxes(self.boxes, h, w)
         for m in self.masks:
             grid |= resize_mask(m, h, w)
         return grid
+
+
+CHUNK = 77  # tokens per CLIP chunk: a conditioning's pieces (long prompts, ConditioningConcat) align to it
+
+
+def subject_tokens(region: SubjectRegion, offsets) -> list[int]:
+    """Token rows of a subject in a model call's context, its conditioning starting at each of ``offsets``."""
+    return [o + p for o in offsets for p in region.positions]
 
 
 @dataclass
@@ -63,26 +79,27 @@ class GuidanceSpec:
     _maps: dict = field(default_factory=dict, repr=False)  # derived weight maps, keyed by grid and device
 
     def match(self, ctx: torch.Tensor):
-        """The subjects of the conditioning whose tensor ``ctx`` [T, C] is (a repeat of), else None."""
+        """``(subjects, offsets)`` when the tensor ``ctx`` [T, C] holds one of this spec's conditionings, else
+        None. ``offsets``: the token rows at which it starts: every chunk when the host repeated it to the
+        batch's length, or where it sits inside a longer context (ConditioningConcat, either side)."""
         for ref, subjects in self.conds:
             t0 = ref.shape[1]
-            if ctx.shape[0] % t0 or ctx.shape[-1] != ref.shape[-1]:
+            step = CHUNK if t0 % CHUNK == 0 and ctx.shape[0] % CHUNK == 0 else t0
+            if ctx.shape[0] < t0 or ctx.shape[-1] != ref.shape[-1]:
                 continue
             r = ref[0].to(device=ctx.device, dtype=ctx.dtype)
-            if all(torch.equal(ctx[i:i + t0], r) for i in range(0, ctx.shape[0], t0)):
-                return subjects
+            offsets = tuple(i for i in range(0, ctx.shape[0] - t0 + 1, step) if torch.equal(ctx[i:i + t0], r))
+            if offsets:
+                return subjects, offsets
         return None
 
-    def weight_map(self, subjects, h: int, w: int, t: int, device) -> torch.Tensor:
-        key = (id(subjects), h, w, t, str(device))
+    def weight_map(self, subjects, offsets, h: int, w: int, t: int, device, window=None) -> torch.Tensor:
+        key = (id(subjects), offsets, h, w, t, str(device), window)
         wm = self._maps.get(key)
         if wm is None:
-            t0 = next(ref.shape[1] for ref, s in self.conds if s is subjects)
-            bindings = []
-            for s in subjects:
-                tokens = [p + r for r in range(0, t, t0) for p in s.positions]  # context repeated to T tokens
-                bindings.append((tokens, s.region(h, w), s.weight))
-            wm = build_weight_map(bindings, h, w, t, self.negative_weight).to(device)[None]
+            bindings = [(subject_tokens(s, offsets), s.region(h, w, window), s.weight) for s in subjects]
+            wm = build_weight_map(bindings, h, w, t, self.negative_weight, allow_empty=window is not None)
+            wm = wm.to(device)[None]
             self._maps[key] = wm
         return wm
 
@@ -102,7 +119,7 @@ class Recording:
         self.regions: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
         self.calls = 0
 
-    def add(self, h: int, w: int, probs: torch.Tensor, subjects, tokens_per_subject) -> None:
+    def add(self, h: int, w: int, probs: torch.Tensor, subjects, tokens_per_subject, window=None) -> None:
         grid = self.maps.setdefault((h, w), {})
         regions = self.regions.setdefault((h, w), {})
         for s, tokens in zip(subjects, tokens_per_subject, strict=True):
@@ -110,7 +127,7 @@ class Recording:
             mass = probs[..., tokens].sum(dim=(0, 1, 3)).reshape(h, w)
             grid[s.subject] = grid[s.subject] + mass if s.subject in grid else mass
             if s.subject not in regions:
-                regions[s.subject] = s.region(h, w)
+                regions[s.subject] = s.region(h, w, window)
 
 
 _RECORDINGS: OrderedDict[str, Recording] = OrderedDict()
@@ -140,6 +157,8 @@ def find_recording(uid: str) -> Recording | None:
 class _Group:
     spec: GuidanceSpec
     subjects: tuple
+    offsets: tuple  # token rows where the guided conditioning starts in this call's context
+    window: tuple | None  # the part of the image this call sees (ConditioningSetArea), None = all of it
     rows: list
     sigmas: list
     _tensors: dict = field(default_factory=dict, repr=False)
@@ -188,14 +207,13 @@ class Cones2CrossAttention:
             out = torch.empty(q.shape[0], q.shape[1], v.shape[-1], dtype=q.dtype, device=q.device)
         for g in groups:
             rows, sig = g.tensors(q.device)
-            wm = g.spec.weight_map(g.subjects, h, w, t, q.device)
+            wm = g.spec.weight_map(g.subjects, g.offsets, h, w, t, q.device, g.window)
             res, probs = guided_attention(q[rows], k[rows], v[rows], heads, wm, sig, g.spec.guidance_weight,
                                           return_probs=True)
             if g.spec.guidance_weight != 0:  # at weight 0 the rows keep the host's output; only the maps are read
                 out[rows] = res.to(out.dtype)
-            t0 = next(ref.shape[1] for ref, s in g.spec.conds if s is g.subjects)
-            tokens = [[p + r for r in range(0, t, t0) for p in s.positions] for s in g.subjects]
-            recording(g.spec.uid).add(h, w, probs, g.subjects, tokens)
+            tokens = [subject_tokens(s, g.offsets) for s in g.subjects]
+            recording(g.spec.uid).add(h, w, probs, g.subjects, tokens, g.window)
         return out
 
 
@@ -207,19 +225,20 @@ class Cones2ApplyModel:
 
     def __call__(self, executor, x, t, c_concat, c_crossattn, control, transformer_options, **kwargs):
         self._check_patches(transformer_options)
-        groups = self.groups(c_crossattn, t, transformer_options.get("cond_or_uncond") or [0])
+        groups = self.groups(c_crossattn, t, transformer_options.get("cond_or_uncond") or [0],
+                             transformer_options.get("uuids") or [], transformer_options.get(AREAS_KEY) or {})
         for g in groups:
             recording(g.spec.uid).calls += 1
         if groups:
             transformer_options = {**transformer_options, CALL_KEY: groups}
         return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
 
-    def groups(self, context, sigma, cond_or_uncond) -> list[_Group]:
+    def groups(self, context, sigma, cond_or_uncond, uuids=(), areas=None) -> list[_Group]:
         if context is None:
             return []
         batch = context.shape[0]
         per = max(1, batch // max(1, len(cond_or_uncond)))
-        found: dict[tuple[int, int], _Group] = {}
+        found: dict[tuple, _Group] = {}
         for row in range(batch):
             chunk = min(row // per, len(cond_or_uncond) - 1)
             if cond_or_uncond[chunk] != 0:  # 0 = the conditional pass; never bias the negative/uncond pass
@@ -228,9 +247,12 @@ class Cones2ApplyModel:
             for spec in self.specs:
                 if not in_window(s, spec.sigma_start, spec.sigma_end):
                     continue
-                subjects = spec.match(context[row])
-                if subjects is not None:
-                    g = found.setdefault((id(spec), id(subjects)), _Group(spec, subjects, [], []))
+                matched = spec.match(context[row])
+                if matched is not None:
+                    subjects, offsets = matched
+                    window = (areas or {}).get(uuids[chunk]) if chunk < len(uuids) else None
+                    g = found.setdefault((id(spec), id(subjects), offsets, window),
+                                         _Group(spec, subjects, offsets, window, [], []))
                     g.rows.append(row)
                     g.sigmas.append(s)
                     break
@@ -284,6 +306,11 @@ class Cones2Sampler:
                  disable_pbar):
         for spec in self.specs:
             recording(spec.uid, reset=True)
+        areas = self._areas(guider, latent_image if latent_image is not None else noise)
+        if areas:  # tell the model calls which part of the image each area prompt sees
+            options = dict(extra_args.get("model_options") or {})
+            options["transformer_options"] = {**options.get("transformer_options", {}), AREAS_KEY: areas}
+            extra_args = {**extra_args, "model_options": options}
         out = self._sample(executor, guider, sigmas, extra_args, callback, noise, latent_image, denoise_mask,
                            disable_pbar)
         unused = [s for s in self.specs if recording(s.uid).calls == 0]
@@ -293,6 +320,24 @@ class Cones2Sampler:
                 "conditioning, so nothing was guided (%d of %d layouts). Connect the CONDITIONING output of "
                 "Cones2 Layout Guidance to the sampler's positive input (the negative is never guided), or "
                 "widen start_percent/end_percent", len(unused), len(self.specs))
+        return out
+
+    def _areas(self, guider, latent) -> dict:
+        """{uuid: (y0, x0, y1, x1)} for each guided positive that ConditioningSetArea (or SetMask with 'mask
+        bounds') confines to part of the image; the host has resolved its area to latent pixels (h, w, y, x)."""
+        out = {}
+        if latent is None or latent.ndim != 4:
+            return out
+        height, width = latent.shape[-2:]
+        for cond in (getattr(guider, "conds", None) or {}).get("positive", []):
+            area = cond.get("area") if isinstance(cond, dict) else None
+            ctx = getattr(cond.get("model_conds", {}).get("c_crossattn"), "cond", None) if area else None
+            if not isinstance(ctx, torch.Tensor) or len(area) != 4 or isinstance(area[0], str):
+                continue
+            if any(spec.match(row) is not None for spec in self.specs for row in ctx):
+                h, w, y, x = (int(v) for v in area)
+                out[cond.get("uuid")] = (y / height, x / width, min(y + h, height) / height,
+                                         min(x + w, width) / width)
         return out
 
     def _recurrent_specs(self, guider):

@@ -190,7 +190,7 @@ def test_a_missing_activations_shape_is_a_clear_error(pack, loaded):
     model, clip = loaded("sd15")
     gm, _ = guide(pack, model, encode(pack, clip))
     spec = g.specs_of(gm)[0]
-    group = g._Group(spec, spec.conds[0][1], [0], [1.0])
+    group = g._Group(spec, spec.conds[0][1], (0,), None, [0], [1.0])
     q, k = torch.randn(1, 80, 64), torch.randn(1, 77, 64)
     with pytest.raises(pack.cones2_core.errors.Cones2Error, match="no 'activations_shape'"):
         g.Cones2CrossAttention([spec])(q, k, k, {"n_heads": 2, g.CALL_KEY: [group]})
@@ -465,3 +465,44 @@ def test_a_phrase_binds_its_contiguous_tokens_only(pack, loaded):
         subject_positions(record, "dog red")
     # tokens: a 1, red 2, dog 3 + house 4 ("doghouse"), "," 5, a 6, red 7, dog 8
     assert subject_positions(encode(pack, clip, "a red doghouse, a red dog")[0][1]["cones2"], "red dog") == (7, 8)
+
+
+@pytest.mark.parametrize("guided_first", [True, False], ids=["guided-to", "guided-from"])
+def test_binding_survives_conditioning_concat(pack, loaded, guided_first):
+    """ConditioningConcat puts the guided prompt's tokens at row 0 or 77 of a longer context: its subjects are
+    biased there (and only there), whichever side it is on."""
+    import nodes
+
+    model, clip = loaded("sd15")
+    pos, neg = encode(pack, clip), negative(clip)
+    gm, gpos = guide(pack, model, pos)
+    other = nodes.CLIPTextEncode().encode(clip, "in a garden, watercolour")[0]
+    pair = (gpos, other) if guided_first else (other, gpos)
+    concat = nodes.ConditioningConcat().concat(*pair)[0]
+    assert concat[0][0].shape[1] == 154
+    sample(gm, concat, neg, steps=2)
+    rows = report(pack, gm)
+    assert {r["subject"] for r in rows} == {"dog", "cat"} and min(r["share"] for r in rows) >= 0.99, rows
+    spec = pack.nodes.guidance.specs_of(gm)[0]
+    assert {key[1] for key in spec._maps} == {(0,) if guided_first else (77,)}
+
+
+def test_binding_survives_conditioning_set_area(pack, loaded):
+    """A guided prompt confined by ConditioningSetArea to the right half is sampled on that half only: its boxes
+    are placed in the half's own coordinates (the dog's left-half box misses it, the cat's covers it), not
+    stretched over it as if it were the whole image."""
+    import nodes
+
+    model, clip = loaded("sd15")
+    pos, neg = encode(pack, clip), negative(clip)
+    layout = ('{"version":1,"boxes":[{"subject":"dog","x":0.0,"y":0.0,"w":0.5,"h":1.0},'
+              '{"subject":"cat","x":0.5,"y":0.0,"w":0.5,"h":1.0}]}')
+    gm, gpos = guide(pack, model, pos, layout=layout)
+    right = nodes.ConditioningSetArea().append(gpos, 40, 64, 40, 0, 1.0)[0]  # x 40..80 of an 80x64 image
+    sample(gm, right, neg, steps=2)
+    rows = report(pack, gm)
+    assert {r["subject"] for r in rows} == {"dog", "cat"}
+    for r in rows:
+        h, w = r["grid"]
+        assert w <= h, r["grid"]  # the half's grids (8x5 latent pixels and below), not the image's 8x10
+        assert (not r["region"].any()) if r["subject"] == "dog" else r["region"].all(), (r["subject"], r["grid"])
