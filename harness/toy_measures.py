@@ -20,7 +20,7 @@ from harness.toy_world import BIG_RADIUS, LATENT_SIZE, OBJECTS, RADIUS, object_s
 
 # Node defaults of Cones2 Layout Guidance (nodes/guidance_nodes.py).
 GUIDANCE_DEFAULTS = {"guidance_weight": 0.08, "positive_weight": 2.5, "negative_weight": -1e8, "start_percent": 0.0,
-                     "end_percent": 1.0, "self_recurrence": True}
+                     "end_percent": 1.0, "self_recurrence": False}
 LEFT = {"x": 0.0, "y": 0.0, "w": 0.5, "h": 1.0}
 RIGHT = {"x": 0.5, "y": 0.0, "w": 0.5, "h": 1.0}
 

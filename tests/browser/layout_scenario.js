@@ -280,7 +280,7 @@ async function scenario(out, page, errors) {
     assert(ours, 'no layout node in the API prompt');
     assert(ours.inputs.layout === value, `API prompt layout differs:\n${ours.inputs.layout}\nvs\n${value}`);
     assert(!('cones2_layout_editor' in ours.inputs), 'the editor widget leaked into the API prompt');
-    assert(ours.inputs.guidance_weight === 0.08 && ours.inputs.self_recurrence === true,
+    assert(ours.inputs.guidance_weight === 0.08 && ours.inputs.self_recurrence === false,
       `other inputs shifted: ${JSON.stringify(ours.inputs)}`);
     const status = entry.status?.status_str;
     const messages = entry.status?.messages?.filter(([k]) => k === 'execution_error');

@@ -237,3 +237,14 @@ def test_an_absent_spaceless_word_is_still_an_error(pack, loaded):
     model, clip = loaded("sd15")
     with pytest.raises(pack.cones2_core.errors.Cones2Error, match="'狗' is not a word of the prompt"):
         guide(pack, model, encode(pack, clip, "一只犬和猫"), layout=box_layout().replace('"dog"', '"狗"'))
+
+
+@pytest.mark.parametrize("value, message", [(0.0, "is empty or too weak .*largest value is 0"),
+                                            (0.3, "is empty or too weak .*largest value is 0.3"),
+                                            (float("nan"), "holds NaN or infinite values")])
+def test_bad_masks_are_refused_by_the_node(pack, loaded, value, message):
+    """Not at the sampler, after the model is loaded and the first step begun: at Layout Guidance."""
+    model, clip = loaded("sd15")
+    masks = torch.full((1, 64, 64), value)
+    with pytest.raises(pack.cones2_core.errors.Cones2Error, match=f"the mask for 'dog' {message}"):
+        guide(pack, model, encode(pack, clip), layout="", masks=masks, mask_subjects="dog")

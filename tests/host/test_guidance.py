@@ -506,3 +506,34 @@ def test_binding_survives_conditioning_set_area(pack, loaded):
         h, w = r["grid"]
         assert w <= h, r["grid"]  # the half's grids (8x5 latent pixels and below), not the image's 8x10
         assert (not r["region"].any()) if r["subject"] == "dog" else r["region"].all(), (r["subject"], r["grid"])
+
+
+@pytest.mark.parametrize("node", ["ConditioningSetMask", "ConditioningSetTimestepRange", "ControlNetApply",
+                                  "batch"])
+def test_binding_survives_other_conditioning_nodes(pack, loaded, extras_files, node):
+    """Between Layout Guidance and the sampler: a mask (whole-image sampling), a timestep range, the plain
+    ControlNet node, a batch of two latents. Every subject's tokens are biased in every such run."""
+    import comfy.controlnet
+
+    import nodes
+
+    model, clip = loaded("sd15")
+    pos, neg = encode(pack, clip), negative(clip)
+    gm, gpos = guide(pack, model, pos)
+    batch = 1
+    if node == "ConditioningSetMask":
+        mask = torch.zeros(1, 64, 80)
+        mask[:, :, :60] = 1.0
+        gpos = nodes.ConditioningSetMask().append(gpos, mask, "default", 1.0)[0]
+    elif node == "ConditioningSetTimestepRange":
+        gpos = nodes.ConditioningSetTimestepRange().set_range(gpos, 0.0, 0.6)[0]
+    elif node == "ControlNetApply":
+        control = comfy.controlnet.load_controlnet(extras_files["controlnet"])
+        gpos = nodes.ControlNetApply().apply_controlnet(gpos, control, torch.rand(1, 64, 80, 3), 0.8)[0]
+    else:
+        batch = 2
+    m, log = logged(gm)
+    sample(m, gpos, neg, steps=3, batch=batch)
+    rows = report(pack, gm)
+    assert {r["subject"] for r in rows} == {"dog", "cat"} and min(r["share"] for r in rows) >= 0.99, rows
+    assert pack.nodes.guidance.recording(pack.nodes.guidance.specs_of(gm)[0].uid).calls >= 2
