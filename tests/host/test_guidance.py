@@ -537,3 +537,62 @@ def test_binding_survives_other_conditioning_nodes(pack, loaded, extras_files, n
     rows = report(pack, gm)
     assert {r["subject"] for r in rows} == {"dog", "cat"} and min(r["share"] for r in rows) >= 0.99, rows
     assert pack.nodes.guidance.recording(pack.nodes.guidance.specs_of(gm)[0].uid).calls >= 2
+
+
+def soft_guide(pack, model, cond, gw, pw, nw=-5.0):
+    node = pack.nodes.guidance_nodes.Cones2LayoutGuidance
+    return node.execute(model, cond, TWO_BOXES, gw, pw, nw, 0.0, 1.0, False).result
+
+
+def test_patched_attention_is_the_float64_formula_at_each_step_sigma(pack, loaded, monkeypatch):
+    """Every guided attention call of a real sampling run, recomputed from its q, k, v in float64 straight from
+    the formula softmax((S + gw * W * log(1 + sigma^2) * std(S)) / sqrt(d)) V, at the sigma of the sampler's own
+    step; at a soft negative weight, where a wrong sigma, std or weight would show."""
+    import comfy.samplers
+
+    g = pack.nodes.guidance
+    calls = []
+    real = g.guided_attention
+
+    def spy(q, k, v, heads, wm, sig, gw, **kw):
+        out = real(q, k, v, heads, wm, sig, gw, **kw)
+        calls.append((q, k, v, heads, wm, sig, gw, out[0]))
+        return out
+
+    monkeypatch.setattr(g, "guided_attention", spy)
+    model, clip = loaded("sd15")
+    pos, neg = encode(pack, clip), negative(clip)
+    gm, gpos = soft_guide(pack, model, pos, 0.3, 2.5)
+    sample(gm, gpos, neg, steps=3)
+    assert calls
+    steps = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "normal", 3)[:-1]
+    seen = sorted({round(float(c[5][0]), 4) for c in calls}, reverse=True)
+    assert seen == [round(float(s), 4) for s in steps]
+    for q, k, v, heads, wm, sig, gw, out in calls:
+        b, n, c = q.shape
+        d = c // heads
+        qh, kh, vh = (x.double().reshape(b, -1, heads, d).transpose(1, 2) for x in (q, k, v))
+        s = qh @ kh.transpose(-1, -2)  # [b, heads, n, t]
+        std = s.reshape(b, -1).std(dim=1)  # unbiased, per sample over heads, pixels and tokens
+        bias = gw * wm.double()[:, None] * (torch.log1p(sig.double() ** 2) * std).view(b, 1, 1, 1)
+        ref = torch.softmax((s + bias) * d**-0.5, dim=-1) @ vh
+        ref = ref.transpose(1, 2).reshape(b, n, c)
+        assert torch.allclose(out.double(), ref, atol=1e-4, rtol=1e-4), (out.double() - ref).abs().max()
+
+
+def test_in_box_share_moves_with_the_weights_at_a_soft_negative_weight(pack, loaded):
+    """At negative_weight -5 (not -1e8, where the share is 1 by construction) a larger guidance_weight or
+    positive_weight puts more of each subject's attention in its box."""
+    model, clip = loaded("sd15")
+    pos, neg = encode(pack, clip), negative(clip)
+
+    def share(gw, pw):
+        gm, gpos = soft_guide(pack, model, pos, gw, pw)
+        sample(gm, gpos, neg, steps=2)
+        return {r["subject"]: r["share"] for r in report(pack, gm) if r["grid"] == (8, 10)}
+
+    base, more_gw, more_pw = share(0.08, 2.5), share(0.5, 2.5), share(0.08, 10.0)
+    for subject in ("dog", "cat"):
+        assert 0.0 < base[subject] < 0.99, base
+        assert more_gw[subject] > base[subject] + 0.02, (base, more_gw)
+        assert more_pw[subject] > base[subject] + 0.02, (base, more_pw)
