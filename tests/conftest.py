@@ -87,6 +87,24 @@ def pack(comfy):
 
 
 @pytest.fixture(scope="session")
+def loaded(comfy, tiny_ckpts):
+    """loaded(family) -> (MODEL, CLIP) of a tiny checkpoint through the host's loader, once per session (tests
+    clone what they patch, so the shared objects stay as loaded)."""
+    import comfy.sd
+
+    cache = {}
+
+    def get(fam):
+        if fam not in cache:
+            model, clip, _, _ = comfy.sd.load_checkpoint_guess_config(tiny_ckpts[fam], output_vae=False,
+                                                                       output_clip=True)
+            cache[fam] = (model, clip)
+        return cache[fam]
+
+    return get
+
+
+@pytest.fixture(scope="session")
 def server(host_dir, tiny_ckpts, extras_files, tmp_path_factory):
     """A real ComfyUI server with this pack, the tiny checkpoints and the tiny extras (LoRA, ControlNet, demo
     residuals, input images that the example workflows name), on a free loopback port."""

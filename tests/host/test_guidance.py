@@ -14,22 +14,6 @@ TWO_BOXES = ('{"version":1,"boxes":[{"subject":"dog","x":0.0,"y":0.0,"w":0.5,"h"
 PROMPT = "a dog and a cat on a sofa"
 
 
-@pytest.fixture(scope="module")
-def loaded(comfy, tiny_ckpts):
-    import comfy.sd
-
-    cache = {}
-
-    def get(fam):
-        if fam not in cache:
-            model, clip, _, _ = comfy.sd.load_checkpoint_guess_config(tiny_ckpts[fam], output_vae=False,
-                                                                       output_clip=True)
-            cache[fam] = (model, clip)
-        return cache[fam]
-
-    return get
-
-
 def encode(pack, clip, text=PROMPT):
     return pack.nodes.residual_nodes.Cones2ApplyResiduals.execute(clip, text, None).result[0]
 
@@ -361,6 +345,9 @@ def test_chained_guidance_nodes_compose(pack, loaded):
     ('{"version":1,"boxes":[{"subject":"horse","x":0.1,"y":0.1,"w":0.5,"h":0.5}]}',
      "'horse' is not a word of the prompt; the prompt's words are: a, dog, and, cat, on, sofa"),
     ('{"version":1,"boxes":[{"subject":"dog" "x":0.1}]}', "not valid JSON"),
+    ("[" * 200_000 + "]" * 200_000, "nested too deeply"),
+    ('{"version": 1, "boxes": [' + ",".join(['{"subject": "dog", "x": 0, "y": 0, "w": 0.5, "h": 1}'] * 30_000)
+     + "]}", "characters long"),
 ])
 def test_bad_layouts(pack, loaded, layout, message):
     Cones2Error = pack.cones2_core.errors.Cones2Error
