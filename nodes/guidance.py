@@ -173,19 +173,34 @@ class _Group:
 
 
 class Cones2CrossAttention:
-    """attn2 replace patch: host attention for every row, the Cones 2 bias for the guided rows."""
+    """attn2 replace patch: host attention for every row, the Cones 2 bias for the guided rows.
 
-    def __init__(self, specs):
+    ``inner``: another pack's cross-attention replacement at this block (IPAdapter, InstantID, PuLID), whose
+    output is the host's attention on the text plus an added term (their common contract). Unguided rows get
+    exactly its output; guided rows get the guided attention plus its added term (its output minus the host's
+    attention of the same call)."""
+
+    def __init__(self, specs, inner=None):
         self.specs = tuple(specs)
+        self.inner = inner
 
-    def __call__(self, q, k, v, extra_options):
+    def _host(self, q, k, v, extra_options):
         from comfy.ldm.modules.attention import optimized_attention
 
+        return optimized_attention(q, k, v, extra_options["n_heads"], attn_precision=extra_options.get("attn_precision"),
+                                   transformer_options=extra_options)
+
+    def _base(self, q, k, v, extra_options):
+        """What this block gives without guidance: the other pack's replacement, else the host's attention."""
+        if self.inner is not None:
+            return self.inner(q, k, v, extra_options)
+        return self._host(q, k, v, extra_options)
+
+    def __call__(self, q, k, v, extra_options):
         heads = extra_options["n_heads"]
         groups = extra_options.get(CALL_KEY)
-        if not groups:  # nothing guided in this call: exactly the host's attention
-            return optimized_attention(q, k, v, heads, attn_precision=extra_options.get("attn_precision"),
-                                       transformer_options=extra_options)
+        if not groups:  # nothing guided in this call: exactly what the block gives without us
+            return self._base(q, k, v, extra_options)
         shape = extra_options.get("activations_shape")
         if shape is None or len(shape) < 2:
             raise Cones2Error("this UNet does not tell its attention layers their image size (transformer_options has "
@@ -197,12 +212,14 @@ class Cones2CrossAttention:
                               "not supported by Layout Guidance")
         t = k.shape[1]
         biased = [g for g in groups if g.spec.guidance_weight != 0]
-        if sum(len(g.rows) for g in biased) < q.shape[0]:
-            # Unbiased rows (the uncond pass, other prompts, guidance_weight 0): the host's own attention over the
+        added = None
+        if self.inner is not None or sum(len(g.rows) for g in biased) < q.shape[0]:
+            # Unbiased rows (the uncond pass, other prompts, guidance_weight 0): the block's own output over the
             # whole batch, the very call an unpatched model makes, so they stay bit-identical (a sub-batch can
             # round differently).
-            out = optimized_attention(q, k, v, heads, attn_precision=extra_options.get("attn_precision"),
-                                      transformer_options=extra_options).clone()
+            out = self._base(q, k, v, extra_options).clone()
+            if self.inner is not None and biased:
+                added = out - self._host(q, k, v, extra_options)  # the other pack's term, kept on guided rows
         else:
             out = torch.empty(q.shape[0], q.shape[1], v.shape[-1], dtype=q.dtype, device=q.device)
         for g in groups:
@@ -210,8 +227,8 @@ class Cones2CrossAttention:
             wm = g.spec.weight_map(g.subjects, g.offsets, h, w, t, q.device, g.window)
             res, probs = guided_attention(q[rows], k[rows], v[rows], heads, wm, sig, g.spec.guidance_weight,
                                           return_probs=True)
-            if g.spec.guidance_weight != 0:  # at weight 0 the rows keep the host's output; only the maps are read
-                out[rows] = res.to(out.dtype)
+            if g.spec.guidance_weight != 0:  # at weight 0 the rows keep the block's output; only the maps are read
+                out[rows] = res.to(out.dtype) if added is None else res.to(out.dtype) + added[rows]
             tokens = [subject_tokens(s, g.offsets) for s in g.subjects]
             recording(g.spec.uid).add(h, w, probs, g.subjects, tokens, g.window)
         return out
@@ -224,7 +241,7 @@ class Cones2ApplyModel:
         self.specs = tuple(specs)
 
     def __call__(self, executor, x, t, c_concat, c_crossattn, control, transformer_options, **kwargs):
-        self._check_patches(transformer_options)
+        transformer_options = self._wrap_later_patches(transformer_options)
         groups = self.groups(c_crossattn, t, transformer_options.get("cond_or_uncond") or [0],
                              transformer_options.get("uuids") or [], transformer_options.get(AREAS_KEY) or {})
         for g in groups:
@@ -258,14 +275,16 @@ class Cones2ApplyModel:
                     break
         return list(found.values())
 
-    def _check_patches(self, transformer_options):
+    def _wrap_later_patches(self, transformer_options):
+        """A cross-attention replacement another node installed after Layout Guidance took our place at its block:
+        for this call (a per-call override, the model is untouched) ours runs again with theirs inside."""
         replaced = transformer_options.get("patches_replace", {}).get("attn2", {})
-        for key, patch in replaced.items():
-            if not isinstance(patch, Cones2CrossAttention):
-                raise Cones2Error(
-                    f"another node replaced the cross-attention of block {key} after Cones2 Layout Guidance "
-                    f"({type(patch).__name__}); the two cannot run together: apply that node before Layout "
-                    "Guidance (it will then say so) or remove one of them")
+        later = {key: patch for key, patch in replaced.items() if not isinstance(patch, Cones2CrossAttention)}
+        if not later:
+            return transformer_options
+        attn2 = {**replaced, **{key: Cones2CrossAttention(self.specs, inner=patch) for key, patch in later.items()}}
+        patches_replace = {**transformer_options["patches_replace"], "attn2": attn2}
+        return {**transformer_options, "patches_replace": patches_replace}
 
 
 # Samplers whose update from sigma_i to sigma_i+1 depends on nothing but x, the model and fresh noise, so that
@@ -425,22 +444,21 @@ def _transformer_indices(block) -> list[int]:
 
 def existing_specs(model_patcher) -> list[GuidanceSpec]:
     """Specs of Layout Guidance nodes already applied to this model (chained nodes compose)."""
-    replaced = model_patcher.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn2", {})
-    for key, patch in replaced.items():
-        if not isinstance(patch, Cones2CrossAttention):
-            raise Cones2Error(
-                f"the model already has a cross-attention replacement at block {key} ({type(patch).__name__}) from "
-                "another node; Layout Guidance would have to drop it. Apply Layout Guidance first, or remove that node")
     specs: dict[str, GuidanceSpec] = {}
-    for patch in replaced.values():
-        for s in patch.specs:
-            specs.setdefault(s.uid, s)
+    for patch in _attn2_replacements(model_patcher).values():
+        if isinstance(patch, Cones2CrossAttention):
+            for s in patch.specs:
+                specs.setdefault(s.uid, s)
     return list(specs.values())
+
+
+def _attn2_replacements(model_patcher) -> dict:
+    return model_patcher.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn2", {})
 
 
 def install(model_patcher, spec: GuidanceSpec):
     """A clone of ``model_patcher`` with the guidance of ``spec`` (and of earlier Layout Guidance nodes)."""
-    earlier = existing_specs(model_patcher)
+    earlier = specs_of(model_patcher)
     for other in earlier:
         for ref, _subjects in spec.conds:
             if any(o.shape == ref.shape and torch.equal(o, ref) for o, _ in other.conds):
@@ -452,9 +470,11 @@ def install(model_patcher, spec: GuidanceSpec):
                     "model input to the unguided model")
     specs = earlier + [spec]
     m = model_patcher.clone()
-    patch = Cones2CrossAttention(specs)
+    replaced = _attn2_replacements(m)
     for block, index, tindex in cross_attention_blocks(m):
-        m.set_model_attn2_replace(patch, block, index, tindex)
+        other = replaced.get((block, index, tindex))  # another pack's replacement here is kept inside ours
+        inner = other.inner if isinstance(other, Cones2CrossAttention) else other
+        m.set_model_attn2_replace(Cones2CrossAttention(specs, inner), block, index, tindex)
     for wtype, wrapper in ((comfy.patcher_extension.WrappersMP.APPLY_MODEL, Cones2ApplyModel(specs)),
                            (comfy.patcher_extension.WrappersMP.SAMPLER_SAMPLE, Cones2Sampler(specs))):
         m.remove_wrappers_with_key(wtype, WRAPPER_KEY)
@@ -463,8 +483,9 @@ def install(model_patcher, spec: GuidanceSpec):
 
 
 def specs_of(model_patcher) -> list[GuidanceSpec]:
-    replaced = model_patcher.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn2", {})
-    for patch in replaced.values():
-        if isinstance(patch, Cones2CrossAttention):
-            return list(patch.specs)
-    return []
+    """The guidance on this model: held by our APPLY_MODEL wrapper (which survives another pack replacing our
+    cross-attention patches afterwards), else by our patches."""
+    for wrapper in model_patcher.get_wrappers(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY):
+        if isinstance(wrapper, Cones2ApplyModel):
+            return list(wrapper.specs)
+    return existing_specs(model_patcher)

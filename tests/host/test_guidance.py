@@ -294,26 +294,56 @@ def test_weight_patches_and_other_attn2_patches_compose(pack, loaded):
     assert min(r["share"] for r in report(pack, after)) >= 0.99
 
 
-def test_conflicting_attn2_replace_is_an_error(pack, loaded):
-    Cones2Error = pack.cones2_core.errors.Cones2Error
-    model, clip = loaded("sd15")
-    pos, neg = encode(pack, clip), negative(clip)
+class ImageTermPatch:
+    """An attn2 replacement following IPAdapter's / InstantID's / PuLID's contract: the host's attention on the
+    text plus an added term computed from the image queries, weighted on the conditional chunks only (they read
+    ``cond_or_uncond`` to batch their image embeddings the same way), installed per block."""
 
-    def other(q, k, v, extra):
+    def __init__(self, weight=0.5):
+        self.weight, self.calls = weight, 0
+
+    def __call__(self, q, k, v, extra):
         from comfy.ldm.modules.attention import optimized_attention
 
-        return optimized_attention(q, k, v, extra["n_heads"])
+        self.calls += 1
+        out = optimized_attention(q, k, v, extra["n_heads"])
+        chunks = extra["cond_or_uncond"]
+        per = q.shape[0] // len(chunks)
+        on = torch.tensor([1.0 if c == 0 else 0.0 for c in chunks]).repeat_interleave(per).view(-1, 1, 1).to(q)
+        return out + torch.tanh(q[..., : out.shape[-1]]) * self.weight * on
 
-    before = model.clone()
-    before.set_model_attn2_replace(other, "input", 1)
-    with pytest.raises(Cones2Error, match=r"already has a cross-attention replacement at block \('input', 1"):
-        guide(pack, before, pos)
-    gm, gpos = guide(pack, model, pos)
-    after = gm.clone()
-    after.set_model_attn2_replace(other, "output", 1, 0)
-    with pytest.raises(Cones2Error, match="another node replaced the cross-attention of block"):
-        sample(after, gpos, neg, steps=1)
 
+def with_image_term(pack, model, patch):
+    m = model.clone()
+    for block, index, tindex in pack.nodes.guidance.cross_attention_blocks(m):
+        m.set_model_attn2_replace(patch, block, index, tindex)
+    return m
+
+
+@pytest.mark.parametrize("order", ["before", "after"])
+def test_an_image_term_replacement_composes_with_guidance(pack, loaded, order):
+    """Another pack's cross-attention replacement (IPAdapter-style, installed before or after Layout Guidance):
+    at guidance_weight 0 the result is exactly what that pack alone gives; guided, its term is kept on the
+    guided rows (the sample differs from guidance alone) and the subjects are still placed."""
+    model, clip = loaded("sd15")
+    pos, neg = encode(pack, clip), negative(clip)
+    patch = ImageTermPatch()
+    alone = sample(with_image_term(pack, model, patch), pos, neg, steps=2)
+    assert patch.calls
+    for gw in (0.0, 0.08):
+        if order == "before":
+            gm, gpos = guide(pack, with_image_term(pack, model, patch), pos, gw=gw)
+        else:
+            gm, gpos = guide(pack, model, pos, gw=gw)
+            gm = with_image_term(pack, gm, patch)
+        out = sample(gm, gpos, neg, steps=2)
+        if gw == 0.0:
+            assert torch.equal(out, alone)
+        else:
+            guided_only, gpos2 = guide(pack, model, pos, gw=gw)
+            assert not torch.equal(out, sample(guided_only, gpos2, neg, steps=2))  # the image term is kept
+            assert not torch.equal(out, alone)  # and guided
+            assert min(r["share"] for r in report(pack, gm)) >= 0.99
 
 def test_chained_guidance_nodes_compose(pack, loaded):
     """Two Layout Guidance nodes on one MODEL for two prompts (a batch of both): each prompt's subjects are
