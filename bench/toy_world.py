@@ -70,13 +70,11 @@ def main(argv=None) -> int:
 
     for prompt in args.single:
         row(prompt, args.samplers[0])
-    import types
-
     import comfy.samplers
 
+    function_name, stepwise_samplers = pack.nodes.guidance.sampler_function_name, pack.nodes.guidance.STEPWISE_SAMPLERS
     for sampler in args.samplers:
-        executor = types.SimpleNamespace(class_obj=comfy.samplers.sampler_object(sampler))
-        stepwise = pack.nodes.guidance.sampler_function_name(executor) in pack.nodes.guidance.STEPWISE_SAMPLERS
+        stepwise = function_name(comfy.samplers.sampler_object(sampler)) in stepwise_samplers
         row(PAIR, sampler)
         if stepwise:
             row(PAIR, sampler, True)

@@ -111,9 +111,10 @@ def find_spelled(token_text: Sequence[Sequence[bytes | None]], word: str, chunk_
             end = start + len(needle)
             bounded = (start == 0 or text[start - 1:start] in (b" ", b"\0")) and text[end:end + 1] == b" "
             rows = [row for a, b, row in spans if a < end and b > start]
-            if rows and (bounded or not whole_words):
+            hit = bool(rows) and (bounded or not whole_words)
+            if hit:
                 found.append(rows)
-            start = text.find(needle, end if rows and (bounded or not whole_words) else start + 1)
+            start = text.find(needle, end if hit else start + 1)
     return found
 
 

@@ -76,18 +76,13 @@ def token_text(clip, text: str) -> dict[str, list[list[bytes | None]]]:
     return out
 
 
-def spelled_positions(text_by_key: dict, word: str) -> list[list[int]]:
-    """Occurrences of a word written without spaces ("犬" in "一只犬和猫", "🐶"), found by spelling; [] for others."""
-    if not text_by_key or not spelled_without_spaces(word):
-        return []
-    return agreed_occurrences({k: find_spelled(chunks, word, len(chunks[0])) for k, chunks in text_by_key.items()})
-
-
-def phrase_positions(text_by_key: dict, phrase: str) -> list[list[int]]:
-    """Occurrences of a phrase of several words ("red dog") as one contiguous run of the prompt's words."""
+def spelled_positions(text_by_key: dict, text: str, whole_words: bool = False) -> list[list[int]]:
+    """Occurrences of ``text`` found by what the prompt's tokens spell (``text_by_key``, from ``token_text``),
+    agreeing across SDXL's encoders: a word inside a longer run ("犬" in "一只犬和猫", "🐶"), or with
+    ``whole_words`` a phrase as one contiguous run of words ("red dog")."""
     if not text_by_key:
         return []
-    return agreed_occurrences({k: find_spelled(chunks, phrase, len(chunks[0]), whole_words=True)
+    return agreed_occurrences({k: find_spelled(chunks, text, len(chunks[0]), whole_words)
                                for k, chunks in text_by_key.items()})
 
 
@@ -102,7 +97,10 @@ def word_positions(clip, tokens, word: str, text_by_key: dict | None = None) -> 
             return []
         chunks = tokens[key]
         per_key[key] = find_occurrences(_token_ids(chunks), pattern, len(chunks[0]))
-    return agreed_occurrences(per_key) or spelled_positions(text_by_key or {}, word)
+    found = agreed_occurrences(per_key)
+    if not found and spelled_without_spaces(word):
+        found = spelled_positions(text_by_key or {}, word)
+    return found
 
 
 def encode_with_residuals(clip, text: str, residuals: list[Residual] | None):

@@ -298,21 +298,21 @@ STEPWISE_SAMPLERS = frozenset(f"sample_{name}" for name in (
     "dpmpp_2s_ancestral_RF", "dpmpp_sde", "dpmpp_sde_gpu", "ddpm", "lcm"))
 
 
-def sampler_function_name(executor) -> str:
-    """The sampling function a SAMPLER_SAMPLE wrapper's executor runs ('sample_euler', 'sample_unipc', ...)."""
-    sampler = getattr(executor, "class_obj", None)
+def sampler_function_name(sampler) -> str:
+    """The sampling function of a host sampler object (comfy.samplers.KSAMPLER): 'sample_euler', 'sample_unipc'."""
     fn = getattr(sampler, "sampler_function", None)
     while hasattr(fn, "func"):  # functools.partial
         fn = fn.func
     return getattr(fn, "__name__", None) or type(sampler).__name__
 
 
-def _positive_contexts(guider):
+def _positive_conds(guider):
+    """(cond dict, context [B, T, C]) of each positive the host prepared for this sampling run."""
     for cond in (getattr(guider, "conds", None) or {}).get("positive", []):
         mc = cond.get("model_conds", {}).get("c_crossattn") if isinstance(cond, dict) else None
         ctx = getattr(mc, "cond", None)
         if isinstance(ctx, torch.Tensor) and ctx.ndim == 3:
-            yield from ctx
+            yield cond, ctx
 
 
 class Cones2Sampler:
@@ -348,10 +348,9 @@ class Cones2Sampler:
         if latent is None or latent.ndim != 4:
             return out
         height, width = latent.shape[-2:]
-        for cond in (getattr(guider, "conds", None) or {}).get("positive", []):
-            area = cond.get("area") if isinstance(cond, dict) else None
-            ctx = getattr(cond.get("model_conds", {}).get("c_crossattn"), "cond", None) if area else None
-            if not isinstance(ctx, torch.Tensor) or len(area) != 4 or isinstance(area[0], str):
+        for cond, ctx in _positive_conds(guider):
+            area = cond.get("area")
+            if not area or len(area) != 4 or isinstance(area[0], str):
                 continue
             if any(spec.match(row) is not None for spec in self.specs for row in ctx):
                 h, w, y, x = (int(v) for v in area)
@@ -365,7 +364,7 @@ class Cones2Sampler:
         wanted = [s for s in self.specs if s.self_recurrence and s.guidance_weight != 0]
         if not wanted:
             return []
-        contexts = list(_positive_contexts(guider))
+        contexts = [row for _cond, ctx in _positive_conds(guider) for row in ctx]
         return [s for s in wanted if any(s.match(ctx) is not None for ctx in contexts)]
 
     def _sample(self, executor, guider, sigmas, extra_args, callback, noise, latent_image, denoise_mask,
@@ -379,7 +378,7 @@ class Cones2Sampler:
             warn("Cones2 Layout Guidance: self-recurrence is skipped with an inpainting mask; sampling with guidance "
                  "but without self-recurrence")
             return executor(guider, sigmas, extra_args, callback, noise, latent_image, denoise_mask, disable_pbar)
-        name = sampler_function_name(executor)
+        name = sampler_function_name(getattr(executor, "class_obj", None))  # the executor runs sampler.sample
         if name not in STEPWISE_SAMPLERS:
             warn("Cones2 Layout Guidance: self-recurrence is off with the sampler '%s' (it carries a history or its "
                  "own schedule across steps, which re-taking single steps would break); sampling with guidance but "

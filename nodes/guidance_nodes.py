@@ -10,12 +10,13 @@ import uuid
 import torch
 from comfy_api.latest import io
 
+from ..cones2_core.conditioning import CHANNELS, spelled_without_spaces
 from ..cones2_core.errors import Cones2Error, check_number, short
 from ..cones2_core.layout import MAX_BOX_WEIGHT, MAX_LAYOUT_CHARS, colour_map_regions, parse_layout
 from ..cones2_core.maps import render_panel, share_inside
 from ..cones2_core.residual import FAMILY_NAMES
 from .common import CATEGORY, warn
-from .encoding import COND_KEY, phrase_positions, spelled_positions
+from .encoding import COND_KEY, spelled_positions
 from .guidance import GuidanceSpec, SubjectRegion, find_recording, install, specs_of
 
 log = logging.getLogger("comfyui-cones2")
@@ -58,12 +59,13 @@ def subject_positions(record: dict, subject: str) -> tuple[int, ...]:
     key = subject.lower().strip()
     if key in words:
         return tuple(words[key])
-    spelled = spelled_positions(record.get("token_text") or {}, key)  # "犬" inside "一只犬和猫", "🐶"
-    if spelled:
-        return tuple(sorted({r for o in spelled for r in o}))
+    if spelled_without_spaces(key):  # "犬" inside "一只犬和猫", "🐶"
+        spelled = spelled_positions(record.get("token_text") or {}, key)
+        if spelled:
+            return tuple(sorted({r for o in spelled for r in o}))
     parts = re.findall(r"[^\W_]+(?:['-][^\W_]+)*", key)
     if len(parts) > 1 and record.get("token_text"):  # a phrase binds its contiguous run, as in the reference
-        occ = phrase_positions(record["token_text"], " ".join(key.split()))
+        occ = spelled_positions(record["token_text"], " ".join(key.split()), whole_words=True)
         if occ:
             return tuple(sorted({r for o in occ for r in o}))
         if all(p in words for p in parts):
@@ -89,8 +91,8 @@ def build_spec(model, conditioning, layout, guidance_weight, positive_weight, ne
     if not start_percent <= end_percent:
         raise Cones2Error(f"need 0 <= start_percent <= end_percent <= 1, got {start_percent} and {end_percent}")
     if start_percent == end_percent:
-        warn("Cones2 Layout Guidance: start_percent = end_percent = %g leaves no part of the schedule to "
-                    "guide, so this node changes nothing; widen the window (e.g. 0 to 1)", start_percent)
+        warn("Cones2 Layout Guidance: start_percent = end_percent = %g leaves no part of the schedule to guide, "
+             "so this node changes nothing; widen the window (e.g. 0 to 1)", start_percent)
     # regions per subject, from boxes, masks and a colour map
     boxes: dict[str, list] = {}
     weights: dict[str, float] = {}
@@ -119,7 +121,7 @@ def build_spec(model, conditioning, layout, guidance_weight, positive_weight, ne
     if colour_map is not None:
         if colour_map.shape[0] > 1:
             warn("Cones2 Layout Guidance: the colour_map input holds %d images; only the first is used "
-                        "(one layout for every sample of the batch)", colour_map.shape[0])
+                 "(one layout for every sample of the batch)", colour_map.shape[0])
         pairs = _colour_pairs(colour_subjects)
         if not pairs:
             raise Cones2Error("a colour_map is connected but colour_subjects is empty: write '#rrggbb=word' pairs")
@@ -137,7 +139,8 @@ def build_spec(model, conditioning, layout, guidance_weight, positive_weight, ne
                               "CLIP Text Encode, and connect its output here")
         if context_dim and cond.shape[-1] != context_dim:
             cond_family = FAMILY_NAMES.get(record.get("family"), "another model")
-            model_family = {768: "SD1.5", 1024: "SD2.x", 2048: "SDXL"}.get(context_dim, f"{context_dim}-wide")
+            widths = {sum(w for _, w in chans.values()): fam for fam, chans in CHANNELS.items()}
+            model_family = FAMILY_NAMES.get(widths.get(context_dim), f"{context_dim}-wide")
             raise Cones2Error(f"the conditioning is {cond_family} text ({cond.shape[-1]} wide) but the model is "
                               f"{model_family} (it reads {context_dim}-wide text): encode the prompt with the CLIP of "
                               "the same checkpoint as the model")

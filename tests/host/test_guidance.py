@@ -549,8 +549,7 @@ def test_binding_survives_other_conditioning_nodes(pack, loaded, extras_files, n
         gpos = nodes.ControlNetApply().apply_controlnet(gpos, control, torch.rand(1, 64, 80, 3), 0.8)[0]
     else:
         batch = 2
-    m, log = logged(gm)
-    sample(m, gpos, neg, steps=3, batch=batch)
+    sample(gm, gpos, neg, steps=3, batch=batch)
     rows = report(pack, gm)
     assert {r["subject"] for r in rows} == {"dog", "cat"} and min(r["share"] for r in rows) >= 0.99, rows
     assert pack.nodes.guidance.recording(pack.nodes.guidance.specs_of(gm)[0].uid).calls >= 2
