@@ -1,0 +1,194 @@
+// The layout editor's model: the layout JSON read and written, and pure geometry on its boxes.
+// No DOM and no ComfyUI here, so plain node can import it (tests/js/). Only exports: the frontend imports
+// every .js file under web/ as an extension, so importing this module must do nothing.
+//
+// The node's parser, cones2_core/layout.py `parse_layout`, decides what a valid layout is; `parseLayoutText`
+// below reads the same text for drawing and says, in `refusal`, why that parser would refuse it.
+// tests/fixtures/layouts.json holds the cases both sides are checked against.
+
+export const NODE_TYPE = "Cones2LayoutGuidance";
+export const MAPS_NODE_TYPE = "Cones2AttentionMaps";
+export const MAPS_UI_KEY = "cones2_maps";   // owner: MAPS_UI_KEY in nodes/maps_node.py
+export const LAYOUT_WIDGET = "layout";
+export const EDITOR_WIDGET = "cones2_layout_editor";
+export const LAYOUT_VERSION = 1;            // owner: LAYOUT_VERSION in cones2_core/layout.py
+const MAX_LAYOUT_CHARS = 1_000_000;         // owner: MAX_LAYOUT_CHARS in cones2_core/layout.py
+const MAX_BOX_WEIGHT = 50;                  // owner: MAX_BOX_WEIGHT in cones2_core/layout.py
+const SLACK = 1e-6;                         // owner: _SLACK in cones2_core/layout.py
+export const GRID_STEPS = 16;               // snapping grid: 1/16 of the image on each axis
+export const DECIMALS = 1e4;                // coordinates are stored with 4 decimals
+const COORDS = ["x", "y", "w", "h"];
+const BOX_KEYS = ["subject", ...COORDS, "weight"];
+const STOPWORDS = new Set((
+  "a an the and or of on in at to with by for from into onto under over near next beside behind " +
+  "front back top left right is are be this that his her its their photo picture image style very " +
+  "high quality detailed best masterpiece"
+).split(" "));
+
+export const round = (v) => Math.round(v * DECIMALS) / DECIMALS;
+export const clamp = (v, lo, hi) => Math.min(Math.max(v, lo), hi);
+export const isNum = (v) => typeof v === "number" && Number.isFinite(v);
+const isObject = (v) => !!v && typeof v === "object" && !Array.isArray(v);
+// how the Python messages print a value, near enough to read the same
+const show = (v) => (typeof v === "string" ? `'${v}'` : JSON.stringify(v));
+
+/** One box of the text: {box} to draw, `problem` = why parse_layout refuses it, `fatal` = it cannot be drawn.
+ * The checks run in parse_layout's order, so the first problem is the one the node reports. */
+function readBox(i, raw) {
+  if (!isObject(raw)) return { problem: `box ${i} is not an object`, fatal: true };
+  const subject = typeof raw.subject === "string" ? raw.subject.trim() : "";
+  let problem = subject ? null : `box ${i} has no subject: type the subject word for it (e.g. "dog")`;
+  const name = `box ${i} ('${subject}')`;
+  const c = {};
+  for (const k of COORDS) {
+    const v = raw[k];
+    let bad = null;
+    if (!(k in raw)) bad = `${name} is missing '${k}': every box needs x, y, w and h`;
+    else if (typeof v !== "number") bad = `${name}: '${k}' must be a number, got ${show(v)}`;
+    else if (!Number.isFinite(v)) bad = `${name}: '${k}' must be a finite number, got ${v}`;
+    if (bad) return { problem: problem ?? bad, fatal: true };
+    if (!(v >= -SLACK && v <= 1 + SLACK)) problem ??= `${name}: '${k}' = ${v} is outside 0..1`;
+    c[k] = clamp(v, 0, 1);
+  }
+  if (c.w <= 0 || c.h <= 0) problem ??= `${name} has zero area (w=${c.w}, h=${c.h})`;
+  if (c.x + c.w > 1 + SLACK) problem ??= `${name} extends past the right edge (x + w = ${+(c.x + c.w).toPrecision(6)} > 1)`;
+  if (c.y + c.h > 1 + SLACK) problem ??= `${name} extends past the bottom edge (y + h = ${+(c.y + c.h).toPrecision(6)} > 1)`;
+  // a box past the edge is drawn up to the edge (the refusal says why); within the slack it stays as parsed
+  const box = { subject, x: c.x, y: c.y, w: c.x + c.w > 1 + SLACK ? 1 - c.x : c.w,
+    h: c.y + c.h > 1 + SLACK ? 1 - c.y : c.h, extra: {} };
+  const weight = raw.weight;
+  if (isNum(weight)) {
+    box.weight = weight;
+    if (!(weight >= 0 && weight <= MAX_BOX_WEIGHT)) problem ??= `${name}: 'weight' = ${weight} is outside 0..${MAX_BOX_WEIGHT}`;
+  } else if (weight !== undefined && weight !== null) {
+    problem ??= `${name}: 'weight' must be a ${typeof weight === "number" ? "finite " : ""}number, got ${show(weight)}`;
+  }
+  for (const [k, v] of Object.entries(raw)) if (!BOX_KEYS.includes(k)) box.extra[k] = v;
+  return { box, problem };
+}
+
+/** Layout text -> {boxes, canvas, extra, refusal} to draw, or {error, refusal} when it cannot be drawn.
+ * `refusal` (null when the node accepts the layout) is the first reason parse_layout would refuse it.
+ * Empty text draws no boxes. Unknown keys are kept in `extra` so that writing the layout back keeps them. */
+export function parseLayoutText(text) {
+  if (typeof text !== "string" || !text.trim()) {
+    return { boxes: [], canvas: null, extra: {}, refusal: "the layout is empty: draw at least one box" };
+  }
+  let refusal = text.length > MAX_LAYOUT_CHARS ? `the layout is ${text.length} characters long` : null;
+  const fail = (error) => ({ error, refusal: refusal ?? error });
+  let data;
+  try {
+    data = JSON.parse(text);
+  } catch (err) {
+    return fail(`the layout is not valid JSON: ${err.message}`);
+  }
+  if (!isObject(data)) return fail("the layout must be a JSON object");
+  const version = "version" in data ? data.version : LAYOUT_VERSION;
+  if (version !== LAYOUT_VERSION) refusal ??= `unsupported layout version ${show(version)}`;
+  const raw = data.boxes ?? [];
+  if (!Array.isArray(raw)) return fail("'boxes' must be a list of box objects");
+  if (!raw.length) refusal ??= "the layout has no boxes: draw at least one box and type its subject word";
+  const boxes = [];
+  for (const [i, b] of raw.entries()) {
+    const r = readBox(i, b);
+    refusal ??= r.problem;
+    if (r.fatal) return fail(r.problem);
+    boxes.push(r.box);
+  }
+  let canvas = null;
+  const c = data.canvas;
+  if (c && isNum(c.width) && isNum(c.height) && c.width > 0 && c.height > 0) canvas = { width: c.width, height: c.height };
+  const extra = {};
+  for (const [k, v] of Object.entries(data)) if (!["version", "boxes", "canvas"].includes(k)) extra[k] = v;
+  return { boxes, canvas, extra, refusal };
+}
+
+function boxToJson(b) {
+  // the right/bottom edges are rounded, not the sizes, so boxes that touch stay touching
+  const x = round(b.x), y = round(b.y);
+  const item = { subject: b.subject.trim(), x, y, w: round(round(b.x + b.w) - x), h: round(round(b.y + b.h) - y) };
+  if (isNum(b.weight)) item.weight = b.weight;
+  Object.assign(item, b.extra || {});
+  return "{" + Object.entries(item).map(([k, v]) => `${JSON.stringify(k)}: ${JSON.stringify(v)}`).join(", ") + "}";
+}
+
+/** The JSON text for a layout: one box per line (readable in the node's text box), unknown keys kept. */
+export function formatLayout(boxes, canvas, extra) {
+  let head = `{"version": ${LAYOUT_VERSION}`;
+  for (const [k, v] of Object.entries(extra || {})) head += `, ${JSON.stringify(k)}: ${JSON.stringify(v)}`;
+  if (canvas) head += `, "canvas": {"width": ${canvas.width}, "height": ${canvas.height}}`;
+  if (!boxes.length) return head + `, "boxes": []}`;
+  return head + `, "boxes": [\n  ` + boxes.map(boxToJson).join(",\n  ") + `\n]}`;
+}
+
+export const snapValue = (v, snap) => (snap ? Math.round(v * GRID_STEPS) / GRID_STEPS : v);
+
+/** What is under point p (image fractions): {index, mode: "resize", edges} within `tol` ({x, y}) of an edge,
+ * else {index, mode: "move"} inside a box, else null. The selected box wins, then the topmost (last drawn). */
+export function hitTest(boxes, selected, p, tol) {
+  const order = [...boxes.keys()].reverse();
+  if (selected >= 0 && selected < boxes.length) order.unshift(selected);
+  for (const i of order) {
+    const b = boxes[i];
+    const inX = p.x >= b.x - tol.x && p.x <= b.x + b.w + tol.x, inY = p.y >= b.y - tol.y && p.y <= b.y + b.h + tol.y;
+    if (!inX || !inY) continue;
+    const edges = {
+      l: Math.abs(p.x - b.x) <= tol.x, r: Math.abs(p.x - (b.x + b.w)) <= tol.x,
+      t: Math.abs(p.y - b.y) <= tol.y, b: Math.abs(p.y - (b.y + b.h)) <= tol.y,
+    };
+    // a box thinner than two grab distances: take the nearer edge only
+    if (edges.l && edges.r) edges[p.x < b.x + b.w / 2 ? "r" : "l"] = false;
+    if (edges.t && edges.b) edges[p.y < b.y + b.h / 2 ? "b" : "t"] = false;
+    if (edges.l || edges.r || edges.t || edges.b) return { index: i, mode: "resize", edges };
+  }
+  for (const i of order) {
+    const b = boxes[i];
+    if (p.x >= b.x && p.x <= b.x + b.w && p.y >= b.y && p.y <= b.y + b.h) return { index: i, mode: "move" };
+  }
+  return null;
+}
+
+/** The CSS cursor for a hitTest result. */
+export function cursorFor(hit) {
+  if (!hit) return "crosshair";
+  if (hit.mode === "move") return "move";
+  const { l, r, t, b } = hit.edges;
+  if ((l && t) || (r && b)) return "nwse-resize";
+  if ((r && t) || (l && b)) return "nesw-resize";
+  return l || r ? "ew-resize" : "ns-resize";
+}
+
+/** Subject suggestions from raw words: no stopwords, no repeats (case-insensitive), first spelling kept. */
+export function suggestions(words) {
+  const seen = new Set();
+  return words.filter((w) => {
+    const k = w.toLowerCase();
+    if (STOPWORDS.has(k) || seen.has(k)) return false;
+    seen.add(k);
+    return true;
+  });
+}
+
+/** The subject for a new box: the first suggested word no box has yet, else subjectN. */
+export function nextSubject(boxes, words) {
+  const used = new Set(boxes.map((b) => b.subject.trim().toLowerCase()));
+  const word = words.find((w) => !used.has(w.toLowerCase()));
+  if (word) return word;
+  let n = boxes.length + 1;
+  while (used.has(`subject${n}`)) n++;
+  return `subject${n}`;
+}
+
+/** The maps of a `cones2_maps` ui entry that can be drawn: one per subject (the first), values in 0..1. */
+export function readMaps(raw) {
+  const subjects = [];
+  for (const m of raw) {
+    if (!m || typeof m.subject !== "string" || !Number.isInteger(m.h) || !Number.isInteger(m.w)) continue;
+    if (m.h < 1 || m.w < 1 || !Array.isArray(m.values) || m.values.length !== m.h * m.w) continue;
+    const key = m.subject.trim().toLowerCase();
+    if (subjects.some((s) => s.key === key)) continue;
+    subjects.push({ subject: m.subject, key, h: m.h, w: m.w, share: isNum(m.share) ? m.share : null,
+      values: Float32Array.from(m.values, (v) => (isNum(v) ? clamp(v, 0, 1) : 0)) });
+  }
+  return subjects;
+}
