@@ -481,7 +481,21 @@ async function scenario(out, page, errors) {
     await settle(page, 50);
     n = await layoutNode();
     assert(!n.state.error && n.state.boxes.length === 3, 'did not recover from bad JSON');
-    return { status };
+    // a layout the node would refuse is still drawn, and the status line says why
+    await textarea.fill('{"version": 1, "boxes": [{"subject": " ", "x": 0.1, "y": 0.2, "w": 0.3, "h": 0.5}]}');
+    await settle(page, 50);
+    n = await layoutNode();
+    const refused = await page.evaluate((type) => {
+      const s = window.app.graph.nodes.find((x) => x.type === type).cones2Layout.status;
+      return { text: s.textContent, refused: s.classList.contains('c2-refused'), error: s.classList.contains('c2-error') };
+    }, NODE);
+    assert(!n.state.error && n.state.boxes.length === 1 && /has no subject/.test(n.state.refusal)
+      && refused.refused && !refused.error && refused.text.includes('has no subject'), `refused: ${JSON.stringify(refused)}`);
+    await textarea.fill(text);
+    await settle(page, 50);
+    n = await layoutNode();
+    assert(!n.state.refusal && n.state.boxes.length === 3, 'the valid layout still reads as refused');
+    return { status, refused };
   });
 
   await step('aspect_from_latent', async () => {
