@@ -107,14 +107,18 @@ def guided_attention(
     scale: float | None = None,
     return_probs: bool = False,
     *,
+    token_mass=None,
     chunk_size: int | None = None,
 ):
     """Cross-attention with the Cones 2 layout bias.
 
     q [B, N, heads*d], k and v [B, T, heads*d]; weight_map [B or 1, N, T] or None (plain attention).
     Returns the output [B, N, heads*d] in q's dtype, and with return_probs=True also the float32
-    probabilities [B, heads, N, T]. chunk_size (pixels per chunk) defaults to what fits MAX_CHUNK_ELEMENTS;
-    std(S) is always taken over the whole sample.
+    probabilities [B, heads, N, T]. ``token_mass``: a list of token-index lists (one per subject); then also
+    the attention mass of each list per pixel, float32 [len(token_mass), N] summed over batch, heads and the
+    list's tokens, taken chunk by chunk so the probabilities are never kept (what the attention maps need).
+    chunk_size (pixels per chunk) defaults to what fits MAX_CHUNK_ELEMENTS; std(S) is always taken over the
+    whole sample.
     """
     if not isinstance(heads, int) or heads < 1:
         raise Cones2Error(f"heads must be a positive integer, got {heads!r}")
@@ -144,7 +148,10 @@ def guided_attention(
                 moments = part if moments is None else _combine(moments, part)
         coef = _coefficient(_std(moments), sigma, guidance_weight).view(b, 1, 1, 1)
 
-    outs, probs = [], []
+    outs, probs, masses = [], [], []
+    picks = None
+    if token_mass is not None:
+        picks = [torch.as_tensor(list(tok), dtype=torch.long, device=qh.device) for tok in token_mass]
     for start in range(0, n, chunk):
         s = full if full is not None else qh[:, :, start : start + chunk] @ kt  # [B, H, c, T]
         if coef is not None:
@@ -153,8 +160,13 @@ def guided_attention(
         outs.append(p @ vh)
         if return_probs:
             probs.append(p)
+        if picks is not None:
+            masses.append(torch.stack([p.index_select(-1, i).sum(dim=(0, 1, 3)) for i in picks])
+                          if picks else p.new_zeros(0, p.shape[2]))
     out = torch.cat(outs, dim=2).transpose(1, 2).reshape(b, n, heads * d).to(q.dtype)
-    return (out, torch.cat(probs, dim=2)) if return_probs else out
+    extra = ([torch.cat(probs, dim=2)] if return_probs else []) + ([torch.cat(masses, dim=1)] if picks is not None
+                                                                   else [])
+    return (out, *extra) if extra else out
 
 
 def attention_share_inside(probs: torch.Tensor, token_positions: list[int], mask: torch.Tensor) -> float:

@@ -76,6 +76,7 @@ class GuidanceSpec:
     sigma_start: float
     sigma_end: float
     self_recurrence: bool
+    record: bool = True  # record the attention maps (the node's record_maps)
     _maps: dict = field(default_factory=dict, repr=False)  # derived weight maps, keyed by grid and device
 
     def match(self, ctx: torch.Tensor):
@@ -105,7 +106,7 @@ class GuidanceSpec:
 
     def __deepcopy__(self, memo):  # the host deep-copies model options on clone: share the immutable parts
         return GuidanceSpec(self.uid, self.conds, self.guidance_weight, self.negative_weight, self.sigma_start,
-                            self.sigma_end, self.self_recurrence)
+                            self.sigma_end, self.self_recurrence, self.record)
 
 
 # ---- attention recording (read by the Attention Maps node) -------------------------------------------------
@@ -119,12 +120,14 @@ class Recording:
         self.regions: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
         self.calls = 0
 
-    def add(self, h: int, w: int, probs: torch.Tensor, subjects, tokens_per_subject, window=None) -> None:
+    def add(self, h: int, w: int, masses: torch.Tensor, subjects, window=None) -> None:
+        """``masses`` [subjects, h * w]: each subject's attention mass per pixel in one call (guided_attention's
+        token_mass)."""
         grid = self.maps.setdefault((h, w), {})
         regions = self.regions.setdefault((h, w), {})
-        for s, tokens in zip(subjects, tokens_per_subject, strict=True):
+        for s, m in zip(subjects, masses, strict=True):
             # stays on the attention's device (no sync per layer); read out by attention_report
-            mass = probs[..., tokens].sum(dim=(0, 1, 3)).reshape(h, w)
+            mass = m.reshape(h, w)
             grid[s.subject] = grid[s.subject] + mass if s.subject in grid else mass
             if s.subject not in regions:
                 regions[s.subject] = s.region(h, w, window)
@@ -198,8 +201,8 @@ class Cones2CrossAttention:
 
     def __call__(self, q, k, v, extra_options):
         heads = extra_options["n_heads"]
-        groups = extra_options.get(CALL_KEY)
-        if not groups:  # nothing guided in this call: exactly what the block gives without us
+        groups = [g for g in extra_options.get(CALL_KEY) or () if g.spec.guidance_weight != 0 or g.spec.record]
+        if not groups:  # nothing guided or recorded in this call: exactly what the block gives without us
             return self._base(q, k, v, extra_options)
         shape = extra_options.get("activations_shape")
         if shape is None or len(shape) < 2:
@@ -211,26 +214,30 @@ class Cones2CrossAttention:
             raise Cones2Error(f"cannot map {q.shape[1]} attention pixels to a {h}x{w} grid; this UNet layout is "
                               "not supported by Layout Guidance")
         t = k.shape[1]
-        biased = [g for g in groups if g.spec.guidance_weight != 0]
+        biased_rows = sum(len(g.rows) for g in groups if g.spec.guidance_weight != 0)
         added = None
-        if self.inner is not None or sum(len(g.rows) for g in biased) < q.shape[0]:
+        if self.inner is not None or biased_rows < q.shape[0]:
             # Unbiased rows (the uncond pass, other prompts, guidance_weight 0): the block's own output over the
-            # whole batch, the very call an unpatched model makes, so they stay bit-identical (a sub-batch can
-            # round differently).
+            # whole batch, the very call an unpatched model makes, so they stay bit-identical. (The host's
+            # attention of a sub-batch rounds differently: computing only the unbiased rows saved the guided rows'
+            # second computation but changed SD2.x's uncond pass in the last bits.) Another pack's replacement
+            # also expects the whole batch (it splits it by cond_or_uncond).
             out = self._base(q, k, v, extra_options).clone()
-            if self.inner is not None and biased:
+            if self.inner is not None and biased_rows:
                 added = out - self._host(q, k, v, extra_options)  # the other pack's term, kept on guided rows
         else:
             out = torch.empty(q.shape[0], q.shape[1], v.shape[-1], dtype=q.dtype, device=q.device)
         for g in groups:
             rows, sig = g.tensors(q.device)
-            wm = g.spec.weight_map(g.subjects, g.offsets, h, w, t, q.device, g.window)
-            res, probs = guided_attention(q[rows], k[rows], v[rows], heads, wm, sig, g.spec.guidance_weight,
-                                          return_probs=True)
-            if g.spec.guidance_weight != 0:  # at weight 0 the rows keep the block's output; only the maps are read
-                out[rows] = res.to(out.dtype) if added is None else res.to(out.dtype) + added[rows]
+            biased = g.spec.guidance_weight != 0
             tokens = [subject_tokens(s, g.offsets) for s in g.subjects]
-            recording(g.spec.uid).add(h, w, probs, g.subjects, tokens, g.window)
+            res, *mass = guided_attention(q[rows], k[rows], v[rows], heads,
+                                          g.spec.weight_map(g.subjects, g.offsets, h, w, t, q.device, g.window),
+                                          sig, g.spec.guidance_weight, token_mass=tokens if g.spec.record else None)
+            if biased:  # at weight 0 the rows keep the host's output; only the maps are read
+                out[rows] = res.to(out.dtype) if added is None else res.to(out.dtype) + added[rows]
+            if mass:
+                recording(g.spec.uid).add(h, w, mass[0], g.subjects, g.window)
         return out
 
 

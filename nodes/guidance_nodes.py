@@ -79,7 +79,8 @@ def subject_positions(record: dict, subject: str) -> tuple[int, ...]:
 
 
 def build_spec(model, conditioning, layout, guidance_weight, positive_weight, negative_weight, start_percent,
-               end_percent, self_recurrence, masks=None, mask_subjects="", colour_map=None, colour_subjects=""):
+               end_percent, self_recurrence, masks=None, mask_subjects="", colour_map=None, colour_subjects="",
+               record_maps=False):
     if not conditioning:
         raise Cones2Error("the conditioning input is empty: connect Cones2 Apply Residuals to Conditioning")
     # The API accepts NaN and values past the widgets' limits; every number is checked here, not at the sampler.
@@ -159,7 +160,7 @@ def build_spec(model, conditioning, layout, guidance_weight, positive_weight, ne
                         negative_weight=float(negative_weight),
                         sigma_start=float(sampling.percent_to_sigma(start_percent)),
                         sigma_end=float(sampling.percent_to_sigma(end_percent)) if end_percent < 1.0 else 0.0,
-                        self_recurrence=bool(self_recurrence))
+                        self_recurrence=bool(self_recurrence), record=bool(record_maps))
 
 
 class Cones2LayoutGuidance(io.ComfyNode):
@@ -186,8 +187,8 @@ class Cones2LayoutGuidance(io.ComfyNode):
                 io.Float.Input("guidance_weight", default=0.08, min=0.0, max=2.0, step=0.01,
                                tooltip="Strength of the layout bias (paper default 0.08). Raise it if subjects "
                                        "leave their boxes; lower it if images look stiff. 0 turns guidance off "
-                                       "(sampling is exactly as without this node; the attention maps still "
-                                       "record)."),
+                                       "(sampling is exactly as without this node; with record_maps on the "
+                                       "attention maps still record)."),
                 io.Float.Input("positive_weight", default=2.5, min=0.0, max=50.0, step=0.1,
                                tooltip="w inside a subject's region (paper: 2.5); a box's own \"weight\" overrides it."),
                 io.Float.Input("negative_weight", default=-1e8, min=-1e9, max=0.0, step=1.0,
@@ -213,6 +214,10 @@ class Cones2LayoutGuidance(io.ComfyNode):
                                        "matched with a tolerance, so JPEGs work."),
                 io.String.Input("colour_subjects", default="", optional=True,
                                 tooltip="Colour to subject pairs for colour_map, e.g. '#ff0000=dog, #00ff00=cat'."),
+                io.Boolean.Input("record_maps", default=False, optional=True,
+                                 tooltip="Record where each subject's words attend, for Cones2 Attention Maps and the "
+                                         "layout editor's heatmaps. Off: nothing is recorded (faster, less memory); "
+                                         "turn it on when an Attention Maps node reads this model."),
             ],
             outputs=[
                 io.Model.Output(tooltip="The guided model: connect it to the sampler."),
@@ -223,10 +228,10 @@ class Cones2LayoutGuidance(io.ComfyNode):
     @classmethod
     def execute(cls, model, conditioning, layout, guidance_weight, positive_weight, negative_weight,
                 start_percent, end_percent, self_recurrence, masks=None, mask_subjects="", colour_map=None,
-                colour_subjects="") -> io.NodeOutput:
+                colour_subjects="", record_maps=False) -> io.NodeOutput:
         spec = build_spec(model, conditioning, layout, guidance_weight, positive_weight, negative_weight,
                           start_percent, end_percent, self_recurrence, masks, mask_subjects, colour_map,
-                          colour_subjects)
+                          colour_subjects, record_maps)
         guided = install(model, spec)
         subjects = [r.subject for r in spec.conds[0][1]]
         out = [[c, {**extra, LAYOUT_KEY: {"uid": spec.uid, "subjects": subjects}}] for c, extra in conditioning]
@@ -239,7 +244,7 @@ def attention_report(model) -> list[dict]:
     """Per guidance and grid: each subject's averaged map, region and in-region share of the last run."""
     rows = []
     for spec in specs_of(model):
-        rec = find_recording(spec.uid)
+        rec = find_recording(spec.uid) if spec.record else None
         if rec is None:
             continue
         for (h, w), maps in sorted(rec.maps.items(), key=lambda kv: -kv[0][0] * kv[0][1]):
@@ -280,6 +285,10 @@ class Cones2AttentionMaps(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, samples, resolution="largest", panel_size=256) -> io.NodeOutput:
+        specs = specs_of(model)
+        if specs and not any(s.record for s in specs):
+            raise Cones2Error("Cones2 Layout Guidance did not record attention for this model: turn record_maps on in "
+                              "the Cones2 Layout Guidance node (and sample again)")
         rows = attention_report(model)
         if not rows:
             raise Cones2Error("no attention was recorded for this model: connect the MODEL output of Cones2 Layout "

@@ -153,6 +153,19 @@ def test_chunked_equals_unchunked():
     assert_rel(whole, reference(q, k, v, 5, w, sigma, 1.0)[0])
 
 
+def test_token_mass_is_the_probabilities_summed_per_subject_without_keeping_them():
+    q, k, v, w = make_inputs(2, 5, 53, seed=4)
+    subjects = [[3, 4], [6]]
+    out, probs = guided_attention(q, k, v, 5, w, 3.0, 1.0, return_probs=True)
+    for chunk in (None, 7):
+        res, mass = guided_attention(q, k, v, 5, w, 3.0, 1.0, token_mass=subjects, chunk_size=chunk)
+        assert mass.shape == (2, 53) and mass.dtype == torch.float32
+        for i, tokens in enumerate(subjects):
+            assert_rel(mass[i], probs[..., tokens].sum(dim=(0, 1, 3)))
+        assert_rel(res, out)
+    assert guided_attention(q, k, v, 5, w, 3.0, 1.0, token_mass=[])[1].shape == (0, 53)
+
+
 def test_merged_chunk_std_is_exact():
     from cones2_core.attention import _combine, _moments, _std
 

@@ -14,7 +14,7 @@ TWO_BOXES = ('{"version":1,"boxes":[{"subject":"dog","x":0.0,"y":0.0,"w":0.5,"h"
              '{"subject":"cat","x":0.5,"y":0.1,"w":0.5,"h":0.9}]}')
 PROMPT = "a dog and a cat on a sofa"
 SETTINGS = {"guidance_weight": 0.08, "positive_weight": 2.5, "negative_weight": -1e8, "start_percent": 0.0,
-            "end_percent": 1.0, "self_recurrence": False}
+            "end_percent": 1.0, "self_recurrence": False, "record_maps": True}
 
 
 def encode(pack, clip, text=PROMPT):

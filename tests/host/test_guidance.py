@@ -26,6 +26,7 @@ def negative(clip):
 
 def guide(pack, model, cond, layout=TWO_BOXES, gw=0.08, start=0.0, end=1.0, recurrence=False, **kw):
     node = pack.nodes.guidance_nodes.Cones2LayoutGuidance
+    kw.setdefault("record_maps", True)  # these tests read the attention maps
     return node.execute(model, cond, layout, gw, 2.5, -1e8, start, end, recurrence, **kw).result
 
 
@@ -406,6 +407,37 @@ def test_attention_maps_node(pack, loaded):
         node.execute(model, {"samples": out}, "largest", 64)
 
 
+def test_maps_are_recorded_only_when_asked(pack, loaded, monkeypatch):
+    """record_maps off (the node's default): the guided images are exactly those with it on, no attention mass is
+    taken in any attention call, and Attention Maps says which switch to turn on."""
+    guidance, core = pack.nodes.guidance, pack.cones2_core.attention
+    model, clip = loaded("sd15")
+    pos, neg = encode(pack, clip), negative(clip)
+    asked = []
+    real = core.guided_attention
+
+    def spy(*args, token_mass=None, **kw):
+        asked.append(token_mass is not None)
+        return real(*args, token_mass=token_mass, **kw)
+
+    monkeypatch.setattr(guidance, "guided_attention", spy)
+    on, on_pos = guide(pack, model, pos, record_maps=True)
+    off, off_pos = guide(pack, model, pos, record_maps=False)
+    with_maps = sample(on, on_pos, neg, steps=2)
+    assert asked and all(asked)
+    asked.clear()
+    without = sample(off, off_pos, neg, steps=2)
+    assert asked and not any(asked)  # guided, but nothing recorded
+    assert torch.equal(with_maps, without)
+    assert guidance.find_recording(guidance.specs_of(off)[0].uid).maps == {}
+    with pytest.raises(pack.cones2_core.errors.Cones2Error, match="turn record_maps on"):
+        pack.nodes.guidance_nodes.Cones2AttentionMaps.execute(off, {"samples": without}, "all", 64)
+    node = pack.nodes.guidance_nodes.Cones2LayoutGuidance
+    assert node.execute(model, pos, TWO_BOXES, 0.08, 2.5, -1e8, 0.0, 1.0, False).result[0] is not None
+    assert not guidance.specs_of(node.execute(model, pos, TWO_BOXES, 0.08, 2.5, -1e8, 0.0, 1.0, False)
+                                 .result[0])[0].record  # off unless asked
+
+
 def test_layout_guidance_through_server(server, client):
     from harness.client import PromptFailed
 
@@ -417,7 +449,7 @@ def test_layout_guidance_through_server(server, client):
         "4": {"class_type": "Cones2LayoutGuidance", "inputs": {
             "model": ["1", 0], "conditioning": ["2", 0], "layout": TWO_BOXES, "guidance_weight": 0.08,
             "positive_weight": 2.5, "negative_weight": -1e8, "start_percent": 0.0, "end_percent": 1.0,
-            "self_recurrence": True}},
+            "self_recurrence": True, "record_maps": True}},
         "5": {"class_type": "EmptyLatentImage", "inputs": {"width": 96, "height": 64, "batch_size": 1}},
         "6": {"class_type": "KSampler", "inputs": {"model": ["4", 0], "positive": ["4", 1], "negative": ["3", 0],
                                                     "latent_image": ["5", 0], "seed": 1, "steps": 2, "cfg": 5.0,
@@ -557,7 +589,7 @@ def test_binding_survives_other_conditioning_nodes(pack, loaded, extras_files, n
 
 def soft_guide(pack, model, cond, gw, pw, nw=-5.0):
     node = pack.nodes.guidance_nodes.Cones2LayoutGuidance
-    return node.execute(model, cond, TWO_BOXES, gw, pw, nw, 0.0, 1.0, False).result
+    return node.execute(model, cond, TWO_BOXES, gw, pw, nw, 0.0, 1.0, False, record_maps=True).result
 
 
 def test_patched_attention_is_the_float64_formula_at_each_step_sigma(pack, loaded, monkeypatch):

@@ -23,7 +23,7 @@ def guided_run(pack, comfy, tiny_ckpts):
     pos = pack.nodes.residual_nodes.Cones2ApplyResiduals.execute(clip, PROMPT, None).result[0]
     neg = nodes.CLIPTextEncode().encode(clip, "")[0]
     gm, gpos = pack.nodes.guidance_nodes.Cones2LayoutGuidance.execute(
-        model, pos, TWO_BOXES, 0.08, 2.5, -1e8, 0.0, 1.0, False).result
+        model, pos, TWO_BOXES, 0.08, 2.5, -1e8, 0.0, 1.0, False, record_maps=True).result
     latent = {"samples": torch.zeros(1, 4, 8, 10)}
     out = nodes.common_ksampler(gm, 3, 2, 5.0, "euler", "normal", gpos, neg, latent)[0]
     return gm, out
