@@ -39,10 +39,10 @@ _FULL = {"use_checkpoint": False, "image_size": 32, "use_spatial_transformer": T
          "in_channels": 4, "out_channels": 4, "model_channels": 320, "use_temporal_resblock": False,
          "use_temporal_attention": False, "transformer_depth_middle": 1}
 FULL_FAMILIES = {
-    "sd15": {**_FULL, "adm_in_channels": None, "num_res_blocks": [2, 2, 2, 2], "channel_mult": [1, 2, 4, 4],
+    "sd1": {**_FULL, "adm_in_channels": None, "num_res_blocks": [2, 2, 2, 2], "channel_mult": [1, 2, 4, 4],
              "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0], "transformer_depth_output": [1] * 9 + [0] * 3,
              "use_linear_in_transformer": False, "context_dim": 768, "num_heads": 8},
-    "sd2v": {**_FULL, "adm_in_channels": None, "num_res_blocks": [2, 2, 2, 2], "channel_mult": [1, 2, 4, 4],
+    "sd2": {**_FULL, "adm_in_channels": None, "num_res_blocks": [2, 2, 2, 2], "channel_mult": [1, 2, 4, 4],
              "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0], "transformer_depth_output": [1] * 9 + [0] * 3,
              "use_linear_in_transformer": True, "context_dim": 1024, "num_head_channels": 64},
     "sdxl": {**_FULL, "adm_in_channels": 2816, "num_classes": "sequential", "num_res_blocks": [2, 2, 2],
@@ -51,7 +51,7 @@ FULL_FAMILIES = {
              "transformer_depth_middle": 10, "use_linear_in_transformer": True, "context_dim": 2048,
              "num_head_channels": 64},
 }
-RESOLUTION = {"sd15": 512, "sd2v": 768, "sdxl": 1024}
+RESOLUTION = {"sd1": 512, "sd2": 768, "sdxl": 1024}
 
 
 def _images(size: int):
@@ -108,37 +108,36 @@ def reference_like(pack, model, clip, vae, images, steps: int, resolution: int, 
     Like our paper mode it trains a private copy, since the user's CLIP must stay unchanged."""
     import torch
 
-    tn = pack.nodes.train_nodes
-    tr = pack.cones2_core.training
-    enc = tn.private_text_encoder(clip, device)  # no trainable_ids: every row of the token table trains
+    encoder, unets, ob = pack.nodes.train_encoder, pack.nodes.unet, pack.cones2_core.objective
+    enc = encoder.private_text_encoder(clip, device)  # no trainable_ids: every row of the token table trains
     tokens = clip.tokenize("dog")
-    rows = tn._subject_rows(clip, "dog", "dog")
-    prediction, sigma_data, ms = tn._prediction(model)
+    rows = encoder.subject_rows(clip, "dog", "dog")
+    prediction, sigma_data, ms = unets.prediction_type(model)
     sigmas = ms.sigmas.detach().float().cpu()
-    pixels = [tn._resize_for_training(img, resolution) for img in images]
-    opt = torch.optim.AdamW(enc.parameters(), lr=tr.PAPER_LEARNING_RATE, weight_decay=tr.WEIGHT_DECAY)
-    frozen = tr.FrozenWeights()
+    pixels = [pack.nodes.train_images._resize_for_training(img, resolution) for img in images]
+    opt = torch.optim.AdamW(enc.parameters(), lr=ob.PAPER_LEARNING_RATE, weight_decay=ob.WEIGHT_DECAY)
+    frozen = pack.cones2_core.gradients.GradientFreeWeights()
     gen = torch.Generator().manual_seed(0)
     target = None
-    with tn.FrozenUNet(model, device, frozen) as unet:
+    with unets.FrozenUNet(model, device, frozen) as unet:
         mp = unet.mp
         for step in range(steps):
             img = pixels[step % len(pixels)]
             with torch.no_grad():  # the reference encodes its (randomly cropped) batch at every step
                 x0 = mp.model.process_latent_in(vae.encode(img[:resolution, :resolution].unsqueeze(0)).float())
             noise = torch.randn(x0.shape, generator=gen).to(x0.device)
-            sigma = tr.sample_sigmas(sigmas, 1, gen).to(x0.device)
+            sigma = ob.sample_sigmas(sigmas, 1, gen).to(x0.device)
             ctx = enc.encode_token_weights(tokens)[0].float()
             if target is None:
                 target = ctx.detach()
             x_t = ms.noise_scaling(sigma.view(-1, 1, 1, 1), noise, x0)
             with frozen:
                 den = mp.model.apply_model(x_t, sigma, c_crossattn=ctx, transformer_options={
-                    "optimized_attention_override": tn._sdpa_attention})
-            loss = tr.diffusion_loss(den, x0, sigma, prediction, sigma_data) + \
-                tr.preservation_loss(ctx, target, rows, 1e-2, 1e-3)
+                    "optimized_attention_override": unets.sdpa_attention})
+            loss = ob.diffusion_loss(den, x0, sigma, prediction, sigma_data) + \
+                ob.preservation_loss(ctx, target, rows, 1e-2, 1e-3)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(enc.parameters(), tr.MAX_GRAD_NORM)
+            torch.nn.utils.clip_grad_norm_(enc.parameters(), ob.MAX_GRAD_NORM)
             opt.step()
             opt.zero_grad()
             float(loss)  # wait for the step to finish (as the node's progress bar does)
@@ -187,7 +186,7 @@ def run_one(cfg: dict) -> dict:
                 reference_like(pack, model, clip, vae, images, cfg["steps"], cfg["resolution"],
                                mm.get_torch_device(), lambda: stamps.append(time.perf_counter()))
         else:
-            node = pack.nodes.train_nodes.Cones2TrainResidual
+            node = pack.nodes.train_node.Cones2TrainResidual
             node.execute(model, clip, vae, subject="dog", steps=cfg["steps"], learning_rate=0.0,
                          resolution=cfg["resolution"], batch_size=1, seed=0, save_name=f"bench_{mode}",
                          mode=mode, images=images)
@@ -249,12 +248,12 @@ def main(argv=None) -> int:
     configs = []
     if args.device == "cpu":
         res = subprocess.run([sys.executable, tiny_checkpoints.__file__, "--comfyui", args.comfyui, "--out", out,
-                              "sd15"], capture_output=True, text=True)
+                              "sd1"], capture_output=True, text=True)
         if res.returncode:
             sys.stderr.write(res.stderr)
             return 1
-        ckpt = dict(line.split("\t") for line in res.stdout.strip().splitlines())["sd15"]
-        configs = [("tiny sd15", ckpt, mode, r) for r in (64, 256) for mode in ("reference-like", "paper", "fast")]
+        ckpt = dict(line.split("\t") for line in res.stdout.strip().splitlines())["sd1"]
+        configs = [("tiny sd1", ckpt, mode, r) for r in (64, 256) for mode in ("reference-like", "paper", "fast")]
     else:
         full_dir = os.path.join(out, "full")
         os.makedirs(full_dir, exist_ok=True)
@@ -265,7 +264,7 @@ def main(argv=None) -> int:
         import comfy.cli_args
 
         comfy.cli_args.args.cpu = False
-        for fam in ("sd15", "sd2v", "sdxl"):
+        for fam in ("sd1", "sd2", "sdxl"):
             ckpt = (fam, full_dir)  # built when its first row runs, so a time-limited run measures early
             # the reference has no SDXL; "paper@12": the same run on the GPU capped at 12 GiB (a consumer card),
             # where the trainer switches on gradient checkpointing if a step runs out of memory

@@ -1,4 +1,5 @@
-"""The pure parts of residual training: templates, losses against hand computations, residual averaging."""
+"""The pure parts of residual training: templates, losses against hand computations, residual averaging
+(``objective``), the gradient-memory machinery (``gradients``) and the loss-curve picture (``figures``)."""
 
 from __future__ import annotations
 
@@ -8,14 +9,16 @@ import numpy as np
 import pytest
 import torch
 
-from cones2_core import training as tr
+from cones2_core import figures
+from cones2_core import gradients as gr
+from cones2_core import objective as ob
 from cones2_core.errors import Cones2Error
 
 
 def test_templates_are_the_reference_27():
-    assert len(tr.TEMPLATES) == 27 and len(set(tr.TEMPLATES)) == 27
-    assert tr.TEMPLATES[0] == "a photo of a {}" and tr.TEMPLATES[-1] == "a photo of a small {}"
-    prompts = tr.template_prompts("dog")
+    assert len(ob.TEMPLATES) == 27 and len(set(ob.TEMPLATES)) == 27
+    assert ob.TEMPLATES[0] == "a photo of a {}" and ob.TEMPLATES[-1] == "a photo of a small {}"
+    prompts = ob.template_prompts("dog")
     assert prompts[9] == "a close-up photo of a dog" and all(p.endswith(" dog") for p in prompts)
 
 
@@ -24,7 +27,7 @@ def test_preservation_loss_matches_hand_computation():
     tuned = torch.randn(1, 77, 8, generator=g)
     frozen = torch.randn(1, 77, 8, generator=g)
     # subject "dog" = 1 token at row 1: start row 0, rest rows 2..76
-    got = tr.preservation_loss(tuned, frozen, [1], 1e-2, 1e-3)
+    got = ob.preservation_loss(tuned, frozen, [1], 1e-2, 1e-3)
     d0 = (tuned[0, 0] - frozen[0, 0]).tolist()
     rest = (tuned[0, 2:] - frozen[0, 2:]).flatten().tolist()
     expect = 1e-2 * math.sqrt(sum(v * v for v in d0)) + 1e-3 * math.sqrt(sum(v * v for v in rest))
@@ -32,22 +35,22 @@ def test_preservation_loss_matches_hand_computation():
     # two-token subject at rows 1, 2: rest starts at row 3; the subject rows never count
     moved = tuned.clone()
     moved[0, 1:3] += 100.0
-    assert tr.preservation_loss(moved, tuned, [1, 2], 1.0, 1.0).item() == 0.0
+    assert ob.preservation_loss(moved, tuned, [1, 2], 1.0, 1.0).item() == 0.0
     moved[0, 3, 0] += 2.0
-    assert tr.preservation_loss(moved, tuned, [1, 2], 1.0, 0.5).item() == pytest.approx(1.0)
+    assert ob.preservation_loss(moved, tuned, [1, 2], 1.0, 0.5).item() == pytest.approx(1.0)
 
 
 def test_preservation_loss_is_a_plain_norm_not_squared_or_mean():
     tuned = torch.zeros(1, 77, 4)
     tuned[0, 0] = 3.0  # ||(3, 3, 3, 3)|| = 6
-    assert tr.preservation_loss(tuned, torch.zeros(1, 77, 4), [1], 1.0, 0.0).item() == pytest.approx(6.0)
+    assert ob.preservation_loss(tuned, torch.zeros(1, 77, 4), [1], 1.0, 0.0).item() == pytest.approx(6.0)
 
 
 def test_preservation_rows_and_errors():
-    assert tr.preservation_rows([1], 5) == ([0], [2, 3, 4])
-    assert tr.preservation_rows([1, 2], 4) == ([0], [3])
+    assert ob.preservation_rows([1], 5) == ([0], [2, 3, 4])
+    assert ob.preservation_rows([1, 2], 4) == ([0], [3])
     with pytest.raises(Cones2Error, match="do not fit"):
-        tr.preservation_rows([0], 5)
+        ob.preservation_rows([0], 5)
 
 
 def test_residual_is_the_template_mean_of_deltas():
@@ -59,19 +62,19 @@ def test_residual_is_the_template_mean_of_deltas():
     for t, r, s in zip(tuned, rows, shifts, strict=True):
         t[r[0]] += s
         t[0] += 50.0  # other rows never enter the residual
-    res = tr.residual_from_templates(tuned, frozen, rows)
+    res = ob.residual_from_templates(tuned, frozen, rows)
     assert res.shape == (1, 6)
     assert torch.allclose(res, torch.full((1, 6), 3.0))
     with pytest.raises(Cones2Error, match="different token count"):
-        tr.residual_from_templates(tuned[:2], frozen[:2], [[5], [4, 5]])
+        ob.residual_from_templates(tuned[:2], frozen[:2], [[5], [4, 5]])
 
 
 def test_split_channels_sdxl():
     res = torch.arange(2 * 2048, dtype=torch.float32).reshape(2, 2048)
-    parts = tr.split_channels(res, "sdxl")
+    parts = ob.split_channels(res, "sdxl")
     assert parts["l"].shape == (2, 768) and parts["g"].shape == (2, 1280)
     assert torch.equal(torch.cat([parts["l"], parts["g"]], -1), res)
-    assert set(tr.split_channels(torch.zeros(1, 1024), "sd2")) == {"h"}
+    assert set(ob.split_channels(torch.zeros(1, 1024), "sd2")) == {"h"}
 
 
 @pytest.mark.parametrize("prediction", ["eps", "v"])
@@ -92,16 +95,16 @@ def test_diffusion_loss_from_denoised_equals_target_mse(prediction):
         alpha, sig_t = 1 / (1 + s ** 2) ** 0.5, s / (1 + s ** 2) ** 0.5  # diffusers' v = alpha * eps - sigma_t * x0
         target = alpha * eps - sig_t * x0
     expect = torch.nn.functional.mse_loss(pred, target)
-    got = tr.diffusion_loss(denoised, x0, sigma, prediction)
+    got = ob.diffusion_loss(denoised, x0, sigma, prediction)
     assert got.item() == pytest.approx(expect.item(), rel=1e-4)
     with pytest.raises(Cones2Error, match="unknown prediction"):
-        tr.diffusion_loss(denoised, x0, sigma, "flow")
+        ob.diffusion_loss(denoised, x0, sigma, "flow")
 
 
 def test_add_at_rows_is_differentiable_and_exact():
     ctx = torch.zeros(2, 5, 3)
     r = torch.ones(2, 3, requires_grad=True)
-    out = tr.add_at_rows(ctx, [1, 2], r)
+    out = ob.add_at_rows(ctx, [1, 2], r)
     assert torch.equal(out[:, 1:3], torch.ones(2, 2, 3)) and out[:, [0, 3, 4]].abs().sum() == 0
     out.sum().backward()
     assert torch.equal(r.grad, torch.full((2, 3), 2.0))  # one per batch item
@@ -109,40 +112,40 @@ def test_add_at_rows_is_differentiable_and_exact():
 
 def test_latent_batch_is_seeded_and_in_bounds():
     lats = [torch.arange(4 * 10 * 12, dtype=torch.float32).reshape(4, 10, 12), torch.randn(4, 8, 8)]
-    a = tr.latent_batch(lats, 8, 5, torch.Generator().manual_seed(3))
-    b = tr.latent_batch(lats, 8, 5, torch.Generator().manual_seed(3))
-    c = tr.latent_batch(lats, 8, 5, torch.Generator().manual_seed(4))
+    a = ob.latent_batch(lats, 8, 5, torch.Generator().manual_seed(3))
+    b = ob.latent_batch(lats, 8, 5, torch.Generator().manual_seed(3))
+    c = ob.latent_batch(lats, 8, 5, torch.Generator().manual_seed(4))
     assert a.shape == (5, 4, 8, 8) and torch.equal(a, b) and not torch.equal(a, c)
-    s = tr.sample_sigmas(torch.linspace(0.03, 14.6, 1000), 6, torch.Generator().manual_seed(0))
+    s = ob.sample_sigmas(torch.linspace(0.03, 14.6, 1000), 6, torch.Generator().manual_seed(0))
     assert s.shape == (6,) and bool(((s >= 0.03) & (s <= 14.6)).all())
 
 
 def test_settings_defaults_and_validation():
-    s = tr.TrainSettings().resolved("sd1", "eps")
+    s = ob.TrainSettings().resolved("sd1", "eps")
     assert (s.learning_rate, s.resolution, s.steps) == (5e-6, 512, 4000)
-    assert tr.TrainSettings(mode="fast").resolved("sd2", "v").learning_rate == tr.FAST_LEARNING_RATE
-    assert tr.TrainSettings().resolved("sd2", "v").resolution == 768
-    assert tr.TrainSettings().resolved("sd2", "eps").resolution == 512
-    assert tr.TrainSettings().resolved("sdxl", "eps").resolution == 1024
+    assert ob.TrainSettings(mode="fast").resolved("sd2", "v").learning_rate == ob.FAST_LEARNING_RATE
+    assert ob.TrainSettings().resolved("sd2", "v").resolution == 768
+    assert ob.TrainSettings().resolved("sd2", "eps").resolution == 512
+    assert ob.TrainSettings().resolved("sdxl", "eps").resolution == 1024
     for bad, msg in ((dict(mode="x"), "mode must be"), (dict(steps=0), "steps must"),
                      (dict(resolution=100), "multiple of 64"), (dict(learning_rate=-1.0), "learning_rate"),
                      (dict(batch_size=0), "batch_size")):
         with pytest.raises(Cones2Error, match=msg):
-            tr.TrainSettings(**bad).resolved("sd1", "eps")
+            ob.TrainSettings(**bad).resolved("sd1", "eps")
     meta = s.metadata(prediction="eps")
     assert meta["cones2.train.learning_rate"] == "5e-06" and meta["cones2.train.prediction"] == "eps"
     assert all(isinstance(v, str) for v in meta.values())
 
 
 def test_loss_curve_picture():
-    pic = tr.draw_loss_curve([1.0, 0.8, 0.9, 0.5], [(0, 0.95), (4, 0.6)], title="t")
+    pic = figures.draw_loss_curve([1.0, 0.8, 0.9, 0.5], [(0, 0.95), (4, 0.6)], title="t")
     assert pic.shape == (256, 512, 3) and pic.dtype == np.float32
     assert 0.0 <= pic.min() and pic.max() <= 1.0
     blue = (pic[..., 2] > 0.7) & (pic[..., 0] < 0.3)
     red = (pic[..., 0] > 0.7) & (pic[..., 1] < 0.3)
     assert blue.sum() > 50 and red.sum() > 10
-    assert tr.draw_loss_curve([], ()).shape == (256, 512, 3)
-    assert tr.smooth([1.0, 1.0, 1.0]) == pytest.approx([1.0, 1.0, 1.0])
+    assert figures.draw_loss_curve([], ()).shape == (256, 512, 3)
+    assert figures.smooth([1.0, 1.0, 1.0]) == pytest.approx([1.0, 1.0, 1.0])
 
 
 def test_grad_free_alias_shares_memory_and_takes_no_gradient():
@@ -150,15 +153,15 @@ def test_grad_free_alias_shares_memory_and_takes_no_gradient():
         w = torch.randn(6, 4)
     p = torch.nn.Parameter(torch.randn(6, 4))
     for t in (w, p):
-        a = tr.grad_free_alias(t)
+        a = gr.grad_free_alias(t)
         assert a.data_ptr() == t.data_ptr() and torch.equal(a, t)
         assert not a.is_inference() and not a.requires_grad and a.grad_fn is None
     # a strided view aliases the same elements
     view = p[:, 1:3]
-    assert torch.equal(tr.grad_free_alias(view), view) and tr.grad_free_alias(view).stride() == view.stride()
+    assert torch.equal(gr.grad_free_alias(view), view) and gr.grad_free_alias(view).stride() == view.stride()
 
 
-def test_frozen_weights_backward_reaches_inputs_only_without_copies():
+def test_gradient_free_weights_backward_reaches_inputs_only_without_copies():
     """An inference-mode Linear runs forward and backward under the mode; the input gradient equals the one a
     cloned weight gives; the weights get no gradient, are never copied, and the module is not touched."""
     with torch.inference_mode():
@@ -168,7 +171,7 @@ def test_frozen_weights_backward_reaches_inputs_only_without_copies():
     img = torch.randn(1, 2, 6, 6, requires_grad=True)
     with pytest.raises(RuntimeError, match="[Ii]nference tensors"):
         lin(x).sum().backward()  # what the mode exists for
-    mode = tr.FrozenWeights()
+    mode = gr.GradientFreeWeights()
     with mode:
         y = lin(x)
         z = conv(img)
@@ -185,24 +188,24 @@ def test_frozen_weights_backward_reaches_inputs_only_without_copies():
     assert aliases[id(lin.weight)].data_ptr() == lin.weight.data_ptr()
     # trainable parameters passed in are treated as frozen too (a frozen network never differentiates its weights)
     p = torch.nn.Parameter(torch.randn(3, 4))
-    with tr.FrozenWeights():
+    with gr.GradientFreeWeights():
         out = torch.nn.functional.linear(x.detach().requires_grad_(), p)
     out.sum().backward()
     assert p.grad is None
 
 
 def test_loss_scaling_only_for_float16_compute_without_bf16_autocast():
-    assert tr.needs_loss_scaling(torch.float16, autocast_bf16=False)
-    assert not tr.needs_loss_scaling(torch.float16, autocast_bf16=True)
-    assert not tr.needs_loss_scaling(torch.bfloat16, autocast_bf16=False)
-    assert not tr.needs_loss_scaling(torch.float32, autocast_bf16=False)
+    assert gr.needs_loss_scaling(torch.float16, autocast_bf16=False)
+    assert not gr.needs_loss_scaling(torch.float16, autocast_bf16=True)
+    assert not gr.needs_loss_scaling(torch.bfloat16, autocast_bf16=False)
+    assert not gr.needs_loss_scaling(torch.float32, autocast_bf16=False)
 
 
 def test_unet_autocast_only_for_a_float32_unet():
-    assert tr.unet_autocast(torch.float32, bf16_supported=True)
-    assert not tr.unet_autocast(torch.float32, bf16_supported=False)
-    assert not tr.unet_autocast(torch.float16, bf16_supported=True)  # runs in its own float16, loss scaled
-    assert not tr.unet_autocast(torch.bfloat16, bf16_supported=True)
+    assert gr.unet_autocast(torch.float32, bf16_supported=True)
+    assert not gr.unet_autocast(torch.float32, bf16_supported=False)
+    assert not gr.unet_autocast(torch.float16, bf16_supported=True)  # runs in its own float16, loss scaled
+    assert not gr.unet_autocast(torch.bfloat16, bf16_supported=True)
 
 
 def test_low_rank_grad_linear_gives_the_exact_gradients_as_factors():
@@ -217,17 +220,17 @@ def test_low_rank_grad_linear_gives_the_exact_gradients_as_factors():
     gw, gb, gx1, gx2 = torch.autograd.grad(loss, (w, b, x1, x2))
     sink = []
     w2, b2 = w.detach().clone().requires_grad_(), b.detach().clone().requires_grad_()
-    y1 = tr.LowRankGradLinear.apply(x1, w2, b2, sink)
-    y2 = tr.LowRankGradLinear.apply(x2, w2, b2, sink)
+    y1 = gr.LowRankGradLinear.apply(x1, w2, b2, sink)
+    y2 = gr.LowRankGradLinear.apply(x2, w2, b2, sink)
     assert torch.equal(y1, torch.nn.functional.linear(x1, w, b))
     fx1, fx2 = (x1.detach().clone().requires_grad_(), x2.detach().clone().requires_grad_())
     sink.clear()
-    loss2 = ((tr.LowRankGradLinear.apply(fx1, w2, b2, sink) - target) ** 3).sum() + \
-        tr.LowRankGradLinear.apply(fx2, w2, b2, sink).sum()
+    loss2 = ((gr.LowRankGradLinear.apply(fx1, w2, b2, sink) - target) ** 3).sum() + \
+        gr.LowRankGradLinear.apply(fx2, w2, b2, sink).sum()
     loss2.backward()
     assert w2.grad is None and len(sink) == 2  # the weight gradient is only in the factors
-    assert torch.allclose(tr.factored_grad(sink), gw, rtol=1e-5, atol=1e-5)
-    assert torch.allclose(tr.factored_sq_norm(sink), gw.pow(2).sum(), rtol=1e-5)
+    assert torch.allclose(gr.factored_grad(sink), gw, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(gr.factored_sq_norm(sink), gw.pow(2).sum(), rtol=1e-5)
     assert torch.allclose(b2.grad, gb, rtol=1e-5, atol=1e-5)
     assert torch.allclose(fx1.grad, gx1, rtol=1e-5, atol=1e-5) and torch.allclose(fx2.grad, gx2, rtol=1e-5, atol=1e-5)
     del y1, y2
@@ -262,7 +265,7 @@ def test_low_rank_grad_linear_keeps_no_low_precision_weight_copy_under_autocast(
 
     # the plain linear shows what the test detects: autocast's cache keeps the copy alive
     assert alive_copies(lambda x, w: torch.nn.functional.linear(x, w)) == 1
-    assert alive_copies(lambda x, w: tr.LowRankGradLinear.apply(x, w, None, [])) == 0
+    assert alive_copies(lambda x, w: gr.LowRankGradLinear.apply(x, w, None, [])) == 0
 
 
 def test_boundary_loss_scaler_rescues_float16_gradients_that_underflow():
@@ -281,13 +284,13 @@ def test_boundary_loss_scaler_rescues_float16_gradients_that_underflow():
         return x.grad
 
     exact = 1e-9 * w.float().sum(1).expand(4, 8) + x0
-    plain, scaled = grads(None), grads(tr.BoundaryLossScaler())
+    plain, scaled = grads(None), grads(gr.BoundaryLossScaler())
     assert torch.equal(plain, x0)  # the small term's gradient underflowed to zero
     assert torch.allclose(scaled, exact, rtol=1e-3, atol=0) and not torch.equal(scaled, x0)
 
 
 def test_boundary_loss_scaler_skips_overflowed_steps_and_adapts_its_scale():
-    sc = tr.BoundaryLossScaler(scale=1024.0, interval=3)
+    sc = gr.BoundaryLossScaler(scale=1024.0, interval=3)
 
     def backward(value):
         x = torch.ones(3, requires_grad=True)

@@ -32,13 +32,13 @@ def _load(path, **model_options):
 
 
 @pytest.fixture(scope="module")
-def sd15(comfy, tiny_ckpts):
-    return _load(tiny_ckpts["sd15"])
+def sd1(comfy, tiny_ckpts):
+    return _load(tiny_ckpts["sd1"])
 
 
 @pytest.fixture(scope="module")
-def sd2v(comfy, tiny_ckpts):
-    return _load(tiny_ckpts["sd2v"])
+def sd2(comfy, tiny_ckpts):
+    return _load(tiny_ckpts["sd2"])
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +90,7 @@ def train(pack, mc, **kw):
                 save_name="dog", mode="paper", images=blob_images())
     args.update(kw)
     with torch.inference_mode():  # as the host runs nodes
-        return pack.nodes.train_nodes.Cones2TrainResidual.execute(model, clip, vae, **args).result
+        return pack.nodes.train_node.Cones2TrainResidual.execute(model, clip, vae, **args).result
 
 
 def host_loss(mc, context, seed=11, n=6):
@@ -125,9 +125,9 @@ def conditioning(pack, clip, residuals):
 def watched_run(pack, mc, **kw):
     """Run the node, watching the private text encoder (its output for the instance prompt is recorded before
     and after training) and asking the trainer to evaluate its fixed evaluation set after every step."""
-    tn = pack.nodes.train_nodes
+    train_node, train_loop = pack.nodes.train_node, pack.nodes.train_loop
     seen = {}
-    original_enc, original_train = tn.private_text_encoder, tn.train_residual
+    original_enc, original_train = pack.nodes.train_encoder.private_text_encoder, train_node.train_residual
 
     def enc_spy(clip, device, trainable_ids=None, **kwargs):
         enc = original_enc(clip, device, trainable_ids, **kwargs)
@@ -143,8 +143,8 @@ def watched_run(pack, mc, **kw):
 
     before = snapshot(mc[0], mc[1])
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(tn, "private_text_encoder", enc_spy)
-        mp.setattr(tn, "train_residual", train_spy)
+        mp.setattr(train_loop, "private_text_encoder", enc_spy)
+        mp.setattr(train_node, "train_residual", train_spy)
         out = train(pack, mc, **kw)
     if "enc" in seen:
         with torch.no_grad():
@@ -167,8 +167,8 @@ def assert_eval_loss_reached_below_start(evals):
 
 
 @pytest.fixture(scope="module")
-def paper_sd15(pack, sd15, res_dir):
-    return watched_run(pack, sd15, save_name="dog_paper")
+def paper_sd15(pack, sd1, res_dir):
+    return watched_run(pack, sd1, save_name="dog_paper")
 
 
 def test_paper_writes_residual_with_shape_and_metadata(pack, paper_sd15, res_dir):
@@ -189,7 +189,7 @@ def test_paper_writes_residual_with_shape_and_metadata(pack, paper_sd15, res_dir
     assert float(curve.std()) > 0.01  # something is drawn
 
 
-def test_paper_lowers_the_diffusion_loss(pack, paper_sd15, sd15):
+def test_paper_lowers_the_diffusion_loss(pack, paper_sd15, sd1):
     evals = paper_sd15["evals"]  # the tuned encoder on the trainer's fixed evaluation set, steps 0..8
     assert len(evals) == 9
     assert_eval_loss_reached_below_start(evals)
@@ -198,7 +198,7 @@ def test_paper_lowers_the_diffusion_loss(pack, paper_sd15, sd15):
     assert float(meta["cones2.train.eval_loss_end"]) == evals[-1]
 
 
-@pytest.mark.parametrize("family", ["sd15", "sd2v"])
+@pytest.mark.parametrize("family", ["sd1", "sd2"])
 def test_paper_diffusion_objective_lowers_the_loss_step_by_step(pack, family, request, res_dir):
     """The paper's diffusion term alone (preservation weights 0) at 2x the paper's learning rate: the tuned
     encoder's evaluation loss (fixed crops, noise, sigmas) falls at every step, for eps (SD1.5) and v (SD2.x)
@@ -228,43 +228,43 @@ def test_paper_leaves_model_and_clip_unchanged(paper_sd15):
     assert flags0 == flags1 and grads0 == grads1 and all(grads1)
 
 
-def test_residual_applies_through_apply_residuals(pack, paper_sd15, sd15):
+def test_residual_applies_through_apply_residuals(pack, paper_sd15, sd1):
     chain = paper_sd15["out"][0]
-    base = conditioning(pack, sd15[1], None)
-    out = conditioning(pack, sd15[1], chain)
+    base = conditioning(pack, sd1[1], None)
+    out = conditioning(pack, sd1[1], chain)
     changed = (out != base).any(-1)[0].nonzero().flatten().tolist()
     assert changed == [1]
     assert torch.allclose(out[0, 1], base[0, 1] + chain[0].tensors["l"][0], atol=1e-5)
 
 
-def test_fast_mode_lowers_the_loss_like_paper_mode(pack, sd15, paper_sd15):
-    run = watched_run(pack, sd15, mode="fast", steps=8, learning_rate=1e-2, save_name="dog_fast")
+def test_fast_mode_lowers_the_loss_like_paper_mode(pack, sd1, paper_sd15):
+    run = watched_run(pack, sd1, mode="fast", steps=8, learning_rate=1e-2, save_name="dog_fast")
     chain = run["out"][0]
     assert_eval_loss_decreases(run["evals"])
-    base = host_loss(sd15, conditioning(pack, sd15[1], None))
-    fast = host_loss(sd15, conditioning(pack, sd15[1], chain))
-    paper = host_loss(sd15, conditioning(pack, sd15[1], paper_sd15["out"][0]))
+    base = host_loss(sd1, conditioning(pack, sd1[1], None))
+    fast = host_loss(sd1, conditioning(pack, sd1[1], chain))
+    paper = host_loss(sd1, conditioning(pack, sd1[1], paper_sd15["out"][0]))
     # a random direction of the same size does not help the same way
     g = torch.Generator().manual_seed(0)
     rnd = torch.randn(1, 768, generator=g)
     rnd = rnd / rnd.norm() * chain[0].tensors["l"].norm()
     random_res = pack.cones2_core.residual.Residual("dog", "sd1", {"l": rnd})
-    rand = host_loss(sd15, conditioning(pack, sd15[1], [random_res]))
+    rand = host_loss(sd1, conditioning(pack, sd1[1], [random_res]))
     assert fast < base and paper < base, (base, fast, paper)
     assert fast < rand, (fast, rand)
 
 
-def test_same_seed_same_residual(pack, sd15):
-    a = train(pack, sd15, mode="fast", steps=2, learning_rate=1e-2, seed=3, save_name="s1")[0][0]
-    b = train(pack, sd15, mode="fast", steps=2, learning_rate=1e-2, seed=3, save_name="s2")[0][0]
-    c = train(pack, sd15, mode="fast", steps=2, learning_rate=1e-2, seed=4, save_name="s3")[0][0]
+def test_same_seed_same_residual(pack, sd1):
+    a = train(pack, sd1, mode="fast", steps=2, learning_rate=1e-2, seed=3, save_name="s1")[0][0]
+    b = train(pack, sd1, mode="fast", steps=2, learning_rate=1e-2, seed=3, save_name="s2")[0][0]
+    c = train(pack, sd1, mode="fast", steps=2, learning_rate=1e-2, seed=4, save_name="s3")[0][0]
     assert torch.equal(a.tensors["l"], b.tensors["l"])
     assert not torch.equal(a.tensors["l"], c.tensors["l"])
 
 
-def test_sd2_v_prediction_paper_mode(pack, sd2v, res_dir):
-    assert pack.nodes.train_nodes._prediction(sd2v[0])[0] == "v"
-    run = watched_run(pack, sd2v, save_name="dog_sd2")
+def test_sd2_v_prediction_paper_mode(pack, sd2, res_dir):
+    assert pack.nodes.unet.prediction_type(sd2[0])[0] == "v"
+    run = watched_run(pack, sd2, save_name="dog_sd2")
     chain, filename, _ = run["out"]
     res = chain[0]
     assert res.family == "sd2" and set(res.tensors) == {"h"} and res.tensors["h"].shape == (1, 1024)
@@ -273,8 +273,8 @@ def test_sd2_v_prediction_paper_mode(pack, sd2v, res_dir):
     assert_eval_loss_reached_below_start(run["evals"])
     assert (res_dir / filename).is_file()
     assert changed_tensors(run["before"][0], run["after"][0]) == []
-    base = conditioning(pack, sd2v[1], None)
-    out = conditioning(pack, sd2v[1], chain)
+    base = conditioning(pack, sd2[1], None)
+    out = conditioning(pack, sd2[1], chain)
     assert torch.allclose(out[0, 1], base[0, 1] + res.tensors["h"][0], atol=1e-5)
 
 
@@ -291,7 +291,7 @@ def test_sdxl_paper_mode_trains_both_encoders(pack, sdxl, res_dir):
     assert (res_dir / "dog_sdxl.safetensors").is_file()
 
 
-def test_interrupt_writes_nothing(pack, sd15, res_dir, monkeypatch):
+def test_interrupt_writes_nothing(pack, sd1, res_dir, monkeypatch):
     import comfy.model_management as mm
     import comfy.utils
 
@@ -305,19 +305,19 @@ def test_interrupt_writes_nothing(pack, sd15, res_dir, monkeypatch):
     monkeypatch.setattr(comfy.utils, "PROGRESS_BAR_HOOK", hook)
     try:
         with pytest.raises(mm.InterruptProcessingException):
-            train(pack, sd15, mode="fast", steps=5, save_name="interrupted")
+            train(pack, sd1, mode="fast", steps=5, save_name="interrupted")
     finally:
         mm.interrupt_current_processing(False)
     assert calls == [1]
     assert not any(p.name.startswith(("interrupted", ".interrupted")) for p in res_dir.iterdir())
 
 
-def test_an_existing_residual_is_never_overwritten(pack, sd15, res_dir):
-    first = train(pack, sd15, subject="cat", mode="fast", steps=1, save_name="keep")
+def test_an_existing_residual_is_never_overwritten(pack, sd1, res_dir):
+    first = train(pack, sd1, subject="cat", mode="fast", steps=1, save_name="keep")
     assert first[1] == "keep.safetensors"
     before = (res_dir / "keep.safetensors").read_bytes()
-    second = train(pack, sd15, subject="dog", mode="fast", steps=1, save_name="keep")
-    third = train(pack, sd15, subject="dog", mode="fast", steps=1, save_name="keep.safetensors")
+    second = train(pack, sd1, subject="dog", mode="fast", steps=1, save_name="keep")
+    third = train(pack, sd1, subject="dog", mode="fast", steps=1, save_name="keep.safetensors")
     assert (second[1], third[1]) == ("keep_00001.safetensors", "keep_00002.safetensors")
     assert (res_dir / "keep.safetensors").read_bytes() == before  # the cat residual is untouched
     load = pack.cones2_core.residual.load_residual
@@ -325,38 +325,38 @@ def test_an_existing_residual_is_never_overwritten(pack, sd15, res_dir):
     assert load(str(res_dir / "keep_00001.safetensors")).subject == "dog"
 
 
-def test_destination_is_checked_before_training(pack, sd15, res_dir, monkeypatch):
+def test_destination_is_checked_before_training(pack, sd1, res_dir, monkeypatch):
     Cones2Error = pack.cones2_core.errors.Cones2Error
-    tn = pack.nodes.train_nodes
+    train_node = pack.nodes.train_node
 
     def no_training(*a, **k):
         raise AssertionError("training started although the destination is unusable")
 
-    monkeypatch.setattr(tn, "train_residual", no_training)
+    monkeypatch.setattr(train_node, "train_residual", no_training)
     with pytest.raises(Cones2Error, match=r"save_name is 3\d\d bytes long as a file name; use at most 200"):
-        train(pack, sd15, save_name="d" * 300)
+        train(pack, sd1, save_name="d" * 300)
     (res_dir / "a_file").write_text("not a folder")
     with pytest.raises(Cones2Error, match="cannot write residuals into"):
-        train(pack, sd15, save_name="a_file/dog")
+        train(pack, sd1, save_name="a_file/dog")
     monkeypatch.undo()
-    out = train(pack, sd15, mode="fast", steps=1, save_name="new_folder/deeper/dog")  # sub-folders are made
+    out = train(pack, sd1, mode="fast", steps=1, save_name="new_folder/deeper/dog")  # sub-folders are made
     assert out[1] == os.path.join("new_folder", "deeper", "dog.safetensors")
     assert (res_dir / "new_folder" / "deeper" / "dog.safetensors").is_file()
 
 
-def test_a_failed_final_write_keeps_the_trained_residual(pack, sd15, res_dir, monkeypatch, caplog):
+def test_a_failed_final_write_keeps_the_trained_residual(pack, sd1, res_dir, monkeypatch, caplog):
     Cones2Error = pack.cones2_core.errors.Cones2Error
-    tn = pack.nodes.train_nodes
+    train_node = pack.nodes.train_node
 
     def disk_full(residual, path):
         raise Cones2Error(f"could not write residual {path!r} ([Errno 28] No space left on device)")
 
-    monkeypatch.setattr(tn, "save_residual", disk_full)
+    monkeypatch.setattr(train_node, "save_residual", disk_full)
     with caplog.at_level("ERROR", logger="comfyui-cones2"):
         with torch.inference_mode():
-            out = tn.Cones2TrainResidual.execute(sd15[0], sd15[1], sd15[2], subject=SUBJECT, steps=1,
-                                                 learning_rate=1e-2, resolution=64, seed=1, save_name="lost",
-                                                 mode="fast", images=blob_images())
+            out = train_node.Cones2TrainResidual.execute(sd1[0], sd1[1], sd1[2], subject=SUBJECT, steps=1,
+                                                         learning_rate=1e-2, resolution=64, seed=1, save_name="lost",
+                                                         mode="fast", images=blob_images())
     chain, filename, _curve = out.result
     assert filename == "" and len(chain) == 1 and chain[0].subject == SUBJECT  # the residual is still passed on
     assert "was trained but could not be written" in caplog.text and "No space left" in caplog.text
@@ -364,9 +364,9 @@ def test_a_failed_final_write_keeps_the_trained_residual(pack, sd15, res_dir, mo
     assert not any(p.name.startswith("lost") for p in res_dir.iterdir())
 
 
-def test_largest_seed_trains(pack, sd15, res_dir):
-    a = train(pack, sd15, mode="fast", steps=1, seed=2**64 - 1, save_name="seed_max")[0][0]
-    b = train(pack, sd15, mode="fast", steps=1, seed=2**64 - 1, save_name="seed_max")[0][0]
+def test_largest_seed_trains(pack, sd1, res_dir):
+    a = train(pack, sd1, mode="fast", steps=1, seed=2**64 - 1, save_name="seed_max")[0][0]
+    b = train(pack, sd1, mode="fast", steps=1, seed=2**64 - 1, save_name="seed_max")[0][0]
     assert torch.equal(a.tensors["l"], b.tensors["l"])
 
 
@@ -377,24 +377,24 @@ class _OtherClip:
         return {"t5xxl": [[(1, 1.0, 1)]]}
 
 
-def test_clear_errors(pack, sd15, res_dir):
+def test_clear_errors(pack, sd1, res_dir):
     Cones2Error = pack.cones2_core.errors.Cones2Error
     with pytest.raises(Cones2Error, match="no training images"):
-        train(pack, sd15, images=None)
+        train(pack, sd1, images=None)
     with pytest.raises(Cones2Error, match="the subject is empty"):
-        train(pack, sd15, subject="   ")
+        train(pack, sd1, subject="   ")
     with pytest.raises(Cones2Error, match=r"Cones 2 supports SD1\.5 \(l\), SD2\.x \(h\) and SDXL"):
-        train(pack, (sd15[0], _OtherClip(), sd15[2]))
+        train(pack, (sd1[0], _OtherClip(), sd1[2]))
     with pytest.raises(Cones2Error, match="must be relative to models/cones2_residuals"):
-        train(pack, sd15, save_name="../escape")
+        train(pack, sd1, save_name="../escape")
     with pytest.raises(Cones2Error, match="must be relative to models/cones2_residuals"):
-        train(pack, sd15, save_name="/tmp/abs")
+        train(pack, sd1, save_name="/tmp/abs")
     with pytest.raises(Cones2Error, match="climbs out"):
-        train(pack, sd15, images=None, image_folder="../secrets")
+        train(pack, sd1, images=None, image_folder="../secrets")
     with pytest.raises(Cones2Error, match="there is no folder 'nope'"):
-        train(pack, sd15, images=None, image_folder="nope")
+        train(pack, sd1, images=None, image_folder="nope")
     with pytest.raises(Cones2Error, match="multiple of 64"):
-        train(pack, sd15, resolution=100)
+        train(pack, sd1, resolution=100)
     assert not (res_dir / "escape.safetensors").exists()
 
 
@@ -410,14 +410,14 @@ def test_image_folder_any_size_rgba_grey(pack, tmp_path, monkeypatch):
     Image.new("RGB", (64, 64), (0, 0, 255)).save(folder / "c.jpg")
     (folder / "notes.txt").write_text("not an image")
     (tmp_path / "empty").mkdir()
-    imgs = pack.nodes.train_nodes.collect_images(blob_images(1), "subj")
+    imgs = pack.nodes.train_images.collect_images(blob_images(1), "subj")
     assert [tuple(i.shape) for i in imgs] == [(64, 64, 3), (50, 80, 3), (90, 40, 3), (64, 64, 3)]
     assert torch.allclose(imgs[1], torch.ones(50, 80, 3))
     assert torch.allclose(imgs[2], torch.full((90, 40, 3), 64 / 255))
     assert float(imgs[3][..., 2].mean()) > 0.9
     with pytest.raises(pack.cones2_core.errors.Cones2Error, match="holds no images"):
-        pack.nodes.train_nodes.collect_images(None, "empty")
-    resized = pack.nodes.train_nodes._resize_for_training(imgs[2], 64)
+        pack.nodes.train_images.collect_images(None, "empty")
+    resized = pack.nodes.train_images._resize_for_training(imgs[2], 64)
     assert resized.shape == (128, 64, 3)  # short side 64, long side capped at 2x, multiples of 8
 
 
@@ -433,7 +433,7 @@ def test_train_through_server(server, client, pack):
     info = client.object_info("Cones2TrainResidual")["Cones2TrainResidual"]
     assert info["output_node"] is True and info["display_name"] == "Cones2 Train Residual"
     prompt = {
-        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": tiny_checkpoints.FAMILIES["sd15"]["file"]}},
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": tiny_checkpoints.FAMILIES["sd1"]["file"]}},
         "2": {"class_type": "Cones2TrainResidual", "inputs": {
             "model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2], "subject": "dog", "steps": 2, "learning_rate": 0.0,
             "preservation_weight_start": 0.01, "preservation_weight_rest": 0.001, "resolution": 64, "batch_size": 1,
@@ -449,7 +449,7 @@ def test_train_through_server(server, client, pack):
 
 def test_row_delta_embedding_matches_a_full_trainable_table(pack):
     """Training only the instance tokens' rows gives the full table's gradients and Adam updates on those rows."""
-    emb_cls = pack.nodes.train_nodes._RowDeltaEmbedding
+    emb_cls = pack.nodes.train_encoder._RowDeltaEmbedding
     g = torch.Generator().manual_seed(0)
     table = torch.randn(50, 8, generator=g)
     ids = [3, 7, 49]
@@ -472,15 +472,15 @@ def test_row_delta_embedding_matches_a_full_trainable_table(pack):
     assert not torch.allclose(rows(tokens), torch.nn.functional.embedding(tokens, table))  # it did train
 
 
-def test_private_encoder_shares_the_frozen_table_and_trains_a_copy(pack, sd15):
+def test_private_encoder_shares_the_frozen_table_and_trains_a_copy(pack, sd1):
     """The private encoder aliases the user's token table (no table-sized copy) and copies everything that trains;
     only the instance tokens' delta rows and the transformer weights are trainable."""
-    tn = pack.nodes.train_nodes
-    clip = sd15[1]
+    train_encoder = pack.nodes.train_encoder
+    clip = sd1[1]
     user = dict(clip.cond_stage_model.named_parameters())
     ids = [49406, 1929, 49407]  # start, "dog", end
     with torch.inference_mode(False), torch.enable_grad():
-        enc = tn.private_text_encoder(clip, torch.device("cpu"), trainable_ids=ids)
+        enc = train_encoder.private_text_encoder(clip, torch.device("cpu"), trainable_ids=ids)
     mine = dict(enc.named_parameters())
     table_key = next(k for k in user if k.endswith("token_embedding.weight"))
     shared = mine[table_key]
@@ -502,16 +502,15 @@ def test_private_encoder_shares_the_frozen_table_and_trains_a_copy(pack, sd15):
     patched = clip.clone()
     patched.add_patches({table_key: (torch.zeros_like(user[table_key]),)}, 0.0)
     with torch.inference_mode(False), torch.enable_grad():
-        enc2 = tn.private_text_encoder(patched, torch.device("cpu"), trainable_ids=ids)
+        enc2 = train_encoder.private_text_encoder(patched, torch.device("cpu"), trainable_ids=ids)
     assert dict(enc2.named_parameters())[table_key].data_ptr() != user[table_key].data_ptr()
 
 
-@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
 def test_checkpointed_unet_saves_memory_and_gives_the_same_gradient(pack, family, request):
-    """Gradient checkpointing of the UNet's layers (recomputed in backward, under the same FrozenWeights mode):
+    """Gradient checkpointing of the UNet's layers (recomputed in backward, under the same GradientFreeWeights mode):
     the tensors kept for backward shrink to a small fraction, the context gradient is the plain path's, and
     the layers' forwards are restored on exit."""
-    tn = pack.nodes.train_nodes
     model = request.getfixturevalue(family)[0]
     g = torch.Generator().manual_seed(0)
     x = torch.randn(1, 4, 16, 16, generator=g)
@@ -523,7 +522,7 @@ def test_checkpointed_unet_saves_memory_and_gives_the_same_gradient(pack, family
     layers = None
     with torch.inference_mode(False), torch.enable_grad():
         for checkpointing in (False, True):
-            frozen = pack.cones2_core.training.FrozenWeights()
+            frozen = pack.cones2_core.gradients.GradientFreeWeights()
             ctx = ctx0.clone().requires_grad_()
             saved = [0]
             storages = []
@@ -533,7 +532,7 @@ def test_checkpointed_unet_saves_memory_and_gives_the_same_gradient(pack, family
                 storages.append(t.untyped_storage().data_ptr())
                 return t
 
-            with tn.FrozenUNet(model, torch.device("cpu"), frozen) as unet:
+            with pack.nodes.unet.FrozenUNet(model, torch.device("cpu"), frozen) as unet:
                 layers = unet.layers()
                 assert len(layers) >= 6
                 if checkpointing:
@@ -554,13 +553,13 @@ def test_checkpointed_unet_saves_memory_and_gives_the_same_gradient(pack, family
     assert kept[1] < 0.2 * kept[0], kept  # what checkpointing is for (seen: 2-3%)
 
 
-def test_out_of_memory_switches_on_checkpointing_and_redoes_the_step(pack, sd15, res_dir, monkeypatch, caplog):
+def test_out_of_memory_switches_on_checkpointing_and_redoes_the_step(pack, sd1, res_dir, monkeypatch, caplog):
     """A step that runs out of memory is redone with the UNet's blocks checkpointed, giving exactly the residual
     of an uninterrupted run; running out again says what to change."""
-    tn = pack.nodes.train_nodes
+    train_loop = pack.nodes.train_loop
     kw = dict(mode="fast", steps=3, learning_rate=1e-2, seed=5)
-    clean = train(pack, sd15, save_name="oom_clean", **kw)[0][0]
-    real_denoise = tn._Trainer._denoise
+    clean = train(pack, sd1, save_name="oom_clean", **kw)[0][0]
+    real_denoise = train_loop.Trainer._denoise
     calls = {"train": 0, "failed": 0}
 
     def flaky(self, mp, x0, noise, sigma, context, y, amp=True):
@@ -571,9 +570,9 @@ def test_out_of_memory_switches_on_checkpointing_and_redoes_the_step(pack, sd15,
                 raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return real_denoise(self, mp, x0, noise, sigma, context, y, amp)
 
-    monkeypatch.setattr(tn._Trainer, "_denoise", flaky)
+    monkeypatch.setattr(train_loop.Trainer, "_denoise", flaky)
     with caplog.at_level("WARNING", logger="comfyui-cones2"):
-        redone = train(pack, sd15, save_name="oom_redone", **kw)[0][0]
+        redone = train(pack, sd1, save_name="oom_redone", **kw)[0][0]
     assert calls == {"train": 4, "failed": 1}
     assert "switching on gradient checkpointing" in caplog.text and "step 2" in caplog.text
     assert torch.allclose(redone.tensors["l"], clean.tensors["l"], rtol=1e-4, atol=1e-7)
@@ -583,22 +582,22 @@ def test_out_of_memory_switches_on_checkpointing_and_redoes_the_step(pack, sd15,
             raise torch.OutOfMemoryError("CUDA out of memory")
         return real_denoise(self, mp, x0, noise, sigma, context, y, amp)
 
-    monkeypatch.setattr(tn._Trainer, "_denoise", always)
+    monkeypatch.setattr(train_loop.Trainer, "_denoise", always)
     with pytest.raises(Exception, match="even with gradient checkpointing; lower the resolution or batch_size"):
-        train(pack, sd15, save_name="oom_fail", **kw)
+        train(pack, sd1, save_name="oom_fail", **kw)
     assert not (res_dir / "oom_fail.safetensors").exists()
-    dm = sd15[0].model.diffusion_model
+    dm = sd1[0].model.diffusion_model
     assert all("forward" not in b.__dict__ for b in [*dm.input_blocks, dm.middle_block, *dm.output_blocks])
 
 
-def test_a_layout_guided_model_trains_like_the_plain_one(pack, sd15, res_dir):
+def test_a_layout_guided_model_trains_like_the_plain_one(pack, sd1, res_dir):
     """Connecting a MODEL that has Layout Guidance applied must not put the layout bias (or its attention path)
     into training: the residual equals the one trained on the plain model, bit for bit."""
     layout = '{"version":1,"boxes":[{"subject":"dog","x":0.0,"y":0.0,"w":0.5,"h":1.0}]}'
-    model, clip, vae = sd15
+    model, clip, vae = sd1
     with torch.inference_mode():
         cond = pack.nodes.residual_nodes.Cones2ApplyResiduals.execute(clip, "a photo of a dog", None).result[0]
-        guided = pack.nodes.guidance_nodes.Cones2LayoutGuidance.execute(
+        guided = pack.nodes.layout_node.Cones2LayoutGuidance.execute(
             model, cond, layout, 2.0, 2.5, -1e8, 0.0, 1.0, False).result[0]
     assert pack.nodes.guidance.specs_of(guided)
     kw = dict(mode="fast", steps=2, learning_rate=1e-2, seed=9)
@@ -608,8 +607,8 @@ def test_a_layout_guided_model_trains_like_the_plain_one(pack, sd15, res_dir):
     assert pack.nodes.guidance.specs_of(guided)  # the user's guided model keeps its guidance
 
 
-def test_paper_mode_matches_a_naive_full_encoder_loop(pack, sd15, res_dir, monkeypatch):
-    """Our paper mode (row-delta token table aliasing the user's, fused AdamW, SDPA, FrozenWeights) takes the
+def test_paper_mode_matches_a_naive_full_encoder_loop(pack, sd1, res_dir, monkeypatch):
+    """Our paper mode (row-delta token table aliasing the user's, fused AdamW, SDPA, GradientFreeWeights) takes the
     same steps as a naive loop that trains the whole copied encoder, token table included, with torch's plain
     AdamW and the host's own attention, on the same crops, noise and sigmas (bf16 autocast off in both, so the
     comparison is about the maths). The tuned encoders' changes and the residuals agree."""
@@ -617,23 +616,27 @@ def test_paper_mode_matches_a_naive_full_encoder_loop(pack, sd15, res_dir, monke
 
     import comfy.model_management as mm
 
-    tn = pack.nodes.train_nodes
-    tr = pack.cones2_core.training
-    model, clip, vae = sd15
+    train_node = pack.nodes.train_node
+    train_loop = pack.nodes.train_loop
+    train_encoder = pack.nodes.train_encoder
+    train_images = pack.nodes.train_images
+    ob = pack.cones2_core.objective
+    gr = pack.cones2_core.gradients
+    model, clip, vae = sd1
     steps, lr, seed = 3, 1e-4, 3
-    settings = tr.TrainSettings(mode="paper", steps=steps, learning_rate=lr, resolution=64, batch_size=1, seed=seed)
+    settings = ob.TrainSettings(mode="paper", steps=steps, learning_rate=lr, resolution=64, batch_size=1, seed=seed)
     images = list(blob_images())
     seen = {}
-    original_enc = tn.private_text_encoder
+    original_enc = train_encoder.private_text_encoder
 
     def enc_spy(clip_, device, trainable_ids=None, **kwargs):
         seen["enc"] = original_enc(clip_, device, trainable_ids, **kwargs)
         return seen["enc"]
 
-    monkeypatch.setattr(tn, "private_text_encoder", enc_spy)
-    monkeypatch.setattr(tn._Trainer, "_autocast", lambda self, amp=True: contextlib.nullcontext())
+    monkeypatch.setattr(train_loop, "private_text_encoder", enc_spy)
+    monkeypatch.setattr(train_loop.Trainer, "_autocast", lambda self, amp=True: contextlib.nullcontext())
     with torch.inference_mode():
-        ours = tn.train_residual(model, clip, vae, images, SUBJECT, settings)[0].tensors["l"]
+        ours = train_node.train_residual(model, clip, vae, images, SUBJECT, settings)[0].tensors["l"]
 
     prompts = [clip.tokenize(t) for t in (SUBJECT, "a photo of a dog", "a rendering of a dog")]
     with torch.inference_mode(False), torch.enable_grad():
@@ -641,35 +644,35 @@ def test_paper_mode_matches_a_naive_full_encoder_loop(pack, sd15, res_dir, monke
         with torch.no_grad():
             start = [naive.encode_token_weights(p)[0].clone() for p in prompts]
             frozen_templates = [naive.encode_token_weights(clip.tokenize(t))[0].clone()
-                                for t in tr.template_prompts(SUBJECT)]
-        opt = torch.optim.AdamW(naive.parameters(), lr=lr, weight_decay=tr.WEIGHT_DECAY, foreach=False)
-        latents = tn.encode_latents(vae, model, images, 64)
-        prediction, sigma_data, ms = tn._prediction(model)
+                                for t in ob.template_prompts(SUBJECT)]
+        opt = torch.optim.AdamW(naive.parameters(), lr=lr, weight_decay=ob.WEIGHT_DECAY, foreach=False)
+        latents = train_images.encode_latents(vae, model, images, 64)
+        prediction, sigma_data, ms = pack.nodes.unet.prediction_type(model)
         sigmas = ms.sigmas.detach().float().cpu()
-        rows = tn._subject_rows(clip, SUBJECT, SUBJECT)
+        rows = train_encoder.subject_rows(clip, SUBJECT, SUBJECT)
         gen = torch.Generator().manual_seed(seed)
-        frozen = tr.FrozenWeights()
-        with tn.FrozenUNet(model, mm.get_torch_device(), frozen) as unet:
+        frozen = gr.GradientFreeWeights()
+        with pack.nodes.unet.FrozenUNet(model, mm.get_torch_device(), frozen) as unet:
             for _ in range(steps):
-                x0 = tr.latent_batch(latents, 8, 1, gen)
+                x0 = ob.latent_batch(latents, 8, 1, gen)
                 noise = torch.randn(x0.shape, generator=gen)
-                sigma = tr.sample_sigmas(sigmas, 1, gen)
+                sigma = ob.sample_sigmas(sigmas, 1, gen)
                 ctx = naive.encode_token_weights(prompts[0])[0].float()
                 x_t = ms.noise_scaling(sigma.view(-1, 1, 1, 1), noise, x0)
                 with frozen:
                     den = unet.mp.model.apply_model(x_t, sigma, c_crossattn=ctx).float()
-                loss = tr.diffusion_loss(den, x0, sigma, prediction, sigma_data) + tr.preservation_loss(
+                loss = ob.diffusion_loss(den, x0, sigma, prediction, sigma_data) + ob.preservation_loss(
                     ctx, start[0], rows, settings.preservation_weight_start, settings.preservation_weight_rest)
                 opt.zero_grad()
                 loss.backward()
-                torch.nn.utils.clip_grad_norm_(naive.parameters(), tr.MAX_GRAD_NORM)
+                torch.nn.utils.clip_grad_norm_(naive.parameters(), ob.MAX_GRAD_NORM)
                 opt.step()
         with torch.no_grad():
             naive_moves = [naive.encode_token_weights(p)[0] - s for p, s in zip(prompts, start, strict=True)]
             our_moves = [seen["enc"].encode_token_weights(p)[0] - s for p, s in zip(prompts, start, strict=True)]
-            tuned_templates = [naive.encode_token_weights(clip.tokenize(t))[0] for t in tr.template_prompts(SUBJECT)]
-    template_rows = [tn._subject_rows(clip, SUBJECT, t) for t in tr.template_prompts(SUBJECT)]
-    naive_residual = tr.residual_from_templates(tuned_templates, frozen_templates, template_rows)
+            tuned_templates = [naive.encode_token_weights(clip.tokenize(t))[0] for t in ob.template_prompts(SUBJECT)]
+    template_rows = [train_encoder.subject_rows(clip, SUBJECT, t) for t in ob.template_prompts(SUBJECT)]
+    naive_residual = ob.residual_from_templates(tuned_templates, frozen_templates, template_rows)
     for a, b in zip(our_moves, naive_moves, strict=True):
         assert b.norm() > 1e-3  # the steps moved the outputs
         assert (a - b).norm() < 1e-4 * b.norm(), ((a - b).norm(), b.norm())  # seen: 5e-6
@@ -678,40 +681,41 @@ def test_paper_mode_matches_a_naive_full_encoder_loop(pack, sd15, res_dir, monke
 
 
 @pytest.mark.parametrize(("mode", "tol"), [("fast", 1e-5), ("paper", 1e-5)])
-def test_scaled_loss_path_trains_like_the_plain_one(pack, sd15, res_dir, monkeypatch, mode, tol):
+def test_scaled_loss_path_trains_like_the_plain_one(pack, sd1, res_dir, monkeypatch, mode, tol):
     """GPUs compute the UNet in float16, where training scales the UNet's loss and unscales its gradient where it
     leaves the UNet (BoundaryLossScaler). That path is forced here on CPU: the scale is used at every step,
     paper mode still keeps the encoder's weight gradients as low-rank factors, and the residual matches the
     unscaled run's."""
     import contextlib
 
-    tn, tr = pack.nodes.train_nodes, pack.cones2_core.training
+    train_loop = pack.nodes.train_loop
+    gr = pack.cones2_core.gradients
     # float32 throughout: the two paths then differ only by float32 rounding
-    monkeypatch.setattr(tn._Trainer, "_autocast", lambda self, amp=True: contextlib.nullcontext())
+    monkeypatch.setattr(train_loop.Trainer, "_autocast", lambda self, amp=True: contextlib.nullcontext())
     kw = dict(mode=mode, steps=2, learning_rate=1e-3 if mode == "fast" else 1e-4, seed=4)
-    plain = train(pack, sd15, save_name=f"unscaled_{mode}", **kw)[0][0].tensors["l"]
+    plain = train(pack, sd1, save_name=f"unscaled_{mode}", **kw)[0][0].tensors["l"]
     updates, formed = [], []
-    real_update, real_factored = tr.BoundaryLossScaler.update, tn.factored_grad
+    real_update, real_factored = gr.BoundaryLossScaler.update, train_loop.factored_grad
 
     def update_spy(self):
         updates.append((self.scale, bool(self.finite)))
         return real_update(self)
 
-    monkeypatch.setattr(tn, "needs_loss_scaling", lambda dtype, amp: True)
-    monkeypatch.setattr(tr.BoundaryLossScaler, "update", update_spy)
-    monkeypatch.setattr(tn, "factored_grad", lambda factors: formed.append(1) or real_factored(factors))
-    scaled = train(pack, sd15, save_name=f"scaled_{mode}", **kw)[0][0].tensors["l"]
+    monkeypatch.setattr(train_loop, "needs_loss_scaling", lambda dtype, amp: True)
+    monkeypatch.setattr(gr.BoundaryLossScaler, "update", update_spy)
+    monkeypatch.setattr(train_loop, "factored_grad", lambda factors: formed.append(1) or real_factored(factors))
+    scaled = train(pack, sd1, save_name=f"scaled_{mode}", **kw)[0][0].tensors["l"]
     assert updates == [(2.0 ** 16, True)] * 2  # the scaled gradient reached the boundary at both steps
     assert (len(formed) > 0) == (mode == "paper")
     assert plain.abs().sum() > 0
     assert torch.allclose(scaled, plain, rtol=tol, atol=tol * float(plain.abs().max())), (scaled, plain)
 
 
-def test_overflowed_float16_step_is_skipped(pack, sd15, res_dir, monkeypatch, caplog):
+def test_overflowed_float16_step_is_skipped(pack, sd1, res_dir, monkeypatch, caplog):
     """On the scaled (float16) path a step whose UNet gradient overflows leaves the trainable state as it was,
     halves the loss scale and says so; training goes on."""
-    tn = pack.nodes.train_nodes
-    real_denoise, real_step = tn._Trainer._denoise, tn._Trainer._clip_and_step
+    train_loop = pack.nodes.train_loop
+    real_denoise, real_step = train_loop.Trainer._denoise, train_loop.Trainer._clip_gradients_and_step
     calls, stepped = [0], []
 
     class Overflow(torch.autograd.Function):
@@ -731,47 +735,47 @@ def test_overflowed_float16_step_is_skipped(pack, sd15, res_dir, monkeypatch, ca
                 out = Overflow.apply(out)
         return out
 
-    def clip_and_step(self, opt, params):
+    def step_spy(self, opt, params):
         stepped.append(self.scaler.scale)
         return real_step(self, opt, params)
 
-    monkeypatch.setattr(tn, "needs_loss_scaling", lambda dtype, amp: True)
-    monkeypatch.setattr(tn._Trainer, "_denoise", denoise)
-    monkeypatch.setattr(tn._Trainer, "_clip_and_step", clip_and_step)
+    monkeypatch.setattr(train_loop, "needs_loss_scaling", lambda dtype, amp: True)
+    monkeypatch.setattr(train_loop.Trainer, "_denoise", denoise)
+    monkeypatch.setattr(train_loop.Trainer, "_clip_gradients_and_step", step_spy)
     with caplog.at_level(logging.INFO, logger="comfyui-cones2"):
-        out = train(pack, sd15, mode="fast", steps=3, learning_rate=1e-3, save_name="overflow")
+        out = train(pack, sd1, mode="fast", steps=3, learning_rate=1e-3, save_name="overflow")
     assert calls[0] == 3 and stepped == [2.0 ** 15] * 2  # step 1 skipped, then two steps at the halved scale
     assert "loss scale lowered to 32768" in caplog.text
     assert out[0][0].tensors["l"].abs().sum() > 0 and torch.isfinite(out[0][0].tensors["l"]).all()
 
 
-def test_evaluation_runs_one_sample_at_a_time(pack, sd15, res_dir, monkeypatch):
+def test_evaluation_runs_one_sample_at_a_time(pack, sd1, res_dir, monkeypatch):
     """The evaluation passes (before the first and after the last step) never hold a batch of activations:
     each of the EVAL_SAMPLES fixed samples runs alone, in float32 (no autocast)."""
-    tn = pack.nodes.train_nodes
-    real_denoise = tn._Trainer._denoise
+    train_loop = pack.nodes.train_loop
+    real_denoise = train_loop.Trainer._denoise
     calls = []
 
     def spy(self, mp, x0, noise, sigma, context, y, amp=True):
         calls.append((amp, x0.shape[0]))
         return real_denoise(self, mp, x0, noise, sigma, context, y, amp)
 
-    monkeypatch.setattr(tn._Trainer, "_denoise", spy)
-    train(pack, sd15, mode="fast", steps=1, batch_size=2, save_name="eval_batches")
+    monkeypatch.setattr(train_loop.Trainer, "_denoise", spy)
+    train(pack, sd1, mode="fast", steps=1, batch_size=2, save_name="eval_batches")
     evals = [n for amp, n in calls if not amp]
-    assert evals == [1] * (2 * tn.EVAL_SAMPLES)
+    assert evals == [1] * (2 * train_loop.EVAL_SAMPLES)
     assert [n for amp, n in calls if amp] == [2]  # the training step keeps its batch
 
 
 @pytest.mark.parametrize("unet_in_half", [False, True])
-def test_unet_autocast_follows_its_compute_dtype(pack, sd15, res_dir, monkeypatch, unet_in_half):
+def test_unet_autocast_follows_its_compute_dtype(pack, sd1, res_dir, monkeypatch, unet_in_half):
     """A float32 UNet trains under bf16 autocast where the device has bf16 kernels; a UNet the host runs in
     float16 (GPUs; forced here) runs as it is, without per-forward bf16 weight copies, and with a scaled loss."""
-    tn = pack.nodes.train_nodes
+    train_loop = pack.nodes.train_loop
     if unet_in_half:
-        monkeypatch.setattr(tn, "unet_autocast", lambda dtype, ok: False)
-        monkeypatch.setattr(tn, "needs_loss_scaling", lambda dtype, autocast: not autocast)
-    real_autocast, real_denoise = tn._Trainer._autocast, tn._Trainer._denoise
+        monkeypatch.setattr(train_loop, "unet_autocast", lambda dtype, ok: False)
+        monkeypatch.setattr(train_loop, "needs_loss_scaling", lambda dtype, autocast: not autocast)
+    real_autocast, real_denoise = train_loop.Trainer._autocast, train_loop.Trainer._denoise
     inside, unet_amp, scalers = [False], [], []
 
     def autocast_spy(self, amp=True):
@@ -787,9 +791,9 @@ def test_unet_autocast_follows_its_compute_dtype(pack, sd15, res_dir, monkeypatc
         finally:
             inside[0] = False
 
-    monkeypatch.setattr(tn._Trainer, "_autocast", autocast_spy)
-    monkeypatch.setattr(tn._Trainer, "_denoise", denoise_spy)
-    out = train(pack, sd15, mode="fast", steps=2, learning_rate=1e-3, save_name=f"unet_amp_{unet_in_half}")
+    monkeypatch.setattr(train_loop.Trainer, "_autocast", autocast_spy)
+    monkeypatch.setattr(train_loop.Trainer, "_denoise", denoise_spy)
+    out = train(pack, sd1, mode="fast", steps=2, learning_rate=1e-3, save_name=f"unet_amp_{unet_in_half}")
     assert out[0][0].tensors["l"].abs().sum() > 0
     bf16 = torch.ops.mkldnn._is_mkldnn_bf16_supported()
     # evaluation passes never autocast; the 2 training passes do exactly when the UNet is float32 and bf16 runs
@@ -797,15 +801,15 @@ def test_unet_autocast_follows_its_compute_dtype(pack, sd15, res_dir, monkeypatc
     assert all(scalers) == unet_in_half
 
 
-def test_paper_mode_never_holds_all_weight_gradients(pack, sd15, res_dir, monkeypatch):
+def test_paper_mode_never_holds_all_weight_gradients(pack, sd1, res_dir, monkeypatch):
     """Paper mode keeps the encoder Linears' gradients as low-rank factors and forms them a chunk at a time for
     the optimiser: with a 1-byte chunk, no step ever sees more than one weight's gradient, every Linear weight
     is still stepped at every step, and the residual is the same as with the default chunk."""
-    tn = pack.nodes.train_nodes
+    train_loop = pack.nodes.train_loop
     kw = dict(mode="paper", steps=2, learning_rate=1e-4, seed=6)
-    default = train(pack, sd15, save_name="chunk_default", **kw)[0][0].tensors["l"]
+    default = train(pack, sd1, save_name="chunk_default", **kw)[0][0].tensors["l"]
     formed, live = [], []
-    real_factored, real_step = tn.factored_grad, torch.optim.AdamW.step
+    real_factored, real_step = train_loop.factored_grad, torch.optim.AdamW.step
 
     def factored_spy(factors):
         out = real_factored(factors)
@@ -817,24 +821,24 @@ def test_paper_mode_never_holds_all_weight_gradients(pack, sd15, res_dir, monkey
                         if p.grad is not None and p.ndim == 2 and p.shape[0] * p.shape[1] >= 768 * 768))
         return real_step(self, *args, **kwargs)
 
-    monkeypatch.setattr(tn, "LOW_RANK_CHUNK", 1)
-    monkeypatch.setattr(tn, "factored_grad", factored_spy)
+    monkeypatch.setattr(train_loop, "LOW_RANK_CHUNK", 1)
+    monkeypatch.setattr(train_loop, "factored_grad", factored_spy)
     monkeypatch.setattr(torch.optim.AdamW, "step", step_spy)
-    one_at_a_time = train(pack, sd15, save_name="chunk_one", **kw)[0][0].tensors["l"]
+    one_at_a_time = train(pack, sd1, save_name="chunk_one", **kw)[0][0].tensors["l"]
     linears = 2 * 6  # the test CLIP keeps 2 transformer layers: q, k, v, out, fc1, fc2 each
     assert len(formed) == 2 * linears and (3072, 768) in formed and (768, 3072) in formed
     assert max(live) == 1  # never more than one full weight gradient at a time
     assert torch.equal(one_at_a_time, default)
 
 
-def test_paper_mode_frees_the_optimiser_state_before_the_template_pass(pack, sd15, res_dir, monkeypatch):
+def test_paper_mode_frees_the_optimiser_state_before_the_template_pass(pack, sd1, res_dir, monkeypatch):
     """The optimiser's moments (2 x the encoder's trainable weights) are dead by the time the tuned encoder
     encodes the 27 templates, so that pass reuses their memory instead of raising the peak."""
     import weakref
 
-    tn = pack.nodes.train_nodes
+    train_loop = pack.nodes.train_loop
     moments, alive_at_templates = [], []
-    real_step, real_templates = torch.optim.AdamW.step, tn._Trainer._encode_templates
+    real_step, real_templates = torch.optim.AdamW.step, train_loop.Trainer._encode_templates
 
     def step_spy(self, *args, **kwargs):
         out = real_step(self, *args, **kwargs)
@@ -846,14 +850,14 @@ def test_paper_mode_frees_the_optimiser_state_before_the_template_pass(pack, sd1
         return real_templates(self, enc)
 
     monkeypatch.setattr(torch.optim.AdamW, "step", step_spy)
-    monkeypatch.setattr(tn._Trainer, "_encode_templates", templates_spy)
-    out = train(pack, sd15, mode="paper", steps=2, save_name="freed_moments")
+    monkeypatch.setattr(train_loop.Trainer, "_encode_templates", templates_spy)
+    out = train(pack, sd1, mode="paper", steps=2, save_name="freed_moments")
     assert out[0][0].tensors["l"].abs().sum() > 0
     assert len(moments) > 20  # two moments per trainable tensor, recorded at each step
     assert alive_at_templates == [0, 0]  # the frozen pass (before any step) and the tuned pass (after training)
 
 
-def test_a_float16_unet_trains_in_float16_like_the_float32_one(pack, sd15, tiny_ckpts, res_dir, monkeypatch):
+def test_a_float16_unet_trains_in_float16_like_the_float32_one(pack, sd1, tiny_ckpts, res_dir, monkeypatch):
     """The GPU path for real: the host loads the UNet in float16 and computes in it (made possible on CPU by
     turning off the host's float32 manual cast while loading). Training then runs the UNet in float16 without
     autocast and with the boundary loss scaler at every step; in both modes the first step's (unscaled)
@@ -861,14 +865,16 @@ def test_a_float16_unet_trains_in_float16_like_the_float32_one(pack, sd15, tiny_
     MODEL is left bit-identical."""
     import comfy.model_management as mm
 
-    tn, tr = pack.nodes.train_nodes, pack.cones2_core.training
+    train_loop = pack.nodes.train_loop
+    gr = pack.cones2_core.gradients
     with monkeypatch.context() as m:
         m.setattr(mm, "unet_manual_cast", lambda *args, **kwargs: None)  # as on a GPU with float16 kernels
-        half = _load(tiny_ckpts["sd15"], dtype=torch.float16)
+        half = _load(tiny_ckpts["sd1"], dtype=torch.float16)
     assert half[0].model.get_dtype() == torch.float16 and half[0].model.manual_cast_dtype is None
     before = snapshot(half[0], half[1])
     chosen, updates, grads = [], [], []
-    real_init, real_update, real_step = tn._Trainer.__init__, tr.BoundaryLossScaler.update, tn._Trainer._clip_and_step
+    real_init, real_update = train_loop.Trainer.__init__, gr.BoundaryLossScaler.update
+    real_step = train_loop.Trainer._clip_gradients_and_step
 
     def init_spy(self, *args, **kwargs):
         real_init(self, *args, **kwargs)
@@ -884,12 +890,12 @@ def test_a_float16_unet_trains_in_float16_like_the_float32_one(pack, sd15, tiny_
             grads[-1] = torch.cat([p.grad.detach().flatten().float() for p in params if p.grad is not None])
         return real_step(self, opt, params)
 
-    monkeypatch.setattr(tn._Trainer, "__init__", init_spy)
-    monkeypatch.setattr(tr.BoundaryLossScaler, "update", update_spy)
-    monkeypatch.setattr(tn._Trainer, "_clip_and_step", step_spy)
+    monkeypatch.setattr(train_loop.Trainer, "__init__", init_spy)
+    monkeypatch.setattr(gr.BoundaryLossScaler, "update", update_spy)
+    monkeypatch.setattr(train_loop.Trainer, "_clip_gradients_and_step", step_spy)
     for mode, lr in (("fast", 1e-3), ("paper", 1e-4)):
         kw = dict(mode=mode, steps=3, learning_rate=lr, seed=5, batch_size=1)
-        ref = train(pack, sd15, save_name=f"f32_{mode}", **kw)[0][0].tensors["l"]
+        ref = train(pack, sd1, save_name=f"f32_{mode}", **kw)[0][0].tensors["l"]
         got = train(pack, half, save_name=f"f16_{mode}", **kw)[0][0].tensors["l"]
         g32, g16 = grads[-2], grads[-1]
         assert g32.norm() > 0 and (g16 - g32).norm() < 5e-2 * g32.norm(), (mode, float((g16 - g32).norm() / g32.norm()))
@@ -906,11 +912,11 @@ def test_a_float8_weight_unet_trains(pack, tiny_ckpts, res_dir):
     """Small cards often load the UNet with float8 weights (the host casts each weight to its compute dtype per
     op). Training works through that cast: the residual matches that of a float32 UNet holding the same
     (float8-rounded) weights, and the user's float8 MODEL is left bit-identical."""
-    fp8 = _load(tiny_ckpts["sd15"], dtype=torch.float8_e4m3fn)
+    fp8 = _load(tiny_ckpts["sd1"], dtype=torch.float8_e4m3fn)
     held = {n: p for n, p in fp8[0].model.diffusion_model.named_parameters() if p.dtype == torch.float8_e4m3fn}
     assert len(held) > 20
     before = snapshot(fp8[0], fp8[1])
-    rounded = _load(tiny_ckpts["sd15"])  # float32, with every weight that fp8 holds rounded the same way
+    rounded = _load(tiny_ckpts["sd1"])  # float32, with every weight that fp8 holds rounded the same way
     with torch.inference_mode():
         for n, p in rounded[0].model.diffusion_model.named_parameters():
             if n in held:
