@@ -1,7 +1,7 @@
 """Sampling time with Cones 2 layout guidance (self-recurrence off), without and with recording the attention maps
 (record_maps), versus plain sampling, measured in one run.
 
-    python bench/guidance_overhead.py [--families sd15 sdxl] [--size 256] [--steps 4] [--repeats 5]
+    python bench/guidance_overhead.py [--families sd1 sdxl] [--size 256] [--steps 4] [--repeats 5]
 
 Builds (or reuses) the tiny random-weight checkpoints, loads them through the real host in-process, and
 alternates plain, guided and guided-and-recorded sampling of the same prompt and seed; prints one table of
@@ -28,7 +28,7 @@ LAYOUT = ('{"version":1,"boxes":[{"subject":"dog","x":0.05,"y":0.1,"w":0.4,"h":0
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--families", nargs="+", default=["sd15", "sdxl"])
+    ap.add_argument("--families", nargs="+", default=["sd1", "sdxl"])
     ap.add_argument("--size", type=int, default=256)
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=5)
@@ -50,7 +50,7 @@ def main(argv=None) -> int:
 
     pack = load_pack()
     apply_node = pack.nodes.residual_nodes.Cones2ApplyResiduals
-    guide_node = pack.nodes.guidance_nodes.Cones2LayoutGuidance
+    guide_node = pack.nodes.layout_node.Cones2LayoutGuidance
     rows = []
     for fam in args.families:
         model, clip, _, _ = comfy.sd.load_checkpoint_guess_config(paths[fam], output_vae=False, output_clip=True)

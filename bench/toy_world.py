@@ -72,7 +72,7 @@ def main(argv=None) -> int:
         row(prompt, args.samplers[0])
     import comfy.samplers
 
-    function_name, stepwise_samplers = pack.nodes.guidance.sampler_function_name, pack.nodes.guidance.STEPWISE_SAMPLERS
+    function_name, stepwise_samplers = pack.nodes.recurrence.sampler_function_name, pack.nodes.recurrence.STEPWISE_SAMPLERS
     for sampler in args.samplers:
         stepwise = function_name(comfy.samplers.sampler_object(sampler)) in stepwise_samplers
         row(PAIR, sampler)

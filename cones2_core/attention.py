@@ -71,22 +71,6 @@ def _check_weight_map(weight_map: torch.Tensor, batch: int, n: int, t: int, devi
     return w.to(device=device, dtype=torch.float32)
 
 
-def layout_bias(
-    scores: torch.Tensor, weight_map: torch.Tensor, sigma: float | torch.Tensor, guidance_weight: float
-) -> torch.Tensor:
-    """The additive Cones 2 bias for raw (unscaled) scores.
-
-    scores [B, H, N, T] (any float dtype), weight_map [B or 1, N, T], sigma a float or a tensor [B].
-    Returns float32 [B, H, N, T] = guidance_weight * W * log(1 + sigma^2) * std(scores[b]).
-    """
-    if scores.dim() != 4:
-        raise Cones2Error(f"scores must have shape [B, heads, pixels, tokens], got {tuple(scores.shape)}")
-    b, _, n, t = scores.shape
-    w = _check_weight_map(weight_map, b, n, t, scores.device)
-    coef = _coefficient(_std(_moments(scores.float())), sigma, guidance_weight)  # [B]
-    return (coef.view(b, 1, 1, 1) * w.unsqueeze(1)).expand(scores.shape)
-
-
 def _split_heads(x: torch.Tensor, heads: int, name: str) -> torch.Tensor:
     """[B, L, heads*d] -> float32 [B, heads, L, d]."""
     if x.dim() != 3 or x.shape[-1] % heads:
@@ -169,26 +153,4 @@ def guided_attention(
     return (out, *extra) if extra else out
 
 
-def attention_share_inside(probs: torch.Tensor, token_positions: list[int], mask: torch.Tensor) -> float:
-    """Share of the attention mass of the given tokens that falls on pixels inside mask.
-
-    probs [B, H, N, T]; mask bool with N elements ([N] or [h, w], row-major). Mass is summed over
-    batch, heads and the tokens; returns a float in 0..1.
-    """
-    if probs.dim() != 4:
-        raise Cones2Error(f"probs must have shape [B, heads, pixels, tokens], got {tuple(probs.shape)}")
-    if not token_positions:
-        raise Cones2Error("no token positions given: pass the prompt positions of the subject's tokens")
-    n, t = probs.shape[2], probs.shape[3]
-    bad = [p for p in token_positions if not 0 <= p < t]
-    if bad:
-        raise Cones2Error(f"token positions {bad} are out of range 0..{t - 1}")
-    inside = mask.reshape(-1).to(device=probs.device, dtype=torch.bool)
-    if inside.numel() != n:
-        raise Cones2Error(f"the mask has {inside.numel()} pixels but the attention has {n}; resize the mask")
-    mass = probs[..., list(token_positions)].double().sum(dim=(0, 1, 3))  # [N]
-    total = mass.sum().item()
-    return mass[inside].sum().item() / total if total > 0 else 0.0
-
-
-__all__ = ["MAX_CHUNK_ELEMENTS", "attention_share_inside", "guided_attention", "layout_bias"]
+__all__ = ["MAX_CHUNK_ELEMENTS", "guided_attention"]

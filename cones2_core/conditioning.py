@@ -16,22 +16,6 @@ import torch
 
 from .errors import Cones2Error
 
-# Channel layout of each family's conditioning: encoder key -> (offset, width).
-CHANNELS = {
-    "sd1": {"l": (0, 768)},
-    "sd2": {"h": (0, 1024)},
-    "sdxl": {"l": (0, 768), "g": (768, 1280)},
-}
-
-
-def family_of_encoder_keys(keys) -> str | None:
-    """The family whose text encoders are exactly ``keys`` (as the host's tokenizer names them)."""
-    keys = set(keys)
-    for family, chans in CHANNELS.items():
-        if set(chans) == keys:
-            return family
-    return None
-
 
 def find_occurrences(chunks: Sequence[Sequence[object]], pattern: Sequence[int], chunk_len: int) -> list[list[int]]:
     """All occurrences of the token sequence ``pattern`` in the tokenised prompt.

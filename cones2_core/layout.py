@@ -253,7 +253,8 @@ def colour_map_regions(
         if not region.any():
             raise Cones2Error(
                 f"colour #{bytes(rgb).hex()} (subject {subject!r}) was not found in the colour map "
-                f"(tolerance {tolerance}): pick the colour exactly as painted, or raise the tolerance"
+                f"(each channel within {tolerance:g} of it): write the colour as it is painted (a colour picker "
+                "shows it), or repaint that region in the listed colour"
             )
         regions[subject] = regions[subject] | region if subject in regions else region
     return regions

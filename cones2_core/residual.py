@@ -25,35 +25,21 @@ from safetensors import safe_open
 from safetensors.torch import save as st_save
 
 from .errors import Cones2Error, short
+from .families import FAMILIES, by_reference_width, by_widths, family, family_name
 
 log = logging.getLogger("comfyui-cones2")
-
-FAMILIES: dict[str, dict[str, int]] = {"sd1": {"l": 768}, "sd2": {"h": 1024}, "sdxl": {"l": 768, "g": 1280}}
-FAMILY_NAMES: dict[str, str] = {"sd1": "SD1.5", "sd2": "SD2.x", "sdxl": "SDXL"}
 
 FORMAT_VERSION = "1"
 META_PREFIX = "cones2."
 RESERVED_KEYS = frozenset(f"{META_PREFIX}{k}" for k in ("format", "subject", "family", "n_tokens"))
 REFERENCE_EXTENSIONS = (".pt", ".pth", ".bin")
 ACCEPTED_EXTENSIONS = (".safetensors", *REFERENCE_EXTENSIONS)
-_REFERENCE_FAMILY_BY_WIDTH = {1024: ("sd2", "h"), 768: ("sd1", "l")}
 _ROOT_HINT = "residual file names must be relative to models/cones2_residuals/"
 MAX_RESIDUAL_VALUE = 1e4  # |value| bound: text encoder outputs are O(1..100), residuals smaller
 
 
 def _quoted(keys) -> str:
     return ", ".join(f"'{k}'" for k in sorted(keys))
-
-
-def _family_label(family: str) -> str:
-    return FAMILY_NAMES.get(family, repr(family))
-
-
-def _check_family(family: str) -> dict[str, int]:
-    if family not in FAMILIES:
-        choices = ", ".join(f"'{f}' ({n})" for f, n in FAMILY_NAMES.items())
-        raise Cones2Error(f"unknown residual family {family!r}; use one of {choices}")
-    return FAMILIES[family]
 
 
 def _check_subject(subject: object) -> str:
@@ -119,8 +105,8 @@ class Residual:
     def validate(self) -> Residual:
         """Check subject, family, tensor keys, shapes and values; raise Cones2Error, else return self."""
         _check_subject(self.subject)
-        widths = _check_family(self.family)
-        label = _family_label(self.family)
+        widths = family(self.family).widths
+        label = family_name(self.family)
         keys = set(self.tensors)
         if keys != set(widths):
             need = " and ".join(f"'{k}' ({w})" for k, w in widths.items())
@@ -174,12 +160,12 @@ class Residual:
 
 
 def family_from_widths(widths: dict[str, int]) -> str:
-    """The family whose encoders match ``widths`` exactly (e.g. ``{"h": 1024}`` -> ``"sd2"``)."""
-    for family, expected in FAMILIES.items():
-        if dict(widths) == expected:
-            return family
+    """The family key whose encoders match ``widths`` exactly (e.g. ``{"h": 1024}`` -> ``"sd2"``)."""
+    found = by_widths(widths)
+    if found is not None:
+        return found.key
     known = "; ".join(
-        f"{FAMILY_NAMES[f]}: " + ", ".join(f"'{k}' {w}" for k, w in e.items()) for f, e in FAMILIES.items()
+        f"{f.name}: " + ", ".join(f"'{k}' {w}" for k, w in f.widths.items()) for f in FAMILIES.values()
     )
     got = ", ".join(f"'{k}' {w}" for k, w in sorted(widths.items())) or "no tensors"
     raise Cones2Error(f"tensor widths ({got}) match no supported model family ({known})")
@@ -327,18 +313,18 @@ def _load_reference(path: str, subject: str | None) -> Residual:
         )
     tensor = obj.unsqueeze(0) if obj.ndim == 1 else obj
     width = int(tensor.shape[-1]) if tensor.ndim else 0
-    if tensor.ndim != 2 or width not in _REFERENCE_FAMILY_BY_WIDTH:
+    fam = by_reference_width(width) if tensor.ndim == 2 else None
+    if fam is None:
         raise Cones2Error(
             f"{name} holds a tensor of shape {list(obj.shape)}; reference residuals must be [1024] or "
             "[n_tokens, 1024] (SD2.x) or [n_tokens, 768] (SD1.5)"
         )
-    family, key = _REFERENCE_FAMILY_BY_WIDTH[width]
     stem = os.path.splitext(name)[0]
-    log.info("imported reference residual %s as an %s residual", name, FAMILY_NAMES[family])
+    log.info("imported reference residual %s as an %s residual", name, fam.name)
     return Residual(
         subject or stem,
-        family,
-        {key: tensor},
+        fam.key,
+        {fam.encoders[0].key: tensor},
         metadata={f"{META_PREFIX}imported_from": "reference-pt"},
         source=name,
     )

@@ -8,7 +8,7 @@ text encoders and the VAE come from fixed configs and are full size, so each fil
 cached outside the repository under a key that changes when anything here changes.
 
 Run as a script (inside the project's venv, with the host importable) to build them:
-    python tests/tiny_checkpoints.py --comfyui ~/ComfyUI --out DIR [sd15 sd2v sdxl]
+    python tests/tiny_checkpoints.py --comfyui ~/ComfyUI --out DIR [sd1 sd2 sdxl]
 """
 
 from __future__ import annotations
@@ -37,9 +37,10 @@ _COMMON = {
     "use_temporal_attention": False,
 }
 
-# The unet_config dicts below are what the host's detect_unet_config reads back from the files.
+# One tiny checkpoint per core family, keyed as cones2_core/families.py names them (each context_dim is that
+# family's conditioning width). The unet_config dicts are what the host's detect_unet_config reads back.
 FAMILIES = {
-    "sd15": {
+    "sd1": {
         "model_class": "SD15",
         "file": "cones2_tiny_sd15.safetensors",
         "unet": {**_COMMON, "adm_in_channels": None, "num_res_blocks": [1, 1], "channel_mult": [1, 1],
@@ -49,7 +50,7 @@ FAMILIES = {
     },
     # SD2.x 768-v: the host tells v-prediction from the spread of one bias in output_blocks.11, so this
     # UNet keeps the real block indices (4 levels x 2 res blocks) at 320 channels throughout.
-    "sd2v": {
+    "sd2": {
         "model_class": "SD20",
         "file": "cones2_tiny_sd2v.safetensors",
         "unet": {**_COMMON, "adm_in_channels": None, "num_res_blocks": [2, 2, 2, 2], "channel_mult": [1, 1, 1, 1],

@@ -75,13 +75,13 @@ def _atomic_save(sd: dict, path: str, metadata: dict) -> str:
     return path
 
 
-def _tiny_sd15_model():
+def _tiny_sd1_model():
     """The tiny SD1.5 BaseModel (empty weights: only names and shapes are used)."""
     import comfy.supported_models
 
     from harness.tiny_checkpoints import FAMILIES
 
-    spec = FAMILIES["sd15"]
+    spec = FAMILIES["sd1"]
     config = getattr(comfy.supported_models, spec["model_class"])(dict(spec["unet"]))
     return config, config.get_model({})
 
@@ -91,7 +91,7 @@ def build_lora(path: str, seed: int = 0) -> str:
     import comfy.lora
     import torch
 
-    _, model = _tiny_sd15_model()
+    _, model = _tiny_sd1_model()
     shapes = {k: v.shape for k, v in model.state_dict().items()}
     sd = {}
     for key in sorted(shapes):
@@ -111,7 +111,7 @@ def build_lora(path: str, seed: int = 0) -> str:
     if not modules or len(patches) != len(modules):
         raise RuntimeError(f"the host maps {len(patches)} of the tiny LoRA's {len(modules)} modules")
     sd = {k: (v.to(torch.float16) if v.ndim else v).contiguous() for k, v in sd.items()}
-    return _atomic_save(sd, path, {"cones2.tiny": "sd15-lora", "cones2.build": str(BUILD_VERSION)})
+    return _atomic_save(sd, path, {"cones2.tiny": "sd1-lora", "cones2.build": str(BUILD_VERSION)})
 
 
 def build_controlnet(path: str, seed: int = 0) -> str:
@@ -122,7 +122,7 @@ def build_controlnet(path: str, seed: int = 0) -> str:
 
     from harness.tiny_checkpoints import _init_module
 
-    config, _ = _tiny_sd15_model()
+    config, _ = _tiny_sd1_model()
     cfg = dict(config.unet_config)
     cfg.pop("out_channels", None)
     cfg.pop("transformer_depth_output", None)
@@ -133,7 +133,7 @@ def build_controlnet(path: str, seed: int = 0) -> str:
             if name.startswith(("zero_convs.", "middle_block_out.")) and p.ndim > 1:
                 p.mul_(0.1)
     sd = {f"control_model.{k}": v.to(torch.float16).contiguous() for k, v in net.state_dict().items()}
-    _atomic_save(sd, path, {"cones2.tiny": "sd15-controlnet", "cones2.build": str(BUILD_VERSION)})
+    _atomic_save(sd, path, {"cones2.tiny": "sd1-controlnet", "cones2.build": str(BUILD_VERSION)})
     control = comfy.controlnet.load_controlnet(path)
     if control is None or not isinstance(control, comfy.controlnet.ControlNet):
         os.remove(path)
@@ -152,11 +152,11 @@ def build_residual(path: str, subject: str, family: str = "sd1", seed: int = 0, 
 
     if REPO not in sys.path:
         sys.path.insert(0, REPO)
-    from cones2_core.residual import FAMILIES as RES_FAMILIES
+    from cones2_core.families import FAMILIES as CORE_FAMILIES
     from cones2_core.residual import Residual, save_residual
 
     tensors = {k: torch.randn(1, w, generator=_gen(seed, f"{family}/{subject}/{k}")) * std
-               for k, w in RES_FAMILIES[family].items()}
+               for k, w in CORE_FAMILIES[family].widths.items()}
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     save_residual(Residual(subject=subject, family=family, tensors=tensors,
                            metadata={"note": "placeholder: random offset, not trained"}), path)
@@ -254,7 +254,7 @@ def make_workflows(comfyui: str, ckpt_dir: str | None, extras: dict[str, str], o
     from harness import tiny_checkpoints
     from harness.server import ComfyServer
 
-    ckpts = tiny_checkpoints.ensure(ckpt_dir or tiny_checkpoints.default_cache_dir(), ("sd15",))
+    ckpts = tiny_checkpoints.ensure(ckpt_dir or tiny_checkpoints.default_cache_dir(), ("sd1",))
     with ComfyServer(checkpoints=ckpts, host=comfyui) as srv:
         install(extras, srv)
         res = subprocess.run(["node", os.path.join(REPO, "tests", "browser", "make_workflow.js"), srv.url, out_dir],

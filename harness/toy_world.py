@@ -256,7 +256,7 @@ def _clip(seed: int = 0):
 
     from harness.tiny_checkpoints import FAMILIES, _init_module
 
-    config = comfy.supported_models.SD15(dict(FAMILIES["sd15"]["unet"]))
+    config = comfy.supported_models.SD15(dict(FAMILIES["sd1"]["unet"]))
     clip = comfy.sd.CLIP(target=config.clip_target(), model_options={"dtype": torch.float32})
     _init_module(clip.cond_stage_model, seed + 2)
     with torch.no_grad():

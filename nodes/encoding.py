@@ -9,31 +9,25 @@ from __future__ import annotations
 import re
 
 from ..cones2_core.conditioning import (
-    CHANNELS,
     Placement,
     add_residuals,
     agreed_occurrences,
     bpe_token_bytes,
-    family_of_encoder_keys,
     find_occurrences,
     find_spelled,
     spelled_without_spaces,
 )
 from ..cones2_core.errors import Cones2Error, short
-from ..cones2_core.residual import FAMILY_NAMES, Residual
+from ..cones2_core.families import FAMILIES, Family, by_encoder_keys
+from ..cones2_core.residual import Residual
 
 COND_KEY = "cones2"  # key of our record in the conditioning dict
-ENCODER_NAMES = {"l": "CLIP-L", "h": "OpenCLIP-H", "g": "CLIP-G"}
 
 
-def _describe(family: str) -> str:
-    encs = " + ".join(f"{ENCODER_NAMES[k]} {w}" for k, (_, w) in CHANNELS[family].items())
-    return f"{FAMILY_NAMES[family]} ({encs})"
-
-
-def clip_family(clip) -> str:
+def clip_family(clip) -> Family:
+    """The family of a host CLIP object, told by its tokenizer's encoder keys."""
     keys = clip.tokenize("a").keys()
-    family = family_of_encoder_keys(keys)
+    family = by_encoder_keys(keys)
     if family is None:
         raise Cones2Error(f"this CLIP has text encoders {sorted(keys)}; Cones 2 supports SD1.5 (l), SD2.x (h) and "
                           "SDXL (l + g) text encoders: connect the CLIP output of such a checkpoint loader")
@@ -120,10 +114,11 @@ def encode_with_residuals(clip, text: str, residuals: list[Residual] | None):
     subjects: dict[str, list[list[int]]] = {}
     for res in residuals:
         name = res.source or res.subject
-        if res.family != family:
-            raise Cones2Error(f"residual '{name}' is for {_describe(res.family)} but the connected CLIP is "
-                              f"{_describe(family)}: connect the CLIP of a {FAMILY_NAMES[res.family]} checkpoint "
-                              f"or use a residual made for {FAMILY_NAMES[family]}")
+        if res.family != family.key:
+            theirs = FAMILIES[res.family]  # a Residual's family is one of the table's (Residual.validate)
+            raise Cones2Error(f"residual '{name}' is for {theirs.describe()} but the connected CLIP is "
+                              f"{family.describe()}: connect the CLIP of a {theirs.name} checkpoint "
+                              f"or use a residual made for {family.name}")
         occ = word_positions(clip, tokens, res.subject, spelled)
         if not occ:
             raise Cones2Error(f"the subject word '{short(res.subject)}' of residual '{short(name)}' is not in the prompt; "
@@ -134,8 +129,9 @@ def encode_with_residuals(clip, text: str, residuals: list[Residual] | None):
                               f"{len(occ[0])} token(s) for this tokenizer: set the subject to the word the residual "
                               "was made for")
         subjects[res.subject] = occ
-        for key, (offset, _width) in CHANNELS[family].items():
-            placements.append(Placement(tuple(tuple(o) for o in occ), res.tensors[key], offset, float(res.strength)))
+        for enc in family.encoders:
+            placements.append(Placement(tuple(tuple(o) for o in occ), res.tensors[enc.key], enc.offset,
+                                        float(res.strength)))
 
     conditioning = clip.encode_from_tokens_scheduled(tokens)
     positions_by_word = {w: sorted(p for o in word_positions(clip, tokens, w) for p in o) for w in words}
@@ -144,10 +140,10 @@ def encode_with_residuals(clip, text: str, residuals: list[Residual] | None):
     out = []
     for cond, extra in conditioning:
         width = cond.shape[-1]
-        expected = sum(w for _, w in CHANNELS[family].values())
-        if width != expected:
-            raise Cones2Error(f"the CLIP produced a {width}-wide conditioning; {_describe(family)} needs {expected}")
-        record = {"version": 1, "prompt": text, "family": family, "n_tokens": int(cond.shape[1]),
+        if width != family.width:
+            raise Cones2Error(f"the CLIP produced a {width}-wide conditioning; {family.describe()} needs "
+                              f"{family.width}")
+        record = {"version": 1, "prompt": text, "family": family.key, "n_tokens": int(cond.shape[1]),
                   "words": {w: p for w, p in positions_by_word.items() if p}, "token_text": spelled,
                   "residuals": [{"subject": r.subject, "source": r.source, "strength": float(r.strength)}
                                 for r in residuals]}

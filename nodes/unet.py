@@ -1,9 +1,14 @@
 """Everything specific to the UNet families (SD1.5, SD2.x, SDXL) on the host side.
 
-Guidance: an ``attn2`` replace patch on every cross-attention block computes the host's own attention for the
-whole batch (so unguided rows are bit-identical to an unpatched model) and recomputes the rows of the guided
-conditioning with the Cones 2 bias (``cones2_core.attention.guided_attention``); block discovery; installing it on
-a clone. A DiT family gets a sibling module with the same three jobs.
+* Guidance: an ``attn2`` replace patch on every cross-attention block computes the host's own attention for the
+  whole batch (so unguided rows are bit-identical to an unpatched model) and recomputes the rows of the guided
+  conditioning with the Cones 2 bias (``cones2_core.attention.guided_attention``); block discovery; installing it
+  on a clone.
+* Training: the frozen UNet the trainer runs through the host's memory management (gradient checkpointing of
+  its layers), its prediction type (eps / v) and SDXL's size conditioning.
+
+A DiT family (Flux) gets a sibling module with the same jobs; the family table (``cones2_core/families.py``)
+names each family's architecture.
 """
 
 from __future__ import annotations

@@ -30,7 +30,7 @@ def host_dir() -> str:
 
 @pytest.fixture(scope="session")
 def tiny_ckpts(host_dir) -> dict[str, str]:
-    """{family: path} for 'sd15', 'sd2v', 'sdxl', built once into the versioned cache (a subprocess, so
+    """{family: path} for 'sd1', 'sd2', 'sdxl', built once into the versioned cache (a subprocess, so
     the host parses its own CPU arguments there)."""
     out = os.environ.get("CONES2_CKPT_DIR") or tiny_checkpoints.default_cache_dir()
     res = subprocess.run([sys.executable, tiny_checkpoints.__file__, "--comfyui", host_dir, "--out", out],

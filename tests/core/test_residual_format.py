@@ -13,8 +13,8 @@ from safetensors.torch import save_file
 
 from cones2_core import residual as rmod
 from cones2_core.errors import Cones2Error
+from cones2_core.families import FAMILIES
 from cones2_core.residual import (
-    FAMILIES,
     Residual,
     family_from_widths,
     load_residual,
@@ -25,7 +25,7 @@ from cones2_core.residual import (
 
 def make(family: str = "sd2", n_tokens: int = 1, subject: str = "dog", seed: int = 0, **kw) -> Residual:
     gen = torch.Generator().manual_seed(seed)
-    tensors = {k: torch.randn(n_tokens, w, generator=gen) for k, w in FAMILIES[family].items()}
+    tensors = {k: torch.randn(n_tokens, w, generator=gen) for k, w in FAMILIES[family].widths.items()}
     return Residual(subject, family, tensors, **kw)
 
 
@@ -44,7 +44,7 @@ def test_round_trip_is_bit_exact_and_keeps_metadata(tmp_path, family, n_tokens):
     back = load_residual(path)
     assert (back.subject, back.family, back.n_tokens, back.strength) == ("teddy", family, n_tokens, 1.0)
     assert back.source == f"teddy_{family}.safetensors"
-    assert set(back.tensors) == set(FAMILIES[family])
+    assert set(back.tensors) == set(FAMILIES[family].widths)
     for key, t in res.tensors.items():
         assert back.tensors[key].dtype == torch.float32
         assert torch.equal(back.tensors[key], t)
@@ -161,7 +161,7 @@ def test_family_from_widths():
             "all tensors of a residual need the same number of token rows; 'l' has 2, 'g' has 1",
         ),
         ("sd2", {"h": torch.zeros(1, 1024, dtype=torch.int64)}, "must be floating point; got a torch.int64"),
-        ("sd3", {"h": torch.zeros(1, 1024)}, "unknown residual family 'sd3'; use one of 'sd1' (SD1.5)"),
+        ("sd3", {"h": torch.zeros(1, 1024)}, "unknown model family 'sd3'; use one of 'sd1' (SD1.5)"),
     ],
 )
 def test_validate_messages(family, tensors, message):

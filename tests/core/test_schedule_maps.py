@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from cones2_core.maps import colourise, outline, render_panel, share_inside
+from cones2_core.figures import colourise, outline, render_panel, share_inside
 from cones2_core.schedule import in_window, recurrence_plan, renoise_scale
 
 

@@ -22,7 +22,7 @@ def encode(pack, clip, text=PROMPT):
 
 
 def guide(pack, model, cond, layout=TWO_BOXES, **kw):
-    return pack.nodes.guidance_nodes.Cones2LayoutGuidance.execute(model, cond, layout, **{**SETTINGS, **kw}).result
+    return pack.nodes.layout_node.Cones2LayoutGuidance.execute(model, cond, layout, **{**SETTINGS, **kw}).result
 
 
 def sample(model, pos, neg, seed=3, steps=2):
@@ -45,7 +45,7 @@ def box_layout(**extra) -> str:
 def test_bad_numbers_are_refused_by_the_node(pack, loaded, name, value):
     Cones2Error = pack.cones2_core.errors.Cones2Error
 
-    model, clip = loaded("sd15")
+    model, clip = loaded("sd1")
     with pytest.raises(Cones2Error, match=rf"{name} = .* is not allowed: it must be a finite number from"):
         guide(pack, model, encode(pack, clip), **{name: value})
 
@@ -54,13 +54,13 @@ def test_bad_numbers_are_refused_by_the_node(pack, loaded, name, value):
 def test_bad_box_weights_are_refused_by_the_node(pack, loaded, weight):
     Cones2Error = pack.cones2_core.errors.Cones2Error
 
-    model, clip = loaded("sd15")
+    model, clip = loaded("sd1")
     with pytest.raises(Cones2Error, match=r"'weight' .*(outside 0\.\.50|finite number)"):
         guide(pack, model, encode(pack, clip), layout=box_layout(weight=weight))
 
 
 def test_a_large_finite_box_weight_still_samples_finite_images(pack, loaded):
-    model, clip = loaded("sd15")
+    model, clip = loaded("sd1")
     gm, gpos = guide(pack, model, encode(pack, clip), layout=box_layout(weight=50.0), guidance_weight=2.0)
     import nodes
 
@@ -70,7 +70,7 @@ def test_a_large_finite_box_weight_still_samples_finite_images(pack, loaded):
 def test_long_subjects_are_not_echoed_whole(pack, loaded):
     Cones2Error = pack.cones2_core.errors.Cones2Error
 
-    model, clip = loaded("sd15")
+    model, clip = loaded("sd1")
     subject = "x" * 6000
     layout = json.dumps({"version": 1, "boxes": [{"subject": subject, "x": 0, "y": 0, "w": 0.5, "h": 1}]})
     with pytest.raises(Cones2Error) as err:
@@ -82,7 +82,7 @@ def test_long_subjects_are_not_echoed_whole(pack, loaded):
 def test_largest_sampler_seed_with_self_recurrence(pack, loaded):
     import nodes
 
-    model, clip = loaded("sd15")
+    model, clip = loaded("sd1")
     gm, gpos = guide(pack, model, encode(pack, clip), self_recurrence=True)
     neg = nodes.CLIPTextEncode().encode(clip, "")[0]
     a = sample(gm, gpos, neg, seed=2**64 - 1)
@@ -93,7 +93,7 @@ def test_sdxl_model_with_sd15_conditioning_names_both_families(pack, loaded):
     Cones2Error = pack.cones2_core.errors.Cones2Error
 
     sdxl_model, _ = loaded("sdxl")
-    _, sd15_clip = loaded("sd15")
+    _, sd15_clip = loaded("sd1")
     with pytest.raises(Cones2Error, match=r"conditioning is SD1\.5 text \(768 wide\) but the model is SDXL"):
         guide(pack, sdxl_model, encode(pack, sd15_clip))
 
@@ -125,7 +125,7 @@ def node_text(monkeypatch):
 def test_empty_window_warns(pack, loaded, caplog, node_text):
     from comfy_execution.utils import CurrentNodeContext
 
-    model, clip = loaded("sd15")
+    model, clip = loaded("sd1")
     with caplog.at_level(logging.WARNING, logger="comfyui-cones2"), CurrentNodeContext("prompt", "12"):
         guide(pack, model, encode(pack, clip), start_percent=0.4, end_percent=0.4)
     assert "start_percent = end_percent = 0.4 leaves no part of the schedule to guide" in caplog.text
@@ -137,7 +137,7 @@ def test_guided_prompt_wired_as_negative_warns(pack, loaded, caplog, node_text):
 
     import nodes
 
-    model, clip = loaded("sd15")
+    model, clip = loaded("sd1")
     plain = nodes.CLIPTextEncode().encode(clip, "a bird on a fence")[0]  # (the same text would match the layout)
     gm, gpos = guide(pack, model, encode(pack, clip))
     with caplog.at_level(logging.WARNING, logger="comfyui-cones2"):
@@ -151,13 +151,24 @@ def test_guided_prompt_wired_as_negative_warns(pack, loaded, caplog, node_text):
 
 
 def test_colour_map_batch_uses_the_first_and_says_so(pack, loaded, caplog):
-    model, clip = loaded("sd15")
+    model, clip = loaded("sd1")
     cmap = torch.zeros(3, 64, 64, 3)
     cmap[:, :, :32, 0] = 1.0
     with caplog.at_level(logging.WARNING, logger="comfyui-cones2"):
         guide(pack, model, encode(pack, clip), layout='{"version": 1, "boxes": []}', colour_map=cmap,
               colour_subjects="#ff0000=dog")
     assert "the colour_map input holds 3 images; only the first is used" in caplog.text
+
+
+def test_a_colour_given_two_subjects_or_missing_from_the_map_is_an_error(pack, loaded):
+    Cones2Error = pack.cones2_core.errors.Cones2Error
+    model, clip = loaded("sd1")
+    cmap = torch.zeros(1, 64, 64, 3)
+    cmap[:, :, :32, 0] = 1.0
+    with pytest.raises(Cones2Error, match="lists the colour #FF0000 twice"):  # before: red silently meant cat
+        guide(pack, model, encode(pack, clip), layout="", colour_map=cmap, colour_subjects="#ff0000=dog, #FF0000=cat")
+    with pytest.raises(Cones2Error, match="was not found in the colour map .* repaint that region"):
+        guide(pack, model, encode(pack, clip), layout="", colour_map=cmap, colour_subjects="#00ff00=dog")
 
 
 def test_residual_with_absurd_values_is_refused(pack, tmp_path):
@@ -177,8 +188,8 @@ def test_words_of_scripts_without_spaces_are_found_by_both_nodes(pack, loaded):
     """'犬' inside '一只犬和猫' and '🐶' inside '🐶🐱' have other tokens there than alone; Apply Residuals and Layout
     Guidance both find them by what the tokens spell, at the same rows, and bias/change exactly those rows."""
     Residual = pack.cones2_core.residual.Residual
-    subject_positions = pack.nodes.guidance_nodes.subject_positions
-    model, clip = loaded("sd15")
+    subject_positions = pack.nodes.layout_node.subject_positions
+    model, clip = loaded("sd1")
     # CLIP's tokens: 一 = rows 1-2, 只 = 3-4, 犬 = 5-7, 和 = 8-10, 猫 = 11-13 (the word ends there)
     for text, subject, rows in [("一只犬和猫", "犬", (5, 6, 7)), ("一只犬和猫", "猫", (11, 12, 13)),
                                 ("a 🐶 and a cat", "🐶", (2,)), ("🐶🐱 on a sofa", "🐶", (1,)),
@@ -201,12 +212,12 @@ def test_words_of_scripts_without_spaces_are_found_by_both_nodes(pack, loaded):
     gm, gpos = guide(pack, model, encode(pack, clip, "一只犬和猫"),
                      layout=TWO_BOXES.replace('"dog"', '"犬"').replace('"cat"', '"猫"'))
     sample(gm, gpos, nodes.CLIPTextEncode().encode(clip, "")[0])
-    shares = {r["subject"]: r["share"] for r in pack.nodes.guidance_nodes.attention_report(gm)}
+    shares = {r["subject"]: r["share"] for r in pack.nodes.maps_node.attention_report(gm)}
     assert set(shares) == {"犬", "猫"} and min(shares.values()) >= 0.99, shares
 
 
 def test_an_absent_spaceless_word_is_still_an_error(pack, loaded):
-    model, clip = loaded("sd15")
+    model, clip = loaded("sd1")
     with pytest.raises(pack.cones2_core.errors.Cones2Error, match="'狗' is not a word of the prompt"):
         guide(pack, model, encode(pack, clip, "一只犬和猫"), layout=box_layout().replace('"dog"', '"狗"'))
 
@@ -216,7 +227,7 @@ def test_an_absent_spaceless_word_is_still_an_error(pack, loaded):
                                             (float("nan"), "holds NaN or infinite values")])
 def test_bad_masks_are_refused_by_the_node(pack, loaded, value, message):
     """Not at the sampler, after the model is loaded and the first step begun: at Layout Guidance."""
-    model, clip = loaded("sd15")
+    model, clip = loaded("sd1")
     masks = torch.full((1, 64, 64), value)
     with pytest.raises(pack.cones2_core.errors.Cones2Error, match=f"the mask for 'dog' {message}"):
         guide(pack, model, encode(pack, clip), layout="", masks=masks, mask_subjects="dog")

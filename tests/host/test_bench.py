@@ -15,7 +15,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 @pytest.mark.parametrize("mode", ["reference-like", "paper", "fast"])
 def test_train_bench_one_configuration(host_dir, tiny_ckpts, mode, tmp_path):
-    cfg = {"comfyui": host_dir, "device": "cpu", "ckpt": tiny_ckpts["sd15"], "mode": mode, "resolution": 64,
+    cfg = {"comfyui": host_dir, "device": "cpu", "ckpt": tiny_ckpts["sd1"], "mode": mode, "resolution": 64,
            "steps": 2}
     res = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "train_residual.py"), "--one", json.dumps(cfg)],
                          capture_output=True, text=True, cwd=tmp_path, timeout=600,
@@ -31,7 +31,7 @@ def test_train_bench_one_configuration(host_dir, tiny_ckpts, mode, tmp_path):
 
 
 @pytest.mark.parametrize(("family", "model_class", "unet_millions"),
-                         [("sd15", "SD15", 859.52), ("sd2v", "SD20", 865.91), ("sdxl", "SDXL", 2567.46)])
+                         [("sd1", "SD15", 859.52), ("sd2", "SD20", 865.91), ("sdxl", "SDXL", 2567.46)])
 def test_full_size_bench_architectures_are_the_real_ones(comfy, family, model_class, unet_millions):
     """The GPU benchmark's full-size random-weight UNets (built on the meta device here: shapes only) are what
     the host detects as SD1.5 / SD2.x / SDXL, with the real models' parameter counts."""

@@ -46,7 +46,7 @@ def test_demo_on_your_checkpoint_with_one_residual(host_dir, tiny_ckpts, extras_
     out = tmp_path / "out"
     env = {**os.environ, "COMFYUI_DIR": host_dir}
     res = subprocess.run([sys.executable, os.path.join(REPO, "scripts", "demo.py"), "--out", str(out), "--steps", "2",
-                          "--size", "64", "--ckpt", tiny_ckpts["sd15"], "--dog", extras_files["demo_dog"]],
+                          "--size", "64", "--ckpt", tiny_ckpts["sd1"], "--dog", extras_files["demo_dog"]],
                          capture_output=True, text=True, timeout=900, env=env)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     report = (out / "cones2_report.txt").read_text()
@@ -54,6 +54,6 @@ def test_demo_on_your_checkpoint_with_one_residual(host_dir, tiny_ckpts, extras_
     with Image.open(out / "cones2_compare.png") as im:
         assert im.size[1] == 256
     bad = subprocess.run([sys.executable, os.path.join(REPO, "scripts", "demo.py"), "--out", str(out), "--ckpt",
-                          tiny_ckpts["sd2v"], "--dog", extras_files["demo_dog"]],
+                          tiny_ckpts["sd2"], "--dog", extras_files["demo_dog"]],
                          capture_output=True, text=True, timeout=300, env=env)
     assert bad.returncode != 0 and "is a sd1 residual but the checkpoint is sd2" in bad.stderr, bad.stderr[-2000:]

@@ -7,6 +7,7 @@ import copy
 import pytest
 import torch
 
+from cones2_core.families import FAMILIES
 from harness import tiny_checkpoints
 
 TWO_BOXES = ('{"version":1,"boxes":[{"subject":"dog","x":0.0,"y":0.0,"w":0.5,"h":1.0},'
@@ -25,7 +26,7 @@ def negative(clip):
 
 
 def guide(pack, model, cond, layout=TWO_BOXES, gw=0.08, start=0.0, end=1.0, recurrence=False, **kw):
-    node = pack.nodes.guidance_nodes.Cones2LayoutGuidance
+    node = pack.nodes.layout_node.Cones2LayoutGuidance
     kw.setdefault("record_maps", True)  # these tests read the attention maps
     return node.execute(model, cond, layout, gw, 2.5, -1e8, start, end, recurrence, **kw).result
 
@@ -38,7 +39,7 @@ def sample(model, pos, neg, steps=3, cfg=5.0, seed=3, h=64, w=80, batch=1, sampl
 
 
 def report(pack, model):
-    return pack.nodes.guidance_nodes.attention_report(model)
+    return pack.nodes.maps_node.attention_report(model)
 
 
 class CallLog:
@@ -61,7 +62,7 @@ def logged(model):
     return m, log
 
 
-@pytest.mark.parametrize("fam", ["sd15", "sd2v", "sdxl"])
+@pytest.mark.parametrize("fam", sorted(FAMILIES))
 def test_guidance_puts_attention_in_regions(pack, loaded, fam):
     model, clip = loaded(fam)
     pos, neg = encode(pack, clip), negative(clip)
@@ -77,7 +78,7 @@ def test_guidance_puts_attention_in_regions(pack, loaded, fam):
         assert guided > shares[0.0][key] + 0.05, (key, guided, shares[0.0][key])
 
 
-@pytest.mark.parametrize("fam", ["sd15", "sd2v", "sdxl"])
+@pytest.mark.parametrize("fam", sorted(FAMILIES))
 def test_uncond_pass_bit_identical_and_model_unchanged(pack, loaded, fam):
     model, clip = loaded(fam)
     before = copy.deepcopy(model.model_options)
@@ -96,7 +97,7 @@ def test_uncond_pass_bit_identical_and_model_unchanged(pack, loaded, fam):
     assert sample(guided, gpos, neg, steps=3).equal(b)  # deterministic for a seed
 
 
-@pytest.mark.parametrize("fam", ["sd15", "sd2v", "sdxl"])
+@pytest.mark.parametrize("fam", sorted(FAMILIES))
 def test_outside_window_nothing_changes(pack, loaded, fam):
     model, clip = loaded(fam)
     pos, neg = encode(pack, clip), negative(clip)
@@ -113,7 +114,7 @@ def test_outside_window_nothing_changes(pack, loaded, fam):
 
 
 def test_self_recurrence_takes_guided_steps_twice(pack, loaded):
-    model, clip = loaded("sd15")
+    model, clip = loaded("sd1")
     pos, neg = encode(pack, clip), negative(clip)
     gm, gpos = guide(pack, model, pos, recurrence=True)
     m, log = logged(gm)
@@ -143,7 +144,7 @@ def test_self_recurrence_gives_every_restart_its_own_noise(pack, loaded, monkeyp
             return _real(*args, **kw)
 
         monkeypatch.setattr(ks, name, spy)
-    model, clip = loaded("sd15")
+    model, clip = loaded("sd1")
     pos, neg = encode(pack, clip), negative(clip)
     gm, gpos = guide(pack, model, pos, recurrence=True)
     a = sample(gm, gpos, neg, steps=3, seed=2**64 - 1, sampler=sampler)
@@ -160,7 +161,7 @@ def test_self_recurrence_gives_every_restart_its_own_noise(pack, loaded, monkeyp
 def test_multistep_samplers_sample_without_self_recurrence_and_say_so(pack, loaded, caplog, sampler):
     import logging
 
-    model, clip = loaded("sd15")
+    model, clip = loaded("sd1")
     pos, neg = encode(pack, clip), negative(clip)
     on, on_pos = guide(pack, model, pos, recurrence=True)
     off, off_pos = guide(pack, model, pos, recurrence=False)
@@ -172,19 +173,19 @@ def test_multistep_samplers_sample_without_self_recurrence_and_say_so(pack, load
 
 def test_a_missing_activations_shape_is_a_clear_error(pack, loaded):
     g = pack.nodes.guidance
-    model, clip = loaded("sd15")
+    model, clip = loaded("sd1")
     gm, _ = guide(pack, model, encode(pack, clip))
     spec = g.specs_of(gm)[0]
-    group = g._Group(spec, spec.conds[0][1], (0,), None, [0], [1.0])
+    group = g.GuidedRows(spec, spec.conds[0][1], (0,), None, [0], [1.0])
     q, k = torch.randn(1, 80, 64), torch.randn(1, 77, 64)
     with pytest.raises(pack.cones2_core.errors.Cones2Error, match="no 'activations_shape'"):
-        g.Cones2CrossAttention([spec])(q, k, k, {"n_heads": 2, g.CALL_KEY: [group]})
+        pack.nodes.unet.Cones2CrossAttention([spec])(q, k, k, {"n_heads": 2, g.CALL_KEY: [group]})
 
 
 def test_self_recurrence_only_in_runs_of_the_guided_prompt(pack, loaded):
     """Another prompt (or a hires-fix pass with another conditioning) on the guided MODEL samples exactly as the
     plain model: no step re-taken, no re-noising."""
-    model, clip = loaded("sd15")
+    model, clip = loaded("sd1")
     pos, neg = encode(pack, clip), negative(clip)
     gm, _gpos = guide(pack, model, pos, recurrence=True)
     other = encode(pack, clip, "a bird on a fence")
@@ -194,7 +195,7 @@ def test_self_recurrence_only_in_runs_of_the_guided_prompt(pack, loaded):
     assert torch.equal(out, sample(model, other, neg, steps=3, sampler="euler_ancestral"))
 
 
-@pytest.mark.parametrize("fam", ["sd15", "sdxl"])
+@pytest.mark.parametrize("fam", ["sd1", "sdxl"])
 def test_guidance_weight_zero_is_unguided_bit_for_bit_and_still_records(pack, loaded, fam):
     model, clip = loaded(fam)
     pos, neg = encode(pack, clip), negative(clip)
@@ -208,7 +209,7 @@ def test_guidance_weight_zero_is_unguided_bit_for_bit_and_still_records(pack, lo
 
 
 def test_cfg1_and_batch(pack, loaded):
-    model, clip = loaded("sd15")
+    model, clip = loaded("sd1")
     pos, neg = encode(pack, clip), negative(clip)
     gm, gpos = guide(pack, model, pos)
     m, log = logged(gm)
@@ -222,7 +223,7 @@ def test_cfg1_and_batch(pack, loaded):
 
 def test_batched_and_separate_calls_agree(pack, loaded):
     """The same cond row gives the same output whether uncond is batched with it or not; batch 2 == 2 x 1."""
-    model, clip = loaded("sd15")
+    model, clip = loaded("sd1")
     import comfy.model_management
 
     pos, neg = encode(pack, clip), negative(clip)
@@ -255,7 +256,7 @@ def test_batched_and_separate_calls_agree(pack, loaded):
 
 
 def test_masks_and_colour_map_regions(pack, loaded):
-    model, clip = loaded("sd15")
+    model, clip = loaded("sd1")
     pos, neg = encode(pack, clip), negative(clip)
     masks = torch.zeros(2, 64, 80)
     masks[0, :, :40] = 1.0
@@ -275,7 +276,7 @@ def test_masks_and_colour_map_regions(pack, loaded):
 
 
 def test_weight_patches_and_other_attn2_patches_compose(pack, loaded):
-    model, clip = loaded("sd15")
+    model, clip = loaded("sd1")
     pos, neg = encode(pack, clip), negative(clip)
     key = next(k for k in model.model_state_dict() if k.endswith("attn2.to_k.weight"))
     lora = model.clone()
@@ -316,7 +317,7 @@ class ImageTermPatch:
 
 def with_image_term(pack, model, patch):
     m = model.clone()
-    for block, index, tindex in pack.nodes.guidance.cross_attention_blocks(m):
+    for block, index, tindex in pack.nodes.unet.cross_attention_blocks(m):
         m.set_model_attn2_replace(patch, block, index, tindex)
     return m
 
@@ -326,7 +327,7 @@ def test_an_image_term_replacement_composes_with_guidance(pack, loaded, order):
     """Another pack's cross-attention replacement (IPAdapter-style, installed before or after Layout Guidance):
     at guidance_weight 0 the result is exactly what that pack alone gives; guided, its term is kept on the
     guided rows (the sample differs from guidance alone) and the subjects are still placed."""
-    model, clip = loaded("sd15")
+    model, clip = loaded("sd1")
     pos, neg = encode(pack, clip), negative(clip)
     patch = ImageTermPatch()
     alone = sample(with_image_term(pack, model, patch), pos, neg, steps=2)
@@ -352,7 +353,7 @@ def test_chained_guidance_nodes_compose(pack, loaded):
     import node_helpers
 
     Cones2Error = pack.cones2_core.errors.Cones2Error
-    model, clip = loaded("sd15")
+    model, clip = loaded("sd1")
     pos, neg = encode(pack, clip), negative(clip)
     one = '{"version":1,"boxes":[{"subject":"dog","x":0,"y":0,"w":0.5,"h":1}]}'
     two = '{"version":1,"boxes":[{"subject":"bird","x":0.5,"y":0,"w":0.5,"h":1}]}'
@@ -382,24 +383,24 @@ def test_chained_guidance_nodes_compose(pack, loaded):
 ])
 def test_bad_layouts(pack, loaded, layout, message):
     Cones2Error = pack.cones2_core.errors.Cones2Error
-    model, clip = loaded("sd15")
+    model, clip = loaded("sd1")
     with pytest.raises(Cones2Error, match=message):
         guide(pack, model, encode(pack, clip), layout=layout)
 
 
 def test_plain_clip_text_encode_conditioning_is_an_error(pack, loaded):
     Cones2Error = pack.cones2_core.errors.Cones2Error
-    model, clip = loaded("sd15")
+    model, clip = loaded("sd1")
     with pytest.raises(Cones2Error, match="encode the prompt with 'Cones2 Apply Residuals to Conditioning'"):
         guide(pack, model, negative(clip))
 
 
 def test_attention_maps_node(pack, loaded):
-    model, clip = loaded("sd15")
+    model, clip = loaded("sd1")
     pos, neg = encode(pack, clip), negative(clip)
     gm, gpos = guide(pack, model, pos)
     out = sample(gm, gpos, neg, steps=2)
-    node = pack.nodes.guidance_nodes.Cones2AttentionMaps
+    node = pack.nodes.maps_node.Cones2AttentionMaps
     image, text = node.execute(gm, {"samples": out}, "all", 64).result
     assert image.shape == (1, 64, 4 * 80 + 3 * 4, 3)  # 2 subjects x 2 grids, panels at the latent's aspect
     assert text.count("in-region share") == 4 and "dog" in text and "cat" in text
@@ -411,7 +412,7 @@ def test_maps_are_recorded_only_when_asked(pack, loaded, monkeypatch):
     """record_maps off (the node's default): the guided images are exactly those with it on, no attention mass is
     taken in any attention call, and Attention Maps says which switch to turn on."""
     guidance, core = pack.nodes.guidance, pack.cones2_core.attention
-    model, clip = loaded("sd15")
+    model, clip = loaded("sd1")
     pos, neg = encode(pack, clip), negative(clip)
     asked = []
     real = core.guided_attention
@@ -420,7 +421,7 @@ def test_maps_are_recorded_only_when_asked(pack, loaded, monkeypatch):
         asked.append(token_mass is not None)
         return real(*args, token_mass=token_mass, **kw)
 
-    monkeypatch.setattr(guidance, "guided_attention", spy)
+    monkeypatch.setattr(pack.nodes.unet, "guided_attention", spy)
     on, on_pos = guide(pack, model, pos, record_maps=True)
     off, off_pos = guide(pack, model, pos, record_maps=False)
     with_maps = sample(on, on_pos, neg, steps=2)
@@ -429,10 +430,10 @@ def test_maps_are_recorded_only_when_asked(pack, loaded, monkeypatch):
     without = sample(off, off_pos, neg, steps=2)
     assert asked and not any(asked)  # guided, but nothing recorded
     assert torch.equal(with_maps, without)
-    assert guidance.find_recording(guidance.specs_of(off)[0].uid).maps == {}
+    assert pack.nodes.recording.find_recording(guidance.specs_of(off)[0].uid).maps == {}
     with pytest.raises(pack.cones2_core.errors.Cones2Error, match="turn record_maps on"):
-        pack.nodes.guidance_nodes.Cones2AttentionMaps.execute(off, {"samples": without}, "all", 64)
-    node = pack.nodes.guidance_nodes.Cones2LayoutGuidance
+        pack.nodes.maps_node.Cones2AttentionMaps.execute(off, {"samples": without}, "all", 64)
+    node = pack.nodes.layout_node.Cones2LayoutGuidance
     assert node.execute(model, pos, TWO_BOXES, 0.08, 2.5, -1e8, 0.0, 1.0, False).result[0] is not None
     assert not guidance.specs_of(node.execute(model, pos, TWO_BOXES, 0.08, 2.5, -1e8, 0.0, 1.0, False)
                                  .result[0])[0].record  # off unless asked
@@ -441,7 +442,7 @@ def test_maps_are_recorded_only_when_asked(pack, loaded, monkeypatch):
 def test_layout_guidance_through_server(server, client):
     from harness.client import PromptFailed
 
-    ckpt = tiny_checkpoints.FAMILIES["sd15"]["file"]
+    ckpt = tiny_checkpoints.FAMILIES["sd1"]["file"]
     prompt = {
         "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}},
         "2": {"class_type": "Cones2ApplyResiduals", "inputs": {"clip": ["1", 1], "text": PROMPT}},
@@ -480,7 +481,7 @@ def test_controlnet_before_or_after_guidance(pack, loaded, extras_files, order):
 
     import nodes
 
-    model, clip = loaded("sd15")
+    model, clip = loaded("sd1")
     pos, neg = encode(pack, clip), negative(clip)
     control = comfy.controlnet.load_controlnet(extras_files["controlnet"])
     hint = torch.rand(1, 64, 80, 3, generator=torch.Generator().manual_seed(4))
@@ -504,8 +505,8 @@ def test_controlnet_before_or_after_guidance(pack, loaded, extras_files, order):
 def test_a_phrase_binds_its_contiguous_tokens_only(pack, loaded):
     """'red dog' binds the run 'red dog' (as the reference binds a phrase's token sequence), not the 'red' of
     'red cat'; a phrase whose words are in the prompt but apart is refused, saying so."""
-    subject_positions = pack.nodes.guidance_nodes.subject_positions
-    model, clip = loaded("sd15")
+    subject_positions = pack.nodes.layout_node.subject_positions
+    model, clip = loaded("sd1")
     record = encode(pack, clip, "a red dog and a red cat")[0][1]["cones2"]
     assert record["words"]["red"] == [2, 6]
     assert subject_positions(record, "red dog") == (2, 3)
@@ -522,7 +523,7 @@ def test_binding_survives_conditioning_concat(pack, loaded, guided_first):
     biased there (and only there), whichever side it is on."""
     import nodes
 
-    model, clip = loaded("sd15")
+    model, clip = loaded("sd1")
     pos, neg = encode(pack, clip), negative(clip)
     gm, gpos = guide(pack, model, pos)
     other = nodes.CLIPTextEncode().encode(clip, "in a garden, watercolour")[0]
@@ -542,7 +543,7 @@ def test_binding_survives_conditioning_set_area(pack, loaded):
     stretched over it as if it were the whole image."""
     import nodes
 
-    model, clip = loaded("sd15")
+    model, clip = loaded("sd1")
     pos, neg = encode(pack, clip), negative(clip)
     layout = ('{"version":1,"boxes":[{"subject":"dog","x":0.0,"y":0.0,"w":0.5,"h":1.0},'
               '{"subject":"cat","x":0.5,"y":0.0,"w":0.5,"h":1.0}]}')
@@ -566,7 +567,7 @@ def test_binding_survives_other_conditioning_nodes(pack, loaded, extras_files, n
 
     import nodes
 
-    model, clip = loaded("sd15")
+    model, clip = loaded("sd1")
     pos, neg = encode(pack, clip), negative(clip)
     gm, gpos = guide(pack, model, pos)
     batch = 1
@@ -584,11 +585,11 @@ def test_binding_survives_other_conditioning_nodes(pack, loaded, extras_files, n
     sample(gm, gpos, neg, steps=3, batch=batch)
     rows = report(pack, gm)
     assert {r["subject"] for r in rows} == {"dog", "cat"} and min(r["share"] for r in rows) >= 0.99, rows
-    assert pack.nodes.guidance.recording(pack.nodes.guidance.specs_of(gm)[0].uid).calls >= 2
+    assert pack.nodes.recording.find_recording(pack.nodes.guidance.specs_of(gm)[0].uid).calls >= 2
 
 
 def soft_guide(pack, model, cond, gw, pw, nw=-5.0):
-    node = pack.nodes.guidance_nodes.Cones2LayoutGuidance
+    node = pack.nodes.layout_node.Cones2LayoutGuidance
     return node.execute(model, cond, TWO_BOXES, gw, pw, nw, 0.0, 1.0, False, record_maps=True).result
 
 
@@ -598,7 +599,7 @@ def test_patched_attention_is_the_float64_formula_at_each_step_sigma(pack, loade
     step; at a soft negative weight, where a wrong sigma, std or weight would show."""
     import comfy.samplers
 
-    g = pack.nodes.guidance
+    g = pack.nodes.unet
     calls = []
     real = g.guided_attention
 
@@ -608,7 +609,7 @@ def test_patched_attention_is_the_float64_formula_at_each_step_sigma(pack, loade
         return out
 
     monkeypatch.setattr(g, "guided_attention", spy)
-    model, clip = loaded("sd15")
+    model, clip = loaded("sd1")
     pos, neg = encode(pack, clip), negative(clip)
     gm, gpos = soft_guide(pack, model, pos, 0.3, 2.5)
     sample(gm, gpos, neg, steps=3)
@@ -631,7 +632,7 @@ def test_patched_attention_is_the_float64_formula_at_each_step_sigma(pack, loade
 def test_in_box_share_moves_with_the_weights_at_a_soft_negative_weight(pack, loaded):
     """At negative_weight -5 (not -1e8, where the share is 1 by construction) a larger guidance_weight or
     positive_weight puts more of each subject's attention in its box."""
-    model, clip = loaded("sd15")
+    model, clip = loaded("sd1")
     pos, neg = encode(pack, clip), negative(clip)
 
     def share(gw, pw):

@@ -12,8 +12,8 @@ from harness import tiny_checkpoints
 from harness.workflows import basic_txt2img
 
 EXPECTED = {  # family -> (host model class, model type, text encoder class)
-    "sd15": ("SD15", "EPS", "SD1ClipModel"),
-    "sd2v": ("SD20", "V_PREDICTION", "SD2ClipModel"),
+    "sd1": ("SD15", "EPS", "SD1ClipModel"),
+    "sd2": ("SD20", "V_PREDICTION", "SD2ClipModel"),
     "sdxl": ("SDXL", "EPS", "SDXLClipModel"),
 }
 
@@ -33,11 +33,11 @@ def test_tiny_checkpoint_detection(comfy, tiny_ckpts, family):
 
 
 def test_tiny_checkpoints_are_deterministic(comfy, tmp_path):
-    path = tiny_checkpoints.build("sd15", str(tmp_path / "a.safetensors"))
+    path = tiny_checkpoints.build("sd1", str(tmp_path / "a.safetensors"))
     import safetensors.torch
 
     a = safetensors.torch.load_file(path)
-    b = safetensors.torch.load_file(tiny_checkpoints.ensure(str(tmp_path / "b"), ["sd15"])["sd15"])
+    b = safetensors.torch.load_file(tiny_checkpoints.ensure(str(tmp_path / "b"), ["sd1"])["sd1"])
     assert a.keys() == b.keys()
     key = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
     assert (a[key] == b[key]).all() and a[key].float().std() > 0
@@ -58,7 +58,7 @@ def test_residual_model_folder_registered(server):
 @pytest.mark.parametrize("family", sorted(EXPECTED))
 def test_basic_generation_through_server(server, client, family):
     ckpt = tiny_checkpoints.FAMILIES[family]["file"]
-    width, height = (64, 96) if family != "sd2v" else (64, 64)
+    width, height = (64, 96) if family != "sd2" else (64, 64)
     prompt = basic_txt2img(ckpt, width=width, height=height, prefix=f"basic_{family}")
     entry = client.run(prompt, timeout=300)
     files = client.output_files(entry, server.output_dir, node_id="7")

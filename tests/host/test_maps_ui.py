@@ -19,10 +19,10 @@ def guided_run(pack, comfy, tiny_ckpts):
 
     import nodes
 
-    model, clip, _, _ = comfy.sd.load_checkpoint_guess_config(tiny_ckpts["sd15"], output_vae=False, output_clip=True)
+    model, clip, _, _ = comfy.sd.load_checkpoint_guess_config(tiny_ckpts["sd1"], output_vae=False, output_clip=True)
     pos = pack.nodes.residual_nodes.Cones2ApplyResiduals.execute(clip, PROMPT, None).result[0]
     neg = nodes.CLIPTextEncode().encode(clip, "")[0]
-    gm, gpos = pack.nodes.guidance_nodes.Cones2LayoutGuidance.execute(
+    gm, gpos = pack.nodes.layout_node.Cones2LayoutGuidance.execute(
         model, pos, TWO_BOXES, 0.08, 2.5, -1e8, 0.0, 1.0, False, record_maps=True).result
     latent = {"samples": torch.zeros(1, 4, 8, 10)}
     out = nodes.common_ksampler(gm, 3, 2, 5.0, "euler", "normal", gpos, neg, latent)[0]
@@ -31,7 +31,7 @@ def guided_run(pack, comfy, tiny_ckpts):
 
 @pytest.mark.parametrize("resolution", ["largest", "smallest", "all"])
 def test_maps_ui_payload(pack, guided_run, resolution):
-    gn = pack.nodes.guidance_nodes
+    gn = pack.nodes.maps_node
     gm, samples = guided_run
     res = gn.Cones2AttentionMaps.execute(gm, samples, resolution, 64)
     image, report = res.result

@@ -8,9 +8,8 @@ import pickle
 import pytest
 import torch
 
+from cones2_core.families import FAMILIES
 from harness import tiny_checkpoints
-
-FAMILY = {"sd15": ("sd1", {"l": 768}), "sd2v": ("sd2", {"h": 1024}), "sdxl": ("sdxl", {"l": 768, "g": 1280})}
 
 
 @pytest.fixture(scope="module")
@@ -25,10 +24,9 @@ def clips(comfy, tiny_ckpts):
 
 
 def make_residual(pack, fam, subject="dog", n_tokens=1, seed=0, strength=1.0):
-    family, widths = FAMILY[fam]
     g = torch.Generator().manual_seed(seed)
-    tensors = {k: torch.randn(n_tokens, w, generator=g) for k, w in widths.items()}
-    return pack.cones2_core.residual.Residual(subject=subject, family=family, tensors=tensors, strength=strength)
+    tensors = {k: torch.randn(n_tokens, w, generator=g) for k, w in FAMILIES[fam].widths.items()}
+    return pack.cones2_core.residual.Residual(subject=subject, family=fam, tensors=tensors, strength=strength)
 
 
 def text_encode(clip, text):
@@ -44,12 +42,12 @@ def apply(pack, clip, text, residuals):
 
 def expected(pack, fam, base, positions_by_res):
     """base + strength * residual at the given rows, channel block by encoder."""
-    chans = pack.cones2_core.conditioning.CHANNELS[FAMILY[fam][0]]
     exp = base.clone()
     for res, rows in positions_by_res:
-        for key, (off, w) in chans.items():
+        for enc in FAMILIES[fam].encoders:
+            off, w = enc.offset, enc.width
             for r in rows:
-                exp[0, r, off:off + w] = exp[0, r, off:off + w] + res.tensors[key][0] * res.strength
+                exp[0, r, off:off + w] = exp[0, r, off:off + w] + res.tensors[enc.key][0] * res.strength
     return exp
 
 
@@ -65,7 +63,7 @@ def token_rows(clip, text, word):
     return rows
 
 
-@pytest.mark.parametrize("fam", sorted(FAMILY))
+@pytest.mark.parametrize("fam", sorted(FAMILIES))
 def test_no_residuals_equals_clip_text_encode(pack, clips, fam):
     text = "a photo of a (dog:1.3) on the beach"
     base = text_encode(clips[fam], text)
@@ -75,7 +73,7 @@ def test_no_residuals_equals_clip_text_encode(pack, clips, fam):
     assert torch.equal(out[0][1]["pooled_output"], base[0][1]["pooled_output"])
 
 
-@pytest.mark.parametrize("fam", sorted(FAMILY))
+@pytest.mark.parametrize("fam", sorted(FAMILIES))
 def test_residual_added_exactly_at_subject_positions(pack, clips, fam):
     clip = clips[fam]
     text = "a photo of a dog next to another dog"
@@ -89,11 +87,11 @@ def test_residual_added_exactly_at_subject_positions(pack, clips, fam):
     assert changed == rows
     assert torch.equal(out[1]["pooled_output"], base[1]["pooled_output"])  # pooled left as the host made it
     record = out[1]["cones2"]
-    assert record["words"]["dog"] == rows and record["family"] == FAMILY[fam][0]
+    assert record["words"]["dog"] == rows and record["family"] == fam
     assert record["words"]["photo"] == [2] and record["n_tokens"] == 77
 
 
-@pytest.mark.parametrize("fam", sorted(FAMILY))
+@pytest.mark.parametrize("fam", sorted(FAMILIES))
 def test_two_subjects_compose_additively(pack, clips, fam):
     clip = clips[fam]
     text = "a dog and a cat on a sofa"
@@ -108,18 +106,18 @@ def test_two_subjects_compose_additively(pack, clips, fam):
 
 
 def test_long_prompt_places_residual_in_second_chunk(pack, clips):
-    clip = clips["sd15"]
+    clip = clips["sd1"]
     text = ", ".join(["a red house"] * 30) + ", a dog"
-    res = make_residual(pack, "sd15")
+    res = make_residual(pack, "sd1")
     base = text_encode(clip, text)[0][0]
     assert base.shape[1] >= 154  # more than one 77-token chunk
     out = apply(pack, clip, text, [res])[0][0]
     rows = token_rows(clip, text, "dog")
     assert len(rows) == 1 and rows[0] > 77
-    assert torch.equal(out, expected(pack, "sd15", base, [(res, rows)]))
+    assert torch.equal(out, expected(pack, "sd1", base, [(res, rows)]))
 
 
-@pytest.mark.parametrize("fam", ["sd15", "sdxl"])
+@pytest.mark.parametrize("fam", ["sd1", "sdxl"])
 def test_weighted_prompt(pack, clips, fam):
     clip = clips[fam]
     text = "a photo of a (dog:1.4), (cat:0.8)"
@@ -132,11 +130,11 @@ def test_weighted_prompt(pack, clips, fam):
 
 
 def test_multi_token_word(pack, clips):
-    clip = clips["sd15"]
+    clip = clips["sd1"]
     word = "corgipuppers"
     ntok = len([t for t, _w, wid in clip.tokenize(word, return_word_ids=True)["l"][0] if wid != 0])
     assert ntok >= 2
-    res = make_residual(pack, "sd15", subject=word, n_tokens=ntok)
+    res = make_residual(pack, "sd1", subject=word, n_tokens=ntok)
     text = f"a {word} in the snow"
     base = text_encode(clip, text)[0][0]
     out = apply(pack, clip, text, [res])[0][0]
@@ -147,24 +145,24 @@ def test_multi_token_word(pack, clips):
 
 def test_error_wrong_family(pack, clips):
     Cones2Error = pack.cones2_core.errors.Cones2Error
-    res = make_residual(pack, "sd2v")
+    res = make_residual(pack, "sd2")
     with pytest.raises(Cones2Error, match=r"is for SD2\.x \(OpenCLIP-H 1024\) but the connected CLIP is SD1\.5 \(CLIP-L 768\)"):
-        apply(pack, clips["sd15"], "a dog", [res])
+        apply(pack, clips["sd1"], "a dog", [res])
 
 
 def test_error_subject_missing_lists_words(pack, clips):
     Cones2Error = pack.cones2_core.errors.Cones2Error
     with pytest.raises(Cones2Error, match=r"'dog' .* not in the prompt; the prompt's words are: a, photo, of, cat"):
-        apply(pack, clips["sd15"], "a photo of a cat", [make_residual(pack, "sd15")])
+        apply(pack, clips["sd1"], "a photo of a cat", [make_residual(pack, "sd1")])
     # nothing half-applied: a good residual before the bad one does not produce an output either
     with pytest.raises(Cones2Error):
-        apply(pack, clips["sd15"], "a photo of a cat", [make_residual(pack, "sd15", "cat"), make_residual(pack, "sd15")])
+        apply(pack, clips["sd1"], "a photo of a cat", [make_residual(pack, "sd1", "cat"), make_residual(pack, "sd1")])
 
 
 def test_error_residual_with_more_tokens_than_word(pack, clips):
     Cones2Error = pack.cones2_core.errors.Cones2Error
     with pytest.raises(Cones2Error, match=r"has 2 token rows but the word 'dog' has 1 token"):
-        apply(pack, clips["sd15"], "a dog", [make_residual(pack, "sd15", n_tokens=2)])
+        apply(pack, clips["sd1"], "a dog", [make_residual(pack, "sd1", n_tokens=2)])
 
 
 def test_error_sdxl_residual_missing_half(pack):
@@ -187,7 +185,7 @@ def residual_dir(pack, tmp_path, monkeypatch):
 
 def test_load_residual_node_chain_and_strength(pack, clips, residual_dir):
     save = pack.cones2_core.residual.save_residual
-    save(make_residual(pack, "sd15", "dog", seed=3), str(residual_dir / "my_dog.safetensors"))
+    save(make_residual(pack, "sd1", "dog", seed=3), str(residual_dir / "my_dog.safetensors"))
     torch.save(torch.randn(1, 1024), str(residual_dir / "ref_cat.pt"))
     node = pack.nodes.residual_nodes.Cones2LoadResidual
     chain = node.execute("my_dog.safetensors", 0.5).result[0]
@@ -196,8 +194,8 @@ def test_load_residual_node_chain_and_strength(pack, clips, residual_dir):
     assert [r.subject for r in chain2] == ["dog", "cat"] and len(chain) == 1  # input chain not mutated
     assert chain2[1].family == "sd2" and chain2[1].tensors["h"].shape == (1, 1024)
     # strength flows through to the conditioning
-    out = apply(pack, clips["sd15"], "a dog", chain)[0][0]
-    base = text_encode(clips["sd15"], "a dog")[0][0]
+    out = apply(pack, clips["sd1"], "a dog", chain)[0][0]
+    base = text_encode(clips["sd1"], "a dog")[0][0]
     assert torch.equal(out[0, 2], base[0, 2] + chain[0].tensors["l"][0] * 0.5)
 
 
@@ -227,7 +225,7 @@ def test_load_residual_node_refuses_pickle_and_traversal(pack, residual_dir, tmp
 
 def test_sd2_residual_file_under_5kb(pack, tmp_path):
     path = tmp_path / "dog.safetensors"
-    pack.cones2_core.residual.save_residual(make_residual(pack, "sd2v"), str(path))
+    pack.cones2_core.residual.save_residual(make_residual(pack, "sd2"), str(path))
     assert os.path.getsize(path) < 5 * 1024
 
 
@@ -276,13 +274,13 @@ def test_residuals_through_server(server, client, pack):
 
     folder = server.models_dir("cones2_residuals")
     save = pack.cones2_core.residual.save_residual
-    save(make_residual(pack, "sd15", "dog", seed=5), os.path.join(folder, "srv_dog.safetensors"))
-    save(make_residual(pack, "sd15", "cat", seed=6), os.path.join(folder, "srv_cat.safetensors"))
+    save(make_residual(pack, "sd1", "dog", seed=5), os.path.join(folder, "srv_dog.safetensors"))
+    save(make_residual(pack, "sd1", "cat", seed=6), os.path.join(folder, "srv_cat.safetensors"))
     assert {"srv_dog.safetensors", "srv_cat.safetensors"} <= set(server.get_json("/models/cones2_residuals"))
     info = client.object_info("Cones2LoadResidual")["Cones2LoadResidual"]
     assert "srv_dog.safetensors" in info["input"]["required"]["residual_name"][1]["options"] or \
         "srv_dog.safetensors" in info["input"]["required"]["residual_name"][0]
-    ckpt = tiny_checkpoints.FAMILIES["sd15"]["file"]
+    ckpt = tiny_checkpoints.FAMILIES["sd1"]["file"]
     entry = client.run(_residual_prompt(ckpt, "a dog and a cat", [("srv_dog.safetensors", 1.0, ""),
                                                                   ("srv_cat.safetensors", 0.8, "")]))
     assert len(client.output_files(entry, server.output_dir, node_id="7")) == 1

@@ -1,4 +1,5 @@
-"""Layout Attention Guidance and Attention Maps nodes."""
+"""The Layout Attention Guidance node: boxes, masks or a colour map per subject, bound to the prompt's tokens,
+installed on a clone of the model by its architecture's module (``nodes/unet.py``)."""
 
 from __future__ import annotations
 
@@ -10,20 +11,18 @@ import uuid
 import torch
 from comfy_api.latest import io
 
-from ..cones2_core.conditioning import CHANNELS, spelled_without_spaces
+from ..cones2_core.conditioning import spelled_without_spaces
 from ..cones2_core.errors import Cones2Error, check_number, short
+from ..cones2_core.families import FAMILIES, by_context_width, family_name
 from ..cones2_core.layout import MAX_BOX_WEIGHT, MAX_LAYOUT_CHARS, colour_map_regions, parse_layout
-from ..cones2_core.maps import render_panel, share_inside
-from ..cones2_core.residual import FAMILY_NAMES
 from .common import CATEGORY, warn
 from .encoding import COND_KEY, spelled_positions
-from .guidance import GuidanceSpec, SubjectRegion, find_recording, install, specs_of
+from .guidance import GuidanceSpec, SubjectRegion
+from .unet import install
 
 log = logging.getLogger("comfyui-cones2")
 
-LAYOUT_KEY = "cones2_layout"
 DEFAULT_LAYOUT = '{"version": 1, "boxes": []}'
-MAPS_UI_KEY = "cones2_maps"  # Cones2AttentionMaps' ui entry read by the layout editor (web/js/cones2_layout.js)
 
 
 def _split_names(text: str) -> list[str]:
@@ -37,6 +36,8 @@ def _colour_pairs(text: str) -> dict[str, str]:
         if "=" not in item:
             raise Cones2Error(f"colour_subjects entry '{item}' needs the form '#rrggbb=word', e.g. '#ff0000=dog'")
         colour, word = (p.strip() for p in item.split("=", 1))
+        if colour.lower() in (c.lower() for c in pairs):
+            raise Cones2Error(f"colour_subjects lists the colour {colour} twice: give each colour one subject word")
         pairs[colour] = word
     return pairs
 
@@ -130,6 +131,7 @@ def build_spec(model, conditioning, layout, guidance_weight, positive_weight, ne
             region_masks.setdefault(name, []).append(region.float())
     subjects = list(dict.fromkeys([*boxes, *region_masks]))
     conds = []
+    family_key = "sd1"
     context_dim = (getattr(model.model, "model_config", None) and
                    model.model.model_config.unet_config.get("context_dim"))
     for cond, extra in conditioning:
@@ -138,10 +140,10 @@ def build_spec(model, conditioning, layout, guidance_weight, positive_weight, ne
             raise Cones2Error("this conditioning does not say where the prompt's words are: encode the prompt with "
                               "'Cones2 Apply Residuals to Conditioning' (it works without residuals too) instead of "
                               "CLIP Text Encode, and connect its output here")
+        family_key = record.get("family") if record.get("family") in FAMILIES else family_key
         if context_dim and cond.shape[-1] != context_dim:
-            cond_family = FAMILY_NAMES.get(record.get("family"), "another model")
-            widths = {sum(w for _, w in chans.values()): fam for fam, chans in CHANNELS.items()}
-            model_family = FAMILY_NAMES.get(widths.get(context_dim), f"{context_dim}-wide")
+            cond_family = family_name(record.get("family"), "another model")
+            model_family = getattr(by_context_width(context_dim), "name", f"{context_dim}-wide")
             raise Cones2Error(f"the conditioning is {cond_family} text ({cond.shape[-1]} wide) but the model is "
                               f"{model_family} (it reads {context_dim}-wide text): encode the prompt with the CLIP of "
                               "the same checkpoint as the model")
@@ -160,7 +162,8 @@ def build_spec(model, conditioning, layout, guidance_weight, positive_weight, ne
                         negative_weight=float(negative_weight),
                         sigma_start=float(sampling.percent_to_sigma(start_percent)),
                         sigma_end=float(sampling.percent_to_sigma(end_percent)) if end_percent < 1.0 else 0.0,
-                        self_recurrence=bool(self_recurrence), record=bool(record_maps))
+                        self_recurrence=bool(self_recurrence), record=bool(record_maps),
+                        chunk=FAMILIES[family_key].chunk)
 
 
 class Cones2LayoutGuidance(io.ComfyNode):
@@ -221,7 +224,8 @@ class Cones2LayoutGuidance(io.ComfyNode):
             ],
             outputs=[
                 io.Model.Output(tooltip="The guided model: connect it to the sampler."),
-                io.Conditioning.Output(tooltip="The conditioning to sample with (the input, tagged with the layout)."),
+                io.Conditioning.Output(tooltip="The conditioning to sample with (the input, unchanged: the guided "
+                                                "model finds it by its tensors)."),
             ],
         )
 
@@ -234,114 +238,9 @@ class Cones2LayoutGuidance(io.ComfyNode):
                           colour_subjects, record_maps)
         guided = install(model, spec)
         subjects = [r.subject for r in spec.conds[0][1]]
-        out = [[c, {**extra, LAYOUT_KEY: {"uid": spec.uid, "subjects": subjects}}] for c, extra in conditioning]
         log.info("layout guidance on %s (weight %.3g, %s)", ", ".join(subjects), guidance_weight,
                  "self-recurrence" if self_recurrence else "no self-recurrence")
-        return io.NodeOutput(guided, out)
+        return io.NodeOutput(guided, conditioning)
 
 
-def attention_report(model) -> list[dict]:
-    """Per guidance and grid: each subject's averaged map, region and in-region share of the last run."""
-    rows = []
-    for spec in specs_of(model):
-        rec = find_recording(spec.uid) if spec.record else None
-        if rec is None:
-            continue
-        for (h, w), maps in sorted(rec.maps.items(), key=lambda kv: -kv[0][0] * kv[0][1]):
-            for subject, attn in maps.items():
-                attn = attn.detach().double().cpu()
-                region = rec.regions[(h, w)][subject]
-                rows.append({"uid": spec.uid, "grid": (h, w), "subject": subject, "map": attn, "region": region,
-                             "share": share_inside(attn, region)})
-    return rows
-
-
-class Cones2AttentionMaps(io.ComfyNode):
-    @classmethod
-    def define_schema(cls) -> io.Schema:
-        return io.Schema(
-            node_id="Cones2AttentionMaps",
-            display_name="Cones2 Attention Maps",
-            category=CATEGORY,
-            description=(
-                "Shows where each subject's words attended during the last guided sampling run: one heatmap "
-                "per subject (averaged over heads, layers of one resolution and guided steps) with its region "
-                "outlined, and the share of the attention that fell inside the region (also shown on the node). "
-                "Use it to debug layouts."),
-            is_output_node=True,
-            inputs=[
-                io.Model.Input("model", tooltip="The guided model from Cones2 Layout Guidance."),
-                io.Latent.Input("samples", tooltip="The sampler's output, so the maps are read after sampling."),
-                io.Combo.Input("resolution", options=["largest", "smallest", "all"], default="largest",
-                               tooltip="Which attention resolution to show: the finest grid, the coarsest, or all."),
-                io.Int.Input("panel_size", default=256, min=64, max=1024, step=32,
-                             tooltip="Height of each heatmap panel in pixels."),
-            ],
-            outputs=[
-                io.Image.Output(display_name="maps", tooltip="One panel per subject (and resolution), region in green."),
-                io.String.Output(display_name="report", tooltip="In-region attention share per subject and grid."),
-            ],
-        )
-
-    @classmethod
-    def execute(cls, model, samples, resolution="largest", panel_size=256) -> io.NodeOutput:
-        specs = specs_of(model)
-        if specs and not any(s.record for s in specs):
-            raise Cones2Error("Cones2 Layout Guidance did not record attention for this model: turn record_maps on in "
-                              "the Cones2 Layout Guidance node (and sample again)")
-        rows = attention_report(model)
-        if not rows:
-            raise Cones2Error("no attention was recorded for this model: connect the MODEL output of Cones2 Layout "
-                              "Guidance and the LATENT output of the sampler that used it")
-        overlay = maps_payload(rows)
-        grids = sorted({r["grid"] for r in rows}, key=lambda g: g[0] * g[1])
-        keep = grids if resolution == "all" else [grids[-1] if resolution == "largest" else grids[0]]
-        rows = [r for r in rows if r["grid"] in keep]
-        h, w = samples["samples"].shape[-2:]
-        ph, pw = panel_size, max(1, round(panel_size * w / h))
-        panels = [render_panel(r["map"], r["region"], ph, pw) for r in rows]
-        gap = torch.ones(ph, 4, 3)
-        strip = torch.cat([t for p in panels for t in (p, gap)][:-1], dim=1)
-        image = _label(strip, [f"{r['subject']} {r['share']:.0%}" for r in rows], pw + 4)
-        report = "\n".join(f"{r['subject']}\t{r['grid'][0]}x{r['grid'][1]}\tin-region share {r['share']:.4f}"
-                           for r in rows)
-        return io.NodeOutput(image[None], report, ui={"text": [report], MAPS_UI_KEY: overlay})
-
-
-def maps_payload(rows: list[dict]) -> list[dict]:
-    """The compact maps for the layout editor's overlay (ui key ``cones2_maps``): one entry per subject of the
-    largest grid only, whatever ``resolution`` the node shows, so the websocket message stays small. Each map is
-    normalised to its own max (peak 1.0), rounded to 3 decimals, row-major ``h * w`` values; ``share`` is the
-    report's in-region share. The frontend keeps it in memory only; it is never part of a workflow."""
-    if not rows:
-        return []
-    grid = max({r["grid"] for r in rows}, key=lambda g: g[0] * g[1])
-    out = []
-    for r in rows:
-        if r["grid"] != grid:
-            continue
-        m = torch.nan_to_num(r["map"].detach().float().cpu()).clamp(min=0.0)
-        peak = float(m.max()) if m.numel() else 0.0
-        m = m / peak if peak > 0 else torch.zeros_like(m)
-        out.append({"subject": r["subject"], "h": int(grid[0]), "w": int(grid[1]), "share": float(r["share"]),
-                    "values": [round(v, 3) for v in m.clamp(0.0, 1.0).flatten().tolist()]})
-    return out
-
-
-def _label(strip: torch.Tensor, labels: list[str], stride: int) -> torch.Tensor:
-    """Write each panel's label in its top-left corner (PIL's default font)."""
-    from PIL import Image, ImageDraw
-
-    arr = (strip.clamp(0, 1) * 255).byte().numpy()
-    img = Image.fromarray(arr)
-    draw = ImageDraw.Draw(img)
-    for i, text in enumerate(labels):
-        x = i * stride + 4
-        draw.rectangle([x - 2, 2, x + 7 * len(text), 16], fill=(0, 0, 0))
-        draw.text((x, 4), text, fill=(255, 255, 255))
-    import numpy as np
-
-    return torch.from_numpy(np.asarray(img).astype("float32") / 255.0)
-
-
-NODES = [Cones2LayoutGuidance, Cones2AttentionMaps]
+NODES = [Cones2LayoutGuidance]

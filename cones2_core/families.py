@@ -1,0 +1,101 @@
+"""The model families Cones 2 supports: one frozen record per family, read by everything else.
+
+Adding a family means one record here plus its genuinely new code: the host-side module of its architecture
+(``nodes/unet.py`` for the UNet families; a DiT family gets a sibling module) and, when its text encoders or
+losses differ, their code. The residual file format, the conditioning maths, the error messages, the tiny test
+checkpoints and the parametrised tests all read this table.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .errors import Cones2Error
+
+
+@dataclass(frozen=True)
+class Encoder:
+    """One text encoder's slice of a family's conditioning (its channels ``offset .. offset + width``)."""
+
+    key: str  # the host tokenizer's key: "l", "h", "g"
+    name: str  # what users call it
+    offset: int
+    width: int
+
+
+@dataclass(frozen=True)
+class Family:
+    key: str  # as residual files name it (metadata cones2.family)
+    name: str  # as users name it
+    encoders: tuple[Encoder, ...]
+    architecture: str  # the host-side module that patches and trains it: "unet" (nodes/unet.py)
+    resolution: int  # default training crop of its eps-prediction models
+    v_resolution: int | None = None  # ... and of its v-prediction models (SD2.x 768-v)
+    chunk: int = 77  # tokens per encoder chunk: long prompts and ConditioningConcat align to it
+    reference_width: int | None = None  # the width of the reference implementation's .pt residuals read as it
+    pooled_adm: bool = False  # the UNet's `y` is the pooled text plus size embeddings (SDXL's encode_adm)
+
+    @property
+    def width(self) -> int:
+        """Channels of the whole conditioning (the UNet's context_dim)."""
+        return sum(e.width for e in self.encoders)
+
+    @property
+    def widths(self) -> dict[str, int]:
+        return {e.key: e.width for e in self.encoders}
+
+    def encoder(self, key: str) -> Encoder:
+        return next(e for e in self.encoders if e.key == key)
+
+    def default_resolution(self, prediction: str) -> int:
+        """Training resolution when the node's input is 0: the family's native size."""
+        return self.v_resolution if prediction == "v" and self.v_resolution else self.resolution
+
+    def describe(self) -> str:
+        """'SDXL (CLIP-L 768 + CLIP-G 1280)'"""
+        return f"{self.name} (" + " + ".join(f"{e.name} {e.width}" for e in self.encoders) + ")"
+
+
+_CLIP_L = Encoder("l", "CLIP-L", 0, 768)
+
+FAMILIES: dict[str, Family] = {f.key: f for f in (
+    Family("sd1", "SD1.5", (_CLIP_L,), "unet", 512, reference_width=768),
+    Family("sd2", "SD2.x", (Encoder("h", "OpenCLIP-H", 0, 1024),), "unet", 512, v_resolution=768,
+           reference_width=1024),
+    Family("sdxl", "SDXL", (_CLIP_L, Encoder("g", "CLIP-G", 768, 1280)), "unet", 1024, pooled_adm=True),
+)}
+
+
+def family(key: str) -> Family:
+    """The family named ``key``, or an error listing the supported ones."""
+    if key not in FAMILIES:
+        choices = ", ".join(f"'{f.key}' ({f.name})" for f in FAMILIES.values())
+        raise Cones2Error(f"unknown model family {key!r}; use one of {choices}")
+    return FAMILIES[key]
+
+
+def family_name(key: str | None, default: str | None = None) -> str:
+    """A family's display name ('SD1.5'); ``default`` (else the key itself) for an unknown one."""
+    f = FAMILIES.get(key)
+    return f.name if f else (default if default is not None else repr(key))
+
+
+def by_encoder_keys(keys) -> Family | None:
+    """The family whose text encoders are exactly ``keys`` (as the host's tokenizer names them)."""
+    keys = set(keys)
+    return next((f for f in FAMILIES.values() if {e.key for e in f.encoders} == keys), None)
+
+
+def by_widths(widths: dict[str, int]) -> Family | None:
+    """The family whose encoders have exactly these widths ({"h": 1024} -> SD2.x)."""
+    return next((f for f in FAMILIES.values() if f.widths == dict(widths)), None)
+
+
+def by_context_width(width: int) -> Family | None:
+    """The family whose whole conditioning is ``width`` channels wide."""
+    return next((f for f in FAMILIES.values() if f.width == width), None)
+
+
+def by_reference_width(width: int) -> Family | None:
+    """The family a reference ``.pt`` residual of this width belongs to."""
+    return next((f for f in FAMILIES.values() if f.reference_width == width), None)
