@@ -18,7 +18,7 @@ import torch
 
 from harness.toy_world import BIG_RADIUS, LATENT_SIZE, OBJECTS, RADIUS, object_signature
 
-# Node defaults of Cones2 Layout Guidance (nodes/guidance_nodes.py).
+# Node defaults of Cones2 Layout Guidance (nodes/layout_node.py).
 GUIDANCE_DEFAULTS = {"guidance_weight": 0.08, "positive_weight": 2.5, "negative_weight": -1e8, "start_percent": 0.0,
                      "end_percent": 1.0, "self_recurrence": False}
 LEFT = {"x": 0.0, "y": 0.0, "w": 0.5, "h": 1.0}
@@ -98,6 +98,20 @@ def layout(boxes: dict[str, dict]) -> str:
     return json.dumps({"version": 1, "boxes": [{"subject": s, **b} for s, b in boxes.items()]})
 
 
+def residuals_key(residuals) -> tuple:
+    """What a list of residuals is (subject, strength, the bytes of its tensors), for the sample cache: not its
+    id(), which Python reuses for a new list once the old one is freed (a new residual then got an old result)."""
+    import hashlib
+
+    out = []
+    for r in residuals or ():
+        digest = hashlib.sha256()
+        for k in sorted(r.tensors):
+            digest.update(k.encode() + r.tensors[k].detach().float().cpu().numpy().tobytes())
+        out.append((r.subject, float(r.strength), digest.hexdigest()))
+    return tuple(out)
+
+
 class Sampler:
     """Samples the toy world through the host in-process: Apply Residuals, optionally Layout Guidance (node
     defaults unless overridden), then the host's KSampler on a batch of ``n`` noise draws from one seed.
@@ -117,13 +131,13 @@ class Sampler:
         """Raw latents [n, 4, size, size]."""
         import nodes
 
-        key = (prompt, json.dumps(boxes, sort_keys=True), sampler, scheduler, id(residuals),
+        key = (prompt, json.dumps(boxes, sort_keys=True), sampler, scheduler, residuals_key(residuals),
                tuple(sorted(guidance.items())))
         if key not in self._cache:
             pos = self.pack.nodes.residual_nodes.Cones2ApplyResiduals.execute(self.clip, prompt, residuals).result[0]
             model = self.model
             if boxes is not None:
-                node = self.pack.nodes.guidance_nodes.Cones2LayoutGuidance
+                node = self.pack.nodes.layout_node.Cones2LayoutGuidance
                 model, pos = node.execute(model, pos, layout(boxes), **{**GUIDANCE_DEFAULTS, **guidance}).result
             latent = {"samples": torch.zeros(self.n, 4, self.size, self.size)}
             out = nodes.common_ksampler(model, self.seed, self.steps, self.cfg, sampler, scheduler, pos,

@@ -16,7 +16,7 @@ from comfy_api.latest import io
 
 from ..cones2_core.errors import Cones2Error
 from ..cones2_core.figures import draw_loss_curve
-from ..cones2_core.objective import MODES, TrainSettings, split_channels
+from ..cones2_core.objective import MODES, TrainSettings, default_steps, split_channels
 from ..cones2_core.residual import Residual, resolve_residual_path, save_residual
 from .common import CATEGORY, Residuals
 from .encoding import clip_family, word_tokens
@@ -133,11 +133,12 @@ class Cones2TrainResidual(io.ComfyNode):
                 io.String.Input("subject", default="dog",
                                 tooltip="The subject's class word, e.g. 'dog'. Later prompts use this word; the "
                                         "residual is added at its tokens."),
-                io.Int.Input("steps", default=4000, min=1, max=100000,
-                             tooltip="Optimisation steps (the paper uses 4000 at batch size 1)."),
+                io.Int.Input("steps", default=0, min=0, max=100000,
+                             tooltip="Optimisation steps; 0 = automatic: paper mode 4000 (the paper, at batch size "
+                                     "1), fast mode 100."),
                 io.Float.Input("learning_rate", default=0.0, min=0.0, max=1.0, step=1e-6,
                                tooltip="AdamW learning rate; 0 = automatic (paper mode 5e-6 as the paper, "
-                                       "fast mode 1e-3)."),
+                                       "fast mode 1e-2)."),
                 io.Float.Input("preservation_weight_start", default=1e-2, min=0.0, max=10.0, step=1e-3,
                                tooltip="Paper mode: weight of ||e_0 - e*_0|| (start token keeps its embedding)."),
                 io.Float.Input("preservation_weight_rest", default=1e-3, min=0.0, max=10.0, step=1e-4,
@@ -175,7 +176,7 @@ class Cones2TrainResidual(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, model, clip, vae, subject, steps=4000, learning_rate=0.0, preservation_weight_start=1e-2,
+    def execute(cls, model, clip, vae, subject, steps=0, learning_rate=0.0, preservation_weight_start=1e-2,
                 preservation_weight_rest=1e-3, resolution=0, batch_size=1, seed=0, save_name="cones2_subject",
                 mode="paper", images=None, image_folder="") -> io.NodeOutput:
         import comfy.utils
@@ -186,7 +187,7 @@ class Cones2TrainResidual(io.ComfyNode):
                                  preservation_weight_start=float(preservation_weight_start),
                                  preservation_weight_rest=float(preservation_weight_rest),
                                  resolution=int(resolution), batch_size=int(batch_size), seed=int(seed))
-        pbar = comfy.utils.ProgressBar(int(steps))
+        pbar = comfy.utils.ProgressBar(int(steps) or default_steps(mode))
         residual, losses, eval_points = train_residual(model, clip, vae, pictures, subject, settings, pbar)
         curve = draw_loss_curve(losses, eval_points, title=f"{residual.subject} ({mode}): "
                                 f"eval {eval_points[0][1]:.4g} -> {eval_points[-1][1]:.4g}")

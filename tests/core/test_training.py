@@ -123,11 +123,13 @@ def test_latent_batch_is_seeded_and_in_bounds():
 def test_settings_defaults_and_validation():
     s = ob.TrainSettings().resolved("sd1", "eps")
     assert (s.learning_rate, s.resolution, s.steps) == (5e-6, 512, 4000)
-    assert ob.TrainSettings(mode="fast").resolved("sd2", "v").learning_rate == ob.FAST_LEARNING_RATE
+    fast = ob.TrainSettings(mode="fast").resolved("sd2", "v")
+    assert (fast.learning_rate, fast.steps) == (1e-2, 100)  # chosen from the toy world's lift curve (README)
+    assert ob.TrainSettings(mode="fast", steps=7).resolved("sd1", "eps").steps == 7
     assert ob.TrainSettings().resolved("sd2", "v").resolution == 768
     assert ob.TrainSettings().resolved("sd2", "eps").resolution == 512
     assert ob.TrainSettings().resolved("sdxl", "eps").resolution == 1024
-    for bad, msg in ((dict(mode="x"), "mode must be"), (dict(steps=0), "steps must"),
+    for bad, msg in ((dict(mode="x"), "mode must be"), (dict(steps=-1), "steps must"),
                      (dict(resolution=100), "multiple of 64"), (dict(learning_rate=-1.0), "learning_rate"),
                      (dict(batch_size=0), "batch_size")):
         with pytest.raises(Cones2Error, match=msg):
