@@ -78,14 +78,18 @@ class Cones2CrossAttention:
             rows, sig = g.tensors(q.device)
             biased = g.spec.guidance_weight != 0
             tokens = [subject_tokens(s, g.offsets) for s in g.subjects]
-            res, *mass = guided_attention(q[rows], k[rows], v[rows], heads,
-                                          g.spec.weight_map(g.subjects, g.offsets, h, w, t, q.device, g.window),
-                                          sig, g.spec.guidance_weight, token_mass=tokens if g.spec.record else None)
+            wm = g.spec.weight_map(g.subjects, g.offsets, h, w, t, q.device, g.window)
+            mass = None
+            if g.spec.record:
+                res, mass = guided_attention(q[rows], k[rows], v[rows], heads, wm, sig, g.spec.guidance_weight,
+                                             token_mass=tokens)
+            else:
+                res = guided_attention(q[rows], k[rows], v[rows], heads, wm, sig, g.spec.guidance_weight)
             if biased:  # at weight 0 the rows keep the host's output; only the maps are read
                 out[rows] = res.to(out.dtype) if added is None else res.to(out.dtype) + added[rows]
-            rec = find_recording(g.spec.uid) if mass else None
+            rec = find_recording(g.spec.uid) if mass is not None else None
             if rec is not None:
-                rec.add(h, w, mass[0], g.subjects, g.window)
+                rec.add(h, w, mass, g.subjects, g.window)
         return out
 
 

@@ -424,10 +424,10 @@ def test_maps_are_recorded_only_when_asked(pack, loaded, monkeypatch):
     monkeypatch.setattr(pack.nodes.unet, "guided_attention", spy)
     on, on_pos = guide(pack, model, pos, record_maps=True)
     off, off_pos = guide(pack, model, pos, record_maps=False)
-    with_maps = sample(on, on_pos, neg, steps=2)
+    with_maps = sample(on, on_pos, neg, steps=2, batch=2)  # two guided rows per call
     assert asked and all(asked)
     asked.clear()
-    without = sample(off, off_pos, neg, steps=2)
+    without = sample(off, off_pos, neg, steps=2, batch=2)
     assert asked and not any(asked)  # guided, but nothing recorded
     assert torch.equal(with_maps, without)
     assert pack.nodes.recording.find_recording(guidance.specs_of(off)[0].uid).maps == {}

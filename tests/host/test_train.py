@@ -801,29 +801,6 @@ def test_unet_autocast_follows_its_compute_dtype(pack, sd1, res_dir, monkeypatch
     assert all(scalers) == unet_in_half
 
 
-def test_paper_training_forward_moves_with_the_learning_rate(pack, sd1, res_dir, monkeypatch):
-    """The private encoder's training forward runs in float32: after one step, the instance prompt's output has
-    moved in proportion to the learning rate. Under bf16 autocast, a step of any size tipped the float16-stored
-    weights that sit exactly halfway between two bf16 values (one in eight), and the output the UNet and the
-    preservation loss saw moved by the same amount at 1e-9 as at 1e-7."""
-    loop = pack.nodes.train_loop
-    real = loop.preservation_loss
-    moved = []
-
-    def spy(tuned, frozen, *args):
-        moved.append(float((tuned.detach() - frozen).norm()))
-        return real(tuned, frozen, *args)
-
-    monkeypatch.setattr(loop, "preservation_loss", spy)
-    after = {}
-    for lr in (1e-9, 1e-7):
-        moved.clear()
-        train(pack, sd1, steps=2, learning_rate=lr, batch_size=1, save_name=f"lr_scale_{lr:g}")
-        assert len(moved) == 2 and moved[0] == 0.0
-        after[lr] = moved[1]
-    assert after[1e-9] > 0 and 30 < after[1e-7] / after[1e-9] < 300, after
-
-
 def test_paper_mode_never_holds_all_weight_gradients(pack, sd1, res_dir, monkeypatch):
     """Paper mode keeps the encoder Linears' gradients as low-rank factors and forms them a chunk at a time for
     the optimiser: with a 1-byte chunk, no step ever sees more than one weight's gradient, every Linear weight
