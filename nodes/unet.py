@@ -69,27 +69,26 @@ class Cones2CrossAttention:
             # attention of a sub-batch rounds differently: computing only the unbiased rows saved the guided rows'
             # second computation but changed SD2.x's uncond pass in the last bits.) Another pack's replacement
             # also expects the whole batch (it splits it by cond_or_uncond).
-            out = self._base(q, k, v, extra_options).clone()
-            if self.inner is not None and biased_rows:
-                added = out - self._host(q, k, v, extra_options)  # the other pack's term, kept on guided rows
+            out = self._base(q, k, v, extra_options)
+            if biased_rows:  # rows of it are overwritten below
+                out = out.clone()
+                if self.inner is not None:
+                    added = out - self._host(q, k, v, extra_options)  # the other pack's term, kept on guided rows
         else:
             out = torch.empty(q.shape[0], q.shape[1], v.shape[-1], dtype=q.dtype, device=q.device)
         for g in groups:
             rows, sig = g.tensors(q.device)
-            biased = g.spec.guidance_weight != 0
-            tokens = [subject_tokens(s, g.offsets) for s in g.subjects]
             wm = g.spec.weight_map(g.subjects, g.offsets, h, w, t, q.device, g.window)
-            mass = None
-            if g.spec.record:
-                res, mass = guided_attention(q[rows], k[rows], v[rows], heads, wm, sig, g.spec.guidance_weight,
-                                             token_mass=tokens)
+            args = (q[rows], k[rows], v[rows], heads, wm, sig, g.spec.guidance_weight)
+            if g.spec.record:  # the subjects' attention mass per pixel, for the maps
+                res, mass = guided_attention(*args, token_mass=[subject_tokens(s, g.offsets) for s in g.subjects])
+                rec = find_recording(g.spec.uid)
+                if rec is not None:
+                    rec.add(h, w, mass, g.subjects, g.window)
             else:
-                res = guided_attention(q[rows], k[rows], v[rows], heads, wm, sig, g.spec.guidance_weight)
-            if biased:  # at weight 0 the rows keep the host's output; only the maps are read
+                res = guided_attention(*args)
+            if g.spec.guidance_weight != 0:  # at weight 0 the rows keep the host's output; only the maps are read
                 out[rows] = res.to(out.dtype) if added is None else res.to(out.dtype) + added[rows]
-            rec = find_recording(g.spec.uid) if mass is not None else None
-            if rec is not None:
-                rec.add(h, w, mass, g.subjects, g.window)
         return out
 
 

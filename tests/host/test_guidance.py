@@ -434,9 +434,8 @@ def test_maps_are_recorded_only_when_asked(pack, loaded, monkeypatch):
     with pytest.raises(pack.cones2_core.errors.Cones2Error, match="turn record_maps on"):
         pack.nodes.maps_node.Cones2AttentionMaps.execute(off, {"samples": without}, "all", 64)
     node = pack.nodes.layout_node.Cones2LayoutGuidance
-    assert node.execute(model, pos, TWO_BOXES, 0.08, 2.5, -1e8, 0.0, 1.0, False).result[0] is not None
-    assert not guidance.specs_of(node.execute(model, pos, TWO_BOXES, 0.08, 2.5, -1e8, 0.0, 1.0, False)
-                                 .result[0])[0].record  # off unless asked
+    default = node.execute(model, pos, TWO_BOXES, 0.08, 2.5, -1e8, 0.0, 1.0, False).result[0]
+    assert not guidance.specs_of(default)[0].record  # off unless asked
 
 
 def test_layout_guidance_through_server(server, client):
