@@ -18,6 +18,8 @@ from .host import PACK_DIR, find_host
 
 log = logging.getLogger("comfyui-cones2")
 PACK_LINK_NAME = "comfyui-cones2"
+DEV_NODES_LINK_NAME = "cones2-dev-nodes"  # harness/dev_nodes: development-only nodes, never part of the pack
+DEV_NODES_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dev_nodes")
 _FAILURE_MARKS = ("IMPORT FAILED", "Cannot import", "Error while calling comfy_entrypoint", "did not return", "Skip ")
 
 
@@ -30,11 +32,12 @@ def free_port() -> int:
 class ComfyServer:
     """A running ComfyUI (``main.py --cpu``) whose base directory is a fresh temp folder holding
     custom_nodes/comfyui-cones2 (a link to this pack), models/checkpoints (links to the given files),
-    input/, output/ and user/."""
+    input/, output/ and user/. ``dev_nodes``: also link harness/dev_nodes (the tiny Flux bed's CLIP loader)
+    into custom_nodes/, next to the pack."""
 
     def __init__(self, checkpoints: dict[str, str] | None = None, base_dir: str | None = None,
                  host: str | None = None, python: str | None = None, extra_args: list[str] | None = None,
-                 extra_model_paths: str | None = None):
+                 extra_model_paths: str | None = None, dev_nodes: bool = False):
         self.host = host or find_host()
         self.python = python or sys.executable
         self.own_base = base_dir is None
@@ -50,6 +53,10 @@ class ComfyServer:
         link = os.path.join(self.base, "custom_nodes", PACK_LINK_NAME)
         if not os.path.lexists(link):
             os.symlink(PACK_DIR, link)
+        self.dev_nodes = dev_nodes
+        dev_link = os.path.join(self.base, "custom_nodes", DEV_NODES_LINK_NAME)
+        if dev_nodes and not os.path.lexists(dev_link):
+            os.symlink(DEV_NODES_DIR, dev_link)
         for path in (checkpoints or {}).values():
             dst = os.path.join(self.base, "models", "checkpoints", os.path.basename(path))
             if not os.path.lexists(dst):
@@ -114,8 +121,9 @@ class ComfyServer:
     def pack_import_failure(self) -> str | None:
         text = self.log_text()
         lines = text.splitlines()
+        names = (PACK_LINK_NAME, DEV_NODES_LINK_NAME) if self.dev_nodes else (PACK_LINK_NAME,)
         for i, line in enumerate(lines):
-            if PACK_LINK_NAME in line and any(m in line for m in _FAILURE_MARKS):
+            if any(n in line for n in names) and any(m in line for m in _FAILURE_MARKS):
                 return "\n".join(lines[max(0, i - 30): i + 5])
         return None
 

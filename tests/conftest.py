@@ -13,6 +13,7 @@ import sys
 import pytest
 
 from harness import tiny_checkpoints, tiny_extras, toy_world
+from harness import tiny_flux as flux_bed
 from harness.host import HostNotFound, find_host
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
@@ -54,6 +55,27 @@ def toy_ckpt(host_dir) -> str:
     kind, path = res.stdout.strip().splitlines()[-1].split("\t")
     assert kind == "toy" and os.path.isfile(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_flux(host_dir) -> dict[str, str]:
+    """{"unet", "t5", "clip_l", "vae"}: paths of the tiny Flux bed (harness/tiny_flux.py), built once into its
+    versioned cache (about 30 s, 1.8 GB; CONES2_FLUX_DIR overrides the folder)."""
+    res = subprocess.run([sys.executable, flux_bed.__file__, "--comfyui", host_dir, "--out", flux_bed.default_cache_dir()],
+                         capture_output=True, text=True, timeout=1200)
+    if res.returncode != 0:
+        pytest.fail(f"building the tiny Flux bed failed:\n{res.stdout}\n{res.stderr[-4000:]}")
+    paths = dict(line.split("\t") for line in res.stdout.strip().splitlines())
+    assert set(paths) == set(flux_bed.FILES)
+    return paths
+
+
+@pytest.fixture(scope="session")
+def flux(comfy, tiny_flux):
+    """(MODEL, CLIP, VAE) of the tiny Flux bed through the host's loaders (harness.tiny_flux.load), once per
+    session; tests clone what they patch. The CLIP pads T5 to 256 tokens, as the host's Flux tokenizer does:
+    ``clip.clone()`` + ``set_tokenizer_option("t5xxl_min_length", n)`` (T5TokenizerOptions) shortens it."""
+    return flux_bed.load(tiny_flux)
 
 
 @pytest.fixture(scope="session")
@@ -112,6 +134,21 @@ def server(host_dir, tiny_ckpts, extras_files, tmp_path_factory):
 
     srv = ComfyServer(checkpoints=tiny_ckpts, base_dir=str(tmp_path_factory.mktemp("comfy-base")), host=host_dir)
     tiny_extras.install(extras_files, srv)
+    srv.start()
+    yield srv
+    srv.stop()
+    if os.environ.get("CONES2_KEEP_LOG"):
+        sys.stderr.write(srv.log_text())
+
+
+@pytest.fixture(scope="session")
+def flux_server(host_dir, tiny_flux, tmp_path_factory):
+    """A real ComfyUI server with this pack, the dev-only nodes (harness/dev_nodes: the tiny Flux CLIP loader)
+    and the tiny Flux bed in its model folders (diffusion_models, text_encoders, vae)."""
+    from harness.server import ComfyServer
+
+    srv = ComfyServer(base_dir=str(tmp_path_factory.mktemp("comfy-flux")), host=host_dir, dev_nodes=True)
+    srv.flux_files = flux_bed.install(tiny_flux, srv)
     srv.start()
     yield srv
     srv.stop()

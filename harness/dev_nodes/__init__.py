@@ -1,0 +1,74 @@
+"""Development-only ComfyUI custom node package: the tiny Flux bed's text encoder loader.
+
+It exists only because the host's Flux text loader (DualCLIPLoader, type ``flux``) always builds the full
+T5-XXL (``comfy/text_encoders/t5_config_xxl.json``, 4.7 B parameters), which no test machine here can hold.
+The tiny bed's T5 keeps T5-XXL's width (4096, what Flux's ``txt_in`` reads) with a tiny rest; this loader
+reads that small config off the file's tensor shapes and hands it to the host's own loader through the
+host's own override, ``model_options["t5xxl_model_config"]`` (read by ``comfy.sd1_clip.SDClipModel``), so
+everything else (tokenizers, the T5 and CLIP-L classes, the Flux CLIP object) is the host's.
+
+Never part of the pack: ``harness.server.ComfyServer(dev_nodes=True)`` links this folder into the test
+server's ``custom_nodes/`` next to the pack; the pack's own node list never names it.
+"""
+
+from __future__ import annotations
+
+import re
+
+T5_KEY = "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"
+
+
+def small_t5_config(sd: dict) -> dict:
+    """The T5 config overrides that fit a T5 state dict (layers, heads, head width, feed-forward width)."""
+    if T5_KEY not in sd or "shared.weight" not in sd:
+        raise ValueError("this file is not a T5 encoder (no shared.weight / relative_attention_bias); connect "
+                         "the tiny Flux bed's T5 file")
+    blocks = {int(m.group(1)) for k in sd if (m := re.match(r"encoder\.block\.(\d+)\.", k))}
+    heads = int(sd[T5_KEY].shape[1])
+    return {"num_layers": len(blocks), "num_heads": heads,
+            "d_kv": int(sd["encoder.block.0.layer.0.SelfAttention.q.weight"].shape[0]) // heads,
+            "d_ff": int(sd["encoder.block.0.layer.1.DenseReluDense.wo.weight"].shape[1]),
+            "d_model": int(sd["shared.weight"].shape[1]), "vocab_size": int(sd["shared.weight"].shape[0])}
+
+
+def load_tiny_flux_clip(clip_l_path: str, t5_path: str, embedding_directory=None):
+    """The host's Flux CLIP (tokenizer keys {"l", "t5xxl"}) from a CLIP-L file and a small-T5 file, through
+    ``comfy.sd.load_text_encoder_state_dicts(..., clip_type=CLIPType.FLUX)`` as DualCLIPLoader calls it, plus
+    the small T5 config as the host's ``t5xxl_model_config`` override."""
+    import comfy.sd
+    import comfy.utils
+
+    clip_l = comfy.utils.load_torch_file(clip_l_path, safe_load=True)
+    t5 = comfy.utils.load_torch_file(t5_path, safe_load=True)
+    return comfy.sd.load_text_encoder_state_dicts([clip_l, t5], embedding_directory=embedding_directory,
+                                                  clip_type=comfy.sd.CLIPType.FLUX,
+                                                  model_options={"t5xxl_model_config": small_t5_config(t5)})
+
+
+class Cones2DevTinyFluxCLIPLoader:
+    """DualCLIPLoader (type flux) for the tiny bed's small T5; development only (see the module docstring)."""
+
+    DESCRIPTION = ("Development only: loads the tiny Flux test bed's CLIP-L + small T5 (the host's Flux loader "
+                   "always builds the full T5-XXL).")
+    RETURN_TYPES = ("CLIP",)
+    FUNCTION = "load"
+    CATEGORY = "_for_testing/cones2_dev"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        import folder_paths
+
+        names = folder_paths.get_filename_list("text_encoders")
+        return {"required": {"clip_l_name": (names, {"tooltip": "the bed's CLIP-L file"}),
+                             "t5_name": (names, {"tooltip": "the bed's small T5 file"})}}
+
+    def load(self, clip_l_name, t5_name):
+        import folder_paths
+
+        return (load_tiny_flux_clip(folder_paths.get_full_path_or_raise("text_encoders", clip_l_name),
+                                    folder_paths.get_full_path_or_raise("text_encoders", t5_name),
+                                    embedding_directory=folder_paths.get_folder_paths("embeddings")),)
+
+
+NODE_CLASS_MAPPINGS = {"Cones2DevTinyFluxCLIPLoader": Cones2DevTinyFluxCLIPLoader}
+NODE_DISPLAY_NAME_MAPPINGS = {"Cones2DevTinyFluxCLIPLoader": "Cones2 DEV Tiny Flux CLIP Loader"}
