@@ -17,7 +17,7 @@ from .errors import Cones2Error
 class Encoder:
     """One text encoder's slice of a family's conditioning (its channels ``offset .. offset + width``)."""
 
-    key: str  # the host tokenizer's key: "l", "h", "g"
+    key: str  # the host tokenizer's key: "l", "h", "g", "t5xxl"
     name: str  # what users call it
     offset: int
     width: int
@@ -28,10 +28,14 @@ class Family:
     key: str  # as residual files name it (metadata cones2.family)
     name: str  # as users name it
     encoders: tuple[Encoder, ...]
-    architecture: str  # the host-side module that patches and trains it: "unet" (nodes/unet.py)
+    architecture: str  # the host-side module that patches and trains it: "unet" (nodes/unet.py), "dit" (Flux)
     resolution: int  # default training crop of its eps-prediction models
     v_resolution: int | None = None  # ... and of its v-prediction models (SD2.x 768-v)
-    chunk: int = 77  # tokens per encoder chunk: long prompts and ConditioningConcat align to it
+    # Tokens per encoder chunk: long prompts and ConditioningConcat align to it. None: one chunk of any length
+    # (T5: the prompt's tokens, then padding up to the tokenizer's min_length, 256 for Flux by default).
+    chunk: int | None = 77
+    # Tokenizer keys of encoders that give only the pooled output, not conditioning rows (Flux's CLIP-L).
+    pooled_only: tuple[str, ...] = ()
     reference_width: int | None = None  # the width of the reference implementation's .pt residuals read as it
     pooled_adm: bool = False  # the UNet's `y` is the pooled text plus size embeddings (SDXL's encode_adm)
 
@@ -39,6 +43,16 @@ class Family:
     def width(self) -> int:
         """Channels of the whole conditioning (the UNet's context_dim)."""
         return sum(e.width for e in self.encoders)
+
+    @property
+    def conditioning_keys(self) -> tuple[str, ...]:
+        """The tokenizer keys whose outputs form the conditioning rows (where words and residuals sit)."""
+        return tuple(e.key for e in self.encoders)
+
+    @property
+    def tokenizer_keys(self) -> frozenset[str]:
+        """Every key the host's tokenizer gives for this family (``conditioning_keys`` plus ``pooled_only``)."""
+        return frozenset(self.conditioning_keys) | frozenset(self.pooled_only)
 
     @property
     def widths(self) -> dict[str, int]:
@@ -63,6 +77,9 @@ FAMILIES: dict[str, Family] = {f.key: f for f in (
     Family("sd2", "SD2.x", (Encoder("h", "OpenCLIP-H", 0, 1024),), "unet", 512, v_resolution=768,
            reference_width=1024),
     Family("sdxl", "SDXL", (_CLIP_L, Encoder("g", "CLIP-G", 768, 1280)), "unet", 1024, pooled_adm=True),
+    # Flux: the T5-XXL rows are the whole context (the joint attention's text part, row 0 = the first word, no
+    # start token); CLIP-L ("l") only gives the pooled vector.
+    Family("flux", "Flux", (Encoder("t5xxl", "T5-XXL", 0, 4096),), "dit", 1024, chunk=None, pooled_only=("l",)),
 )}
 
 
@@ -81,9 +98,10 @@ def family_name(key: str | None, default: str | None = None) -> str:
 
 
 def by_encoder_keys(keys) -> Family | None:
-    """The family whose text encoders are exactly ``keys`` (as the host's tokenizer names them)."""
-    keys = set(keys)
-    return next((f for f in FAMILIES.values() if {e.key for e in f.encoders} == keys), None)
+    """The family whose tokenizer keys are exactly ``keys`` (as the host's tokenizer names them, pooled-only
+    encoders included: {"l", "t5xxl"} is Flux, {"l"} SD1.5)."""
+    keys = frozenset(keys)
+    return next((f for f in FAMILIES.values() if f.tokenizer_keys == keys), None)
 
 
 def by_widths(widths: dict[str, int]) -> Family | None:
@@ -94,6 +112,11 @@ def by_widths(widths: dict[str, int]) -> Family | None:
 def by_context_width(width: int) -> Family | None:
     """The family whose whole conditioning is ``width`` channels wide."""
     return next((f for f in FAMILIES.values() if f.width == width), None)
+
+
+def article(name: str) -> str:
+    """'an' before a family name read letter by letter ('an SD1.5', 'an SDXL'), else 'a' ('a Flux')."""
+    return "an" if name[:2].isupper() or name[:1] in "AEIOU" else "a"
 
 
 def by_reference_width(width: int) -> Family | None:

@@ -2,7 +2,8 @@
 
 A Cones 2 subject is a *residual*: a small tensor added to a text encoder's output embedding at the
 token positions of the subject's class word (e.g. "dog"). A residual holds one ``[n_tokens, width]``
-tensor per text encoder of its model family, keyed by the host's encoder key (``l``, ``h``, ``g``).
+tensor per text encoder of its model family, keyed by the host's encoder key (``l``, ``h``, ``g``, and
+``t5xxl`` for Flux, whose CLIP-L gives only the pooled output and so has no residual).
 
 Files are ``.safetensors`` with ``cones2.*`` string metadata (format "1"). Reference ``.pt`` files of
 the authors' implementation (one SD2.x tensor of 1024 floats) can be imported, but only through
@@ -25,7 +26,7 @@ from safetensors import safe_open
 from safetensors.torch import save as st_save
 
 from .errors import Cones2Error, short
-from .families import FAMILIES, by_reference_width, by_widths, family, family_name
+from .families import FAMILIES, article, by_reference_width, by_widths, family, family_name
 
 log = logging.getLogger("comfyui-cones2")
 
@@ -107,6 +108,7 @@ class Residual:
         _check_subject(self.subject)
         widths = family(self.family).widths
         label = family_name(self.family)
+        label = f"{article(label)} {label}"
         keys = set(self.tensors)
         if keys != set(widths):
             need = " and ".join(f"'{k}' ({w})" for k, w in widths.items())
@@ -117,18 +119,18 @@ class Residual:
                 have = f"only {_quoted(keys)}"
             else:
                 have = _quoted(keys)
-            raise Cones2Error(f"an {label} residual needs {need}; this one has {have}")
+            raise Cones2Error(f"{label} residual needs {need}; this one has {have}")
         counts = {}
         for key, width in widths.items():
             t = self.tensors[key]
             if not isinstance(t, torch.Tensor) or t.dtype != torch.float32:
                 kind = f"a {t.dtype} tensor" if isinstance(t, torch.Tensor) else f"a {type(t).__name__}"
                 raise Cones2Error(
-                    f"the '{key}' tensor of an {label} residual must be floating point; got {kind}"
+                    f"the '{key}' tensor of {label} residual must be floating point; got {kind}"
                 )
             if t.ndim != 2 or t.shape[1] != width:
                 raise Cones2Error(
-                    f"the '{key}' tensor of an {label} residual must have shape [n_tokens, {width}]; got "
+                    f"the '{key}' tensor of {label} residual must have shape [n_tokens, {width}]; got "
                     f"{list(t.shape)}. Is this residual for another model family?"
                 )
             if t.shape[0] < 1:

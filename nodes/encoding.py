@@ -18,7 +18,7 @@ from ..cones2_core.conditioning import (
     spelled_without_spaces,
 )
 from ..cones2_core.errors import Cones2Error, short
-from ..cones2_core.families import FAMILIES, Family, by_encoder_keys
+from ..cones2_core.families import FAMILIES, Family, article, by_encoder_keys
 from ..cones2_core.residual import Residual
 
 COND_KEY = "cones2"  # key of our record in the conditioning dict
@@ -29,9 +29,18 @@ def clip_family(clip) -> Family:
     keys = clip.tokenize("a").keys()
     family = by_encoder_keys(keys)
     if family is None:
-        raise Cones2Error(f"this CLIP has text encoders {sorted(keys)}; Cones 2 supports SD1.5 (l), SD2.x (h) and "
-                          "SDXL (l + g) text encoders: connect the CLIP output of such a checkpoint loader")
+        supported = ", ".join(f"{f.name} ({' + '.join((*f.conditioning_keys, *f.pooled_only))})"
+                              for f in FAMILIES.values())
+        raise Cones2Error(f"this CLIP has text encoders {sorted(keys)}; Cones 2 supports {supported}: connect the "
+                          "CLIP output of such a checkpoint loader (for Flux, DualCLIPLoader with type flux)")
     return family
+
+
+def _conditioning_keys(keys) -> tuple[str, ...]:
+    """Of a tokenizer's keys, those whose rows form the conditioning (Flux: "t5xxl", not the pooled-only "l");
+    all of them when the keys are no family's."""
+    family = by_encoder_keys(keys)
+    return family.conditioning_keys if family is not None else tuple(keys)
 
 
 def _token_ids(chunks) -> list[list[object]]:
@@ -45,9 +54,10 @@ def escape_word(word: str) -> str:
 
 
 def word_tokens(clip, word: str) -> dict[str, list[int]]:
-    """The tokens of ``word`` alone, per encoder key, without start/end/padding tokens."""
+    """The tokens of ``word`` alone, per conditioning encoder key, without start/end/padding tokens (word id 0
+    marks those, for CLIP's BPE and T5's SentencePiece alike)."""
     toks = clip.tokenize(escape_word(word), return_word_ids=True)
-    return {k: [t for t, _w, wid in chunks[0] if wid != 0 and isinstance(t, int)] for k, chunks in toks.items()}
+    return {k: [t for t, _w, wid in toks[k][0] if wid != 0 and isinstance(t, int)] for k in _conditioning_keys(toks)}
 
 
 def prompt_words(text: str) -> list[str]:
@@ -59,9 +69,11 @@ def prompt_words(text: str) -> list[str]:
 
 def token_text(clip, text: str) -> dict[str, list[list[bytes | None]]]:
     """Per encoder key, per chunk, per token: the UTF-8 bytes the token spells (b" " after a word's last token),
-    None for start/end/padding/embeddings. Empty when the tokenizer is not a CLIP byte-level BPE."""
+    None for start/end/padding/embeddings. Empty when the tokenizer is not a CLIP byte-level BPE (Flux's T5)."""
     out = {}
-    for key, chunks in clip.tokenize(text, return_word_ids=True).items():
+    toks = clip.tokenize(text, return_word_ids=True)
+    for key in _conditioning_keys(toks):
+        chunks = toks[key]
         vocab = getattr(getattr(clip.tokenizer, f"clip_{key}", None), "inv_vocab", None)
         if not isinstance(vocab, dict):
             return {}
@@ -81,7 +93,8 @@ def spelled_positions(text_by_key: dict, text: str, whole_words: bool = False) -
 
 
 def word_positions(clip, tokens, word: str, text_by_key: dict | None = None) -> list[list[int]]:
-    """Occurrences of ``word`` in the prompt, as lists of token rows (agreeing across SDXL's encoders).
+    """Occurrences of ``word`` in the prompt, as lists of rows of the conditioning tensor (agreeing across
+    SDXL's encoders; for Flux the T5 rows, row 0 = the first word's first token).
 
     A word's own tokens are searched for first; a word of a script written without spaces, or a symbol, that
     sits inside a longer run is then found by what the tokens spell (``text_by_key``, from ``token_text``)."""
@@ -117,8 +130,8 @@ def encode_with_residuals(clip, text: str, residuals: list[Residual] | None):
         if res.family != family.key:
             theirs = FAMILIES[res.family]  # a Residual's family is one of the table's (Residual.validate)
             raise Cones2Error(f"residual '{name}' is for {theirs.describe()} but the connected CLIP is "
-                              f"{family.describe()}: connect the CLIP of a {theirs.name} checkpoint "
-                              f"or use a residual made for {family.name}")
+                              f"{family.describe()}: connect the CLIP of {article(theirs.name)} {theirs.name} "
+                              f"model or use a residual made for {family.name}")
         occ = word_positions(clip, tokens, res.subject, spelled)
         if not occ:
             raise Cones2Error(f"the subject word '{short(res.subject)}' of residual '{short(name)}' is not in the prompt; "

@@ -40,8 +40,9 @@ class Cones2LoadResidual(io.ComfyNode):
                 "stack subjects, then connect the chain to Apply Residuals to Conditioning."),
             inputs=[
                 io.Combo.Input("residual_name", options=folder_paths.get_filename_list(FOLDER),
-                               tooltip="A .safetensors residual written by Train Residual, or a reference .pt "
-                                       "(SD2.1, 1024 floats), loaded safely (no pickled code)."),
+                               tooltip="A .safetensors residual written by Train Residual (SD1.5, SD2.x, SDXL "
+                                       "or Flux), or a reference .pt (SD2.1, 1024 floats), loaded safely (no "
+                                       "pickled code)."),
                 io.Float.Input("strength", default=1.0, min=-10.0, max=10.0, step=0.05,
                                tooltip="Scale of the residual: 1.0 as trained; lower it if the subject dominates."),
                 io.String.Input("subject", default="", optional=True,
@@ -76,11 +77,13 @@ class Cones2ApplyResiduals(io.ComfyNode):
             category=CATEGORY,
             description=(
                 "Encodes the prompt exactly as CLIP Text Encode does, then adds each residual at every "
-                "occurrence of its subject word (all 77-token chunks, weighted words, SDXL's two encoders). "
+                "occurrence of its subject word (all 77-token chunks, weighted words, SDXL's two encoders, Flux's "
+                "T5 rows; the pooled output is left as the host made it). "
                 "Any number of subjects compose without retraining. The output also records where each word "
                 "of the prompt sits, so Layout Guidance can bind boxes to words."),
             inputs=[
-                io.Clip.Input("clip", tooltip="The CLIP of an SD1.5, SD2.x or SDXL checkpoint."),
+                io.Clip.Input("clip", tooltip="The CLIP of an SD1.5, SD2.x or SDXL checkpoint, or Flux's "
+                                              "(DualCLIPLoader, type flux: CLIP-L + T5-XXL)."),
                 io.String.Input("text", multiline=True, dynamic_prompts=True,
                                 tooltip="The prompt; it must contain each residual's subject word, e.g. "
                                         "'a dog and a cat on a sofa'."),

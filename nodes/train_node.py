@@ -42,6 +42,9 @@ def train_residual(model, clip, vae, images: list[torch.Tensor], subject: str, s
             raise Cones2Error(f"the {what} input is empty: connect the {what.upper()} output of a checkpoint loader")
     fam = clip_family(clip)
     family = fam.key
+    if fam.architecture != "unet":
+        raise Cones2Error(f"training a residual on {fam.name} is not supported yet: train it on an SD1.5, SD2.x or "
+                          "SDXL checkpoint, or load a residual made for it")
     subject = (subject or "").strip()
     if not subject:
         raise Cones2Error("the subject is empty; set it to the subject's class word, e.g. 'dog'")

@@ -36,7 +36,7 @@ def files_in(folder) -> list[str]:
 # --- round trip -----------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("family", "n_tokens"), [("sd1", 1), ("sd2", 2), ("sdxl", 3)])
+@pytest.mark.parametrize(("family", "n_tokens"), [("sd1", 1), ("sd2", 2), ("sdxl", 3), ("flux", 2)])
 def test_round_trip_is_bit_exact_and_keeps_metadata(tmp_path, family, n_tokens):
     res = make(family, n_tokens, subject="teddy", metadata={"steps": "800", "cones2.lr": "5e-5"})
     path = tmp_path / f"teddy_{family}.safetensors"
@@ -144,6 +144,16 @@ def test_family_from_widths():
             "an SD1.5 residual needs one 'l' (768) tensor; this one has 'g', 'l'",
         ),
         ("sd1", {}, "an SD1.5 residual needs one 'l' (768) tensor; this one has none"),
+        (
+            "flux",
+            {"l": torch.zeros(1, 768)},
+            "a Flux residual needs one 't5xxl' (4096) tensor; this one has 'l'",
+        ),
+        (
+            "flux",
+            {"t5xxl": torch.zeros(1, 768)},
+            "the 't5xxl' tensor of a Flux residual must have shape [n_tokens, 4096]; got [1, 768]",
+        ),
         (
             "sd1",
             {"l": torch.zeros(1, 1024)},

@@ -383,7 +383,8 @@ def test_clear_errors(pack, sd1, res_dir):
         train(pack, sd1, images=None)
     with pytest.raises(Cones2Error, match="the subject is empty"):
         train(pack, sd1, subject="   ")
-    with pytest.raises(Cones2Error, match=r"Cones 2 supports SD1\.5 \(l\), SD2\.x \(h\) and SDXL"):
+    with pytest.raises(Cones2Error,
+                       match=r"Cones 2 supports SD1\.5 \(l\), SD2\.x \(h\), SDXL \(l \+ g\), Flux \(t5xxl \+ l\)"):
         train(pack, (sd1[0], _OtherClip(), sd1[2]))
     with pytest.raises(Cones2Error, match="must be relative to models/cones2_residuals"):
         train(pack, sd1, save_name="../escape")
