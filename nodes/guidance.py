@@ -4,7 +4,7 @@ rows of a model call it applies to, and the wrappers that carry it through sampl
 * An ``APPLY_MODEL`` wrapper finds, per model call, which batch rows carry the guided conditioning
   (conditional pass only, matched by the context tensor itself, so cond/uncond batching, CFG 1, batch > 1
   and several prompts all work) and their sigma, and hands them to the attention patch of the model's
-  architecture (``nodes/unet.py``) via transformer_options under ``CALL_KEY``.
+  architecture (``nodes/unet.py``, ``nodes/dit.py``) via transformer_options under ``CALL_KEY``.
 * A ``SAMPLER_SAMPLE`` wrapper (``nodes/recurrence.py``) starts the attention recording of a run and, when asked,
   takes each guided step twice with re-noising in between (self-recurrence).
 """
@@ -67,7 +67,7 @@ class GuidanceSpec:
     sigma_end: float
     self_recurrence: bool
     record: bool = True  # record the attention maps (the node's record_maps)
-    chunk: int = 77  # tokens per encoder chunk of the family (cones2_core.families.Family.chunk)
+    chunk: int | None = 77  # tokens per encoder chunk of the family (Family.chunk; None: one chunk of any length)
     _maps: dict = field(default_factory=dict, repr=False)  # derived weight maps, keyed by grid and device
 
     def match(self, ctx: torch.Tensor):
@@ -76,7 +76,8 @@ class GuidanceSpec:
         batch's length, or where it sits inside a longer context (ConditioningConcat, either side)."""
         for ref, subjects in self.conds:
             t0 = ref.shape[1]
-            step = self.chunk if t0 % self.chunk == 0 and ctx.shape[0] % self.chunk == 0 else t0
+            chunked = self.chunk and t0 % self.chunk == 0 and ctx.shape[0] % self.chunk == 0
+            step = self.chunk if chunked else t0
             if ctx.shape[0] < t0 or ctx.shape[-1] != ref.shape[-1]:
                 continue
             r = ref[0].to(device=ctx.device, dtype=ctx.dtype)
@@ -132,7 +133,7 @@ class Cones2ApplyModel:
 
     def __call__(self, executor, x, t, c_concat, c_crossattn, control, transformer_options, **kwargs):
         if self.per_call is not None:
-            transformer_options = self.per_call(self.specs, transformer_options)
+            transformer_options = self.per_call(self.specs, transformer_options, x=x, context=c_crossattn)
         groups = self.groups(c_crossattn, t, transformer_options.get("cond_or_uncond") or [0],
                              transformer_options.get("uuids") or [], transformer_options.get(AREAS_KEY) or {})
         for g in groups:

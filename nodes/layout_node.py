@@ -1,5 +1,5 @@
 """The Layout Attention Guidance node: boxes, masks or a colour map per subject, bound to the prompt's tokens,
-installed on a clone of the model by its architecture's module (``nodes/unet.py``)."""
+installed on a clone of the model by its architecture's module (``nodes/unet.py``, ``nodes/dit.py``)."""
 
 from __future__ import annotations
 
@@ -15,10 +15,10 @@ from ..cones2_core.conditioning import spelled_without_spaces
 from ..cones2_core.errors import Cones2Error, check_number, short
 from ..cones2_core.families import FAMILIES, by_context_width, family_name
 from ..cones2_core.layout import MAX_BOX_WEIGHT, MAX_LAYOUT_CHARS, colour_map_regions, parse_layout
+from . import dit, unet
 from .common import CATEGORY, warn
 from .encoding import COND_KEY, spelled_positions
 from .guidance import GuidanceSpec, SubjectRegion
-from .unet import install
 
 log = logging.getLogger("comfyui-cones2")
 
@@ -132,8 +132,8 @@ def build_spec(model, conditioning, layout, guidance_weight, positive_weight, ne
     subjects = list(dict.fromkeys([*boxes, *region_masks]))
     conds = []
     family_key = "sd1"
-    context_dim = (getattr(model.model, "model_config", None) and
-                   model.model.model_config.unet_config.get("context_dim"))
+    unet_config = getattr(getattr(model.model, "model_config", None), "unet_config", None) or {}
+    context_dim = unet_config.get("context_dim") or unet_config.get("context_in_dim")  # UNet / Flux
     for cond, extra in conditioning:
         record = extra.get(COND_KEY)
         if record is None:
@@ -180,7 +180,7 @@ class Cones2LayoutGuidance(io.ComfyNode):
                 "subject's box and negative_weight outside it, for the subject's tokens. Returns a patched "
                 "copy of the model (the input model is unchanged) and the conditioning to sample with."),
             inputs=[
-                io.Model.Input("model", tooltip="The model to guide (SD1.5, SD2.x or SDXL). It is cloned, not changed."),
+                io.Model.Input("model", tooltip="The model to guide (SD1.5, SD2.x, SDXL or Flux). It is cloned, not changed."),
                 io.Conditioning.Input("conditioning", tooltip="The positive prompt, from Cones2 Apply Residuals to "
                                       "Conditioning (with or without residuals)."),
                 io.String.Input("layout", default=DEFAULT_LAYOUT, multiline=True,
@@ -236,7 +236,7 @@ class Cones2LayoutGuidance(io.ComfyNode):
         spec = build_spec(model, conditioning, layout, guidance_weight, positive_weight, negative_weight,
                           start_percent, end_percent, self_recurrence, masks, mask_subjects, colour_map,
                           colour_subjects, record_maps)
-        guided = install(model, spec)
+        guided = (dit if dit.handles(model) else unet).install(model, spec)
         subjects = [r.subject for r in spec.conds[0][1]]
         log.info("layout guidance on %s (weight %.3g, %s)", ", ".join(subjects), guidance_weight,
                  "self-recurrence" if self_recurrence else "no self-recurrence")

@@ -41,6 +41,14 @@ def positive_conds(guider):
             yield cond, ctx
 
 
+def _flow_model(guider) -> bool:
+    import comfy.model_sampling
+
+    patcher = getattr(guider, "model_patcher", None)
+    sampling = patcher.get_model_object("model_sampling") if patcher is not None else None
+    return isinstance(sampling, comfy.model_sampling.CONST)
+
+
 class Cones2Sampler:
     """SAMPLER_SAMPLE wrapper: fresh attention recording per run; self-recurrence on guided steps."""
 
@@ -102,6 +110,11 @@ class Cones2Sampler:
         if denoise_mask is not None:
             warn("Cones2 Layout Guidance: self-recurrence is skipped with an inpainting mask; sampling with guidance "
                  "but without self-recurrence")
+            return executor(guider, sigmas, extra_args, callback, noise, latent_image, denoise_mask, disable_pbar)
+        if _flow_model(guider):
+            warn("Cones2 Layout Guidance: self-recurrence is not available on flow models (Flux): re-noising back to "
+                 "the first step's t = 1 would discard the sample; sampling with guidance but without "
+                 "self-recurrence. Turn self_recurrence off to silence this")
             return executor(guider, sigmas, extra_args, callback, noise, latent_image, denoise_mask, disable_pbar)
         name = sampler_function_name(getattr(executor, "class_obj", None))  # the executor runs sampler.sample
         if name not in STEPWISE_SAMPLERS:

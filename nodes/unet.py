@@ -92,7 +92,7 @@ class Cones2CrossAttention:
         return out
 
 
-def wrap_later_patches(specs, transformer_options):
+def wrap_later_patches(specs, transformer_options, **_call):
     """A cross-attention replacement another node installed after Layout Guidance took our place at its block:
     for this call (a per-call override, the model is untouched) ours runs again with theirs inside. Called by the
     APPLY_MODEL wrapper on every model call."""
