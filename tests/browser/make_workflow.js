@@ -12,6 +12,11 @@ const path = require('path');
 const { openComfy } = require('./browser_common');
 
 const CKPT = 'cones2_tiny_sd15.safetensors';
+// The tiny Flux bed's files as the loaders list them (harness/tiny_flux.py FILES); a user picks their own.
+const FLUX = {
+  unet: 'cones2_tiny_flux.safetensors', clipL: 'cones2_tiny_flux_clip_l.safetensors',
+  t5: 'cones2_tiny_flux_t5.safetensors', vae: 'cones2_tiny_flux_vae.safetensors',
+};
 const LAYOUT_2 = (a, b) => '{"version": 1, "canvas": {"width": 64, "height": 64}, "boxes": [\n'
   + `  {"subject": "${a}", "x": 0.05, "y": 0.2, "w": 0.42, "h": 0.7},\n`
   + `  {"subject": "${b}", "x": 0.55, "y": 0.3, "w": 0.4, "h": 0.6}\n]}`;
@@ -69,7 +74,8 @@ function buildAll(spec) {
     note([860, 480], 'Train a Cones 2 residual for one subject from 3-5 images of it (batch them into "images" or '
       + 'name a folder under ComfyUI/input in "image_folder"). The residual is saved as '
       + 'models/cones2_residuals/<save_name>.safetensors; press R to see it in Cones2 Load Residual. '
-      + '"paper" mode follows the paper (4000 steps); "fast" mode is much cheaper. The preview shows the loss curve.');
+      + 'steps 0 = automatic: "paper" mode follows the paper (4000 steps); "fast" mode (100 steps) is much cheaper. '
+      + 'The preview shows the loss curve.');
   }
   out.train_residual = app.graph.serialize();
 
@@ -85,7 +91,7 @@ function buildAll(spec) {
       link(cat, 0, pos, 'residuals');
     }
     const layout = add('Cones2LayoutGuidance', [860, 60],
-      { layout: withResiduals ? spec.layoutDogCat : spec.layoutCatDog });
+      { layout: withResiduals ? spec.layoutDogCat : spec.layoutCatDog, record_maps: true });
     const neg = add('CLIPTextEncode', [420, 280], { text: '' }, [400, 140]);
     const latent = add('EmptyLatentImage', [420, 480], { width: 64, height: 64, batch_size: 1 });
     const ks = sampler([1340, 60], 3);
@@ -138,7 +144,7 @@ function buildAll(spec) {
     const cnImg = add('LoadImage', [420, 540], { image: spec.controlImage }, [320, 360]);
     const cn = add('ControlNetApplyAdvanced', [860, 160],
       { strength: 0.6, start_percent: 0.0, end_percent: 1.0 });
-    const layout = add('Cones2LayoutGuidance', [1240, 0], { layout: spec.layout3 });
+    const layout = add('Cones2LayoutGuidance', [1240, 0], { layout: spec.layout3, record_maps: true });
     const latent = add('EmptyLatentImage', [860, 480], { width: 64, height: 64, batch_size: 1 });
     const ks = sampler([1720, 0], 3);
     const dec = add('VAEDecode', [2060, 0]);
@@ -174,6 +180,52 @@ function buildAll(spec) {
       + 'ControlNet with an SD1.5 checkpoint).');
   }
   out.mixed_controlnet_lora = app.graph.serialize();
+
+  // 5. Flux: two subjects placed by a layout on Flux's joint attention (cfg 1, the guidance value from
+  // FluxGuidance, 16-channel latents).
+  app.graph.clear();
+  {
+    const f = spec.flux;
+    const unet = add('UNETLoader', [20, 60], { unet_name: f.unet, weight_dtype: 'default' });
+    const clip = add('DualCLIPLoader', [20, 200], { clip_name1: f.clipL, clip_name2: f.t5, type: 'flux' });
+    const vae = add('VAELoader', [20, 380], { vae_name: f.vae });
+    const pos = add('Cones2ApplyResiduals', [420, 60], { text: spec.fluxPrompt }, [400, 160]);
+    const fg = add('FluxGuidance', [860, 60], { guidance: 3.5 });
+    const layout = add('Cones2LayoutGuidance', [1200, 60], { layout: spec.layoutFlux, record_maps: true });
+    const neg = add('CLIPTextEncode', [420, 280], { text: '' }, [400, 140]);
+    const latent = add('EmptySD3LatentImage', [420, 480], { width: 1024, height: 1024, batch_size: 1 });
+    const ks = add('KSampler', [1680, 60], { seed: 1, steps: 20, cfg: 1.0, sampler_name: 'euler', scheduler: 'simple' });
+    fixSeed(ks);
+    const dec = add('VAEDecode', [2020, 60]);
+    const save = add('SaveImage', [2020, 180], { filename_prefix: 'cones2_flux_layout' }, [300, 300]);
+    const maps = add('Cones2AttentionMaps', [1680, 420], { resolution: 'largest', panel_size: 256 });
+    const saveMaps = add('SaveImage', [2020, 520], { filename_prefix: 'cones2_flux_layout_maps' }, [420, 300]);
+    link(clip, 0, pos, 'clip');
+    link(clip, 0, neg, 'clip');
+    link(pos, 0, fg, 'conditioning');
+    link(unet, 0, layout, 'model');
+    link(fg, 0, layout, 'conditioning');
+    link(layout, 0, ks, 'model');
+    link(layout, 1, ks, 'positive');
+    link(neg, 0, ks, 'negative');
+    link(latent, 0, ks, 'latent_image');
+    link(ks, 0, dec, 'samples');
+    link(vae, 0, dec, 'vae');
+    link(dec, 0, save, 'images');
+    link(layout, 0, maps, 'model');
+    link(ks, 0, maps, 'samples');
+    link(maps, 0, saveMaps, 'images');
+    note([20, 680], 'Cones 2 on Flux. Download a Flux transformer (flux1-dev or flux1-schnell) into '
+      + 'models/diffusion_models, clip_l and t5xxl (fp16 or fp8) into models/text_encoders and the Flux VAE (ae) '
+      + 'into models/vae, and pick them in the three loaders (DualCLIPLoader: clip_l, t5xxl, type flux). '
+      + 'Apply Residuals encodes the prompt like CLIP Text Encode and records where its words sit in the T5 '
+      + 'rows; chain Cones2 Load Residual nodes with Flux residuals (family flux) into "residuals" to add your '
+      + 'own subjects. FluxGuidance sets the distilled guidance (3.5 for dev); sample at cfg 1 (schnell: 4 steps). '
+      + 'Layout Guidance biases Flux\'s joint attention: image queries x each subject\'s T5 keys, inside its box '
+      + 'up, outside down; Attention Maps shows where each word attended. More in the pack\'s README: '
+      + 'Cones2 Layout Guidance > Flux (joint attention).', [560, 220]);
+  }
+  out.flux_two_subjects_layout = app.graph.serialize();
   app.graph.clear();
   return out;
 }
@@ -191,6 +243,9 @@ function buildAll(spec) {
     layoutDogCat: LAYOUT_2('dog', 'cat'),
     layoutCatDog: LAYOUT_2('cat', 'dog'),
     layout3: LAYOUT_3,
+    flux: FLUX,
+    fluxPrompt: 'a photo of a dog and a cat sitting on a red sofa',
+    layoutFlux: LAYOUT_2('dog', 'cat').replace('"width": 64, "height": 64', '"width": 1024, "height": 1024'),
   };
   const before = errors.length;  // the frontend may log start-up errors of its own; only ours count
   const all = await page.evaluate(buildAll, spec);

@@ -1,7 +1,11 @@
 """The pack's example workflows (workflows/*.json, UI format) against the live server: listed as templates,
 every node, widget value and link valid for the real node definitions, and the layout workflows (plus the
 ControlNet/LoRA one and training, shortened) run to completion on the tiny SD1.5 checkpoint. The files the
-workflows name (tiny LoRA and ControlNet, demo residuals, input images) come from harness/tiny_extras.py."""
+workflows name (tiny LoRA and ControlNet, demo residuals, input images) come from harness/tiny_extras.py.
+
+The Flux workflow is checked against a server with the tiny Flux bed (``flux_server``: the loaders list the
+bed's files) and run there shortened, with its DualCLIPLoader swapped for the dev-only tiny loader (the
+host's Flux text loader always builds the full T5-XXL)."""
 
 from __future__ import annotations
 
@@ -15,12 +19,14 @@ import pytest
 from PIL import Image
 
 from harness import tiny_extras
+from harness.client import ComfyClient
 from harness.server import PACK_LINK_NAME
 from harness.ui_to_api import WorkflowError, check_workflow, to_api
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 WORKFLOW_DIR = os.path.join(REPO, "workflows")
 EXAMPLES = ["train_residual", "two_subjects_layout", "layout_only", "mixed_controlnet_lora"]
+FLUX_EXAMPLE = "flux_two_subjects_layout"
 PANEL = 256  # the workflows' Cones2AttentionMaps panel_size
 
 
@@ -50,11 +56,14 @@ def save_nodes(prompt: dict) -> dict[str, str]:
     return out
 
 
-def run_and_check(client, server, name: str, info: dict, n_subjects: int, size: int = 64) -> None:
-    prompt = to_api(load(name), info)
+def run_and_check(client, server, name: str, info: dict, n_subjects: int, size: int = 64,
+                  prompt: dict | None = None, timeout: float = 300) -> dict:
+    """Run the workflow (or ``prompt``, its API form as changed by the test); check that the image and the maps
+    were written at their sizes; return the history entry."""
+    prompt = to_api(load(name), info) if prompt is None else prompt
     saves = save_nodes(prompt)
     assert sorted(saves.values()) == ["image", "maps"], saves
-    entry = client.run(prompt, timeout=300)
+    entry = client.run(prompt, timeout=timeout)
     for nid, kind in saves.items():
         files = client.output_files(entry, server.output_dir, node_id=nid)
         assert len(files) == 1 and os.path.isfile(files[0]), f"{name}: {kind} not written: {entry['outputs']}"
@@ -63,11 +72,12 @@ def run_and_check(client, server, name: str, info: dict, n_subjects: int, size: 
                 assert im.size == (size, size)
             else:  # one PANEL-high panel per subject, 4 px apart
                 assert im.size == (n_subjects * PANEL + 4 * (n_subjects - 1), PANEL), f"{name}: maps {im.size}"
+    return entry
 
 
 def test_templates_are_listed_and_served(server, extras):
     on_disk = sorted(os.path.splitext(os.path.basename(p))[0] for p in glob.glob(os.path.join(WORKFLOW_DIR, "*.json")))
-    assert set(EXAMPLES) <= set(on_disk)
+    assert set(EXAMPLES) | {FLUX_EXAMPLE} <= set(on_disk)
     listed = server.get_json("/workflow_templates")
     assert sorted(listed.get(PACK_LINK_NAME, [])) == on_disk, listed
     url = f"{server.url}/api/workflow_templates/{PACK_LINK_NAME}/two_subjects_layout.json"
@@ -75,15 +85,20 @@ def test_templates_are_listed_and_served(server, extras):
         assert json.loads(r.read()) == load("two_subjects_layout")
 
 
-@pytest.mark.parametrize("name", EXAMPLES)
-def test_workflow_is_valid_for_the_live_nodes(name, info):
-    wf = load(name)
+def assert_valid(wf: dict, info: dict) -> dict:
+    """Every node, widget value and link valid for the live node definitions; returns the API prompt."""
     types = {n["type"] for n in wf["nodes"]} - {"Note", "MarkdownNote"}
     assert types <= set(info), f"unknown node types: {types - set(info)}"
     assert all(n.get("mode", 0) == 0 for n in wf["nodes"]), "a node is muted or bypassed"
     assert check_workflow(wf, info) == []
     prompt = to_api(wf, info)
     assert {n["class_type"] for n in prompt.values()} == types
+    return prompt
+
+
+@pytest.mark.parametrize("name", EXAMPLES)
+def test_workflow_is_valid_for_the_live_nodes(name, info):
+    assert_valid(load(name), info)
 
 
 def test_api_conversion_skips_seed_controls(info):
@@ -133,6 +148,66 @@ def test_train_residual_runs_shortened(client, server, info):
     assert os.path.isfile(target), f"no residual written: {entry['outputs']}"
     curve = client.output_files(entry, os.path.join(server.base, "temp"))  # PreviewImage writes to temp/
     assert len(curve) == 1 and os.path.isfile(curve[0])
+
+
+@pytest.fixture(scope="module")
+def flux_client(flux_server) -> ComfyClient:
+    return ComfyClient(flux_server.url)
+
+
+@pytest.fixture(scope="module")
+def flux_info(flux_client) -> dict:
+    return flux_client.object_info()  # the Flux server's loaders list the tiny bed's files
+
+
+def by_class(prompt: dict, class_type: str) -> dict:
+    """The inputs of the prompt's one node of ``class_type``."""
+    found = [n["inputs"] for n in prompt.values() if n["class_type"] == class_type]
+    assert len(found) == 1, f"{len(found)} {class_type} nodes"
+    return found[0]
+
+
+def test_flux_workflow_is_valid_for_the_live_nodes(flux_server, flux_info):
+    """Valid for the live node definitions, and a Flux graph as Flux users build it: UNETLoader with the
+    transformer, DualCLIPLoader type flux (clip_l, t5xxl), 16-channel empty latents, FluxGuidance between
+    Apply Residuals and Layout Guidance, KSampler at cfg 1; the loaders name the bed's files."""
+    prompt = assert_valid(load(FLUX_EXAMPLE), flux_info)
+    files = flux_server.flux_files
+    assert by_class(prompt, "UNETLoader")["unet_name"] == files["unet"]
+    clip = by_class(prompt, "DualCLIPLoader")
+    assert (clip["clip_name1"], clip["clip_name2"], clip["type"]) == (files["clip_l"], files["t5"], "flux")
+    assert by_class(prompt, "VAELoader")["vae_name"] == files["vae"]
+    ks = by_class(prompt, "KSampler")
+    assert (ks["cfg"], ks["sampler_name"], ks["scheduler"]) == (1.0, "euler", "simple")
+    assert prompt[ks["latent_image"][0]]["class_type"] == "EmptySD3LatentImage"
+    layout = by_class(prompt, "Cones2LayoutGuidance")
+    flux_guidance = prompt[layout["conditioning"][0]]
+    assert flux_guidance["class_type"] == "FluxGuidance"
+    assert prompt[flux_guidance["inputs"]["conditioning"][0]]["class_type"] == "Cones2ApplyResiduals"
+    assert layout["record_maps"] is True
+    assert [b["subject"] for b in json.loads(layout["layout"])["boxes"]] == ["dog", "cat"]
+
+
+def test_flux_two_subjects_layout_runs_on_the_tiny_bed(flux_server, flux_client, flux_info):
+    """The Flux workflow, shortened (64x64, 2 steps), runs on the tiny bed: the image and the maps are written
+    and the maps report names both subjects. The host's DualCLIPLoader would build the full T5-XXL for the
+    bed's small T5, so this run swaps it for the dev-only loader of the same two files."""
+    prompt = to_api(load(FLUX_EXAMPLE), flux_info)
+    files = flux_server.flux_files
+    for node in prompt.values():
+        if node["class_type"] == "DualCLIPLoader":
+            node.update(class_type="Cones2DevTinyFluxCLIPLoader",
+                        inputs={"clip_l_name": node["inputs"]["clip_name1"], "t5_name": node["inputs"]["clip_name2"]})
+            assert node["inputs"] == {"clip_l_name": files["clip_l"], "t5_name": files["t5"]}
+        elif node["class_type"] == "EmptySD3LatentImage":
+            node["inputs"].update(width=64, height=64)
+        elif node["class_type"] == "KSampler":
+            node["inputs"]["steps"] = 2
+    entry = run_and_check(flux_client, flux_server, FLUX_EXAMPLE, flux_info, n_subjects=2, prompt=prompt, timeout=600)
+    maps_id = next(nid for nid, n in prompt.items() if n["class_type"] == "Cones2AttentionMaps")
+    report = "\n".join(entry["outputs"][maps_id]["text"])
+    subjects = [line.split("\t")[0] for line in report.splitlines()]
+    assert subjects == ["dog", "cat"], report
 
 
 def test_checker_reports_broken_workflows(info):
