@@ -1,12 +1,13 @@
 // One browser session against the real ComfyUI + frontend, driving the Cones2 layout widget like a user.
-//   node tests/browser/layout_scenario.js <server url> <workflow.json> <screenshot.png> [<maps screenshot.png>]
+//   node tests/browser/layout_scenario.js <server url> <workflow.json> <screenshot.png> [<maps screenshot.png>
+//     [<flux workflow.json>]]
 // Prints "RESULT {json}" with one entry per step: {ok, ...details}; a failing step stops the run
 // (later steps depend on it) and is reported with its error.
 'use strict';
 const fs = require('fs');
 const { openComfy, gotoComfy, settle, run } = require('./browser_common');
 
-const [url, workflowPath, shotPath, mapsArg] = process.argv.slice(2);
+const [url, workflowPath, shotPath, mapsArg, fluxWorkflowPath] = process.argv.slice(2);
 const mapsShotPath = mapsArg || shotPath.replace(/\.png$/, '') + '_maps.png';
 const NODE = 'Cones2LayoutGuidance';
 
@@ -524,5 +525,38 @@ async function scenario(out, page, errors) {
     const clip = await shootNode(shotPath);
     return { clip, path: shotPath };
   });
+
+  // Flux: the prompt reaches Layout Guidance through FluxGuidance (Apply Residuals -> FluxGuidance -> Layout
+  // Guidance); the subject suggestions still come from the prompt. Loaded into the same page (no reload).
+  if (fluxWorkflowPath) {
+    await step('flux_prompt_words', async () => {
+      await loadWorkflow(JSON.parse(fs.readFileSync(fluxWorkflowPath, 'utf8')));
+      const chain = await page.evaluate((type) => {
+        const names = [];
+        let n = window.app.graph.nodes.find((x) => x.type === type);
+        for (let i = 0; i < 2 && n; i++) {
+          n = n.getInputNode(n.inputs.findIndex((x) => x.name === 'conditioning'));
+          names.push(n?.type);
+        }
+        return { names, text: n?.widgets?.find((w) => w.name === 'text')?.value };
+      }, NODE);
+      assert(JSON.stringify(chain.names) === '["FluxGuidance","Cones2ApplyResiduals"]',
+        `not the Flux chain: ${JSON.stringify(chain)}`);
+      const n = await layoutNode();
+      assert(n.state.boxes.length === 2 && Math.abs(n.state.aspect - 1) < 1e-9,
+        `Flux layout: ${JSON.stringify(n.state)}`);
+      // select the cat box on the canvas, then focus its subject field as a user would
+      await page.mouse.click(...at(n.state.rect, 0.75, 0.6));
+      await settle(page, 50);
+      const field = await editorSel('.c2-subject');
+      await field.click();
+      await settle(page, 50);
+      const subject = await field.inputValue();
+      const words = await page.evaluate((type) => [...window.app.graph.nodes.find((x) => x.type === type)
+        .cones2Layout.datalist.options].map((o) => o.value), NODE);
+      assert(subject === 'cat', `the cat box is not selected: the field says ${JSON.stringify(subject)}`);
+      return { chain, words };
+    });
+  }
 
 }

@@ -19,6 +19,7 @@ from cones2_core.layout import parse_layout
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
 WORKFLOW = os.path.join(REPO, "workflows", "two_subjects_layout.json")
+FLUX_WORKFLOW = os.path.join(REPO, "workflows", "flux_two_subjects_layout.json")
 SCREENSHOT = os.path.join(HERE, "artifacts", "layout_widget.png")
 SCREENSHOT_COPY = "/tmp/cones2_layout_widget.png"
 MAPS_SCREENSHOT = os.path.join(HERE, "artifacts", "layout_widget_maps.png")
@@ -32,7 +33,8 @@ def scenario(browser_env, server):
     for path in (SCREENSHOT, MAPS_SCREENSHOT):
         if os.path.exists(path):
             os.remove(path)
-    cmd = [browser_env, os.path.join(HERE, "layout_scenario.js"), server.url, WORKFLOW, SCREENSHOT, MAPS_SCREENSHOT]
+    cmd = [browser_env, os.path.join(HERE, "layout_scenario.js"), server.url, WORKFLOW, SCREENSHOT, MAPS_SCREENSHOT,
+           FLUX_WORKFLOW]
     try:
         res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     except subprocess.TimeoutExpired as e:
@@ -140,6 +142,16 @@ def test_screenshot_of_the_node(scenario):
     assert os.path.getsize(SCREENSHOT) > 10_000
     with open(SCREENSHOT, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_flux_prompt_words_through_flux_guidance(scenario):
+    """In the Flux workflow the prompt reaches Layout Guidance through FluxGuidance; the subject field still
+    offers the prompt's words (Apply Residuals' text, found past FluxGuidance)."""
+    step = check(scenario, "flux_prompt_words")
+    with open(FLUX_WORKFLOW) as f:
+        text = next(n for n in json.load(f)["nodes"] if n["type"] == "Cones2ApplyResiduals")["widgets_values"][0]
+    assert step["chain"]["text"] == text
+    assert {"dog", "cat", "sitting", "red", "sofa"} <= set(step["words"]), f"prompt words offered: {step['words']}"
 
 
 def test_no_errors_from_the_widget_in_the_page(scenario):
