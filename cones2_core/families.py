@@ -29,7 +29,7 @@ class Family:
     name: str  # as users name it
     encoders: tuple[Encoder, ...]
     architecture: str  # the host-side module that patches and trains it: "unet" (nodes/unet.py), "dit" (Flux)
-    resolution: int  # default training crop of its eps-prediction models
+    resolution: int  # default training crop of its eps-prediction (and flow) models
     v_resolution: int | None = None  # ... and of its v-prediction models (SD2.x 768-v)
     # Tokens per encoder chunk: long prompts and ConditioningConcat align to it. None: one chunk of any length
     # (T5: the prompt's tokens, then padding up to the tokenizer's min_length, 256 for Flux by default).
@@ -62,7 +62,7 @@ class Family:
         return next(e for e in self.encoders if e.key == key)
 
     def default_resolution(self, prediction: str) -> int:
-        """Training resolution when the node's input is 0: the family's native size."""
+        """Training resolution when the node's input is 0: the family's native size (Flux: 512, see its record)."""
         return self.v_resolution if prediction == "v" and self.v_resolution else self.resolution
 
     def describe(self) -> str:
@@ -78,8 +78,9 @@ FAMILIES: dict[str, Family] = {f.key: f for f in (
            reference_width=1024),
     Family("sdxl", "SDXL", (_CLIP_L, Encoder("g", "CLIP-G", 768, 1280)), "unet", 1024, pooled_adm=True),
     # Flux: the T5-XXL rows are the whole context (the joint attention's text part, row 0 = the first word, no
-    # start token); CLIP-L ("l") only gives the pooled vector.
-    Family("flux", "Flux", (Encoder("t5xxl", "T5-XXL", 0, 4096),), "dit", 1024, chunk=None, pooled_only=("l",)),
+    # start token); CLIP-L ("l") only gives the pooled vector. Training crop 512, not its native 1024: 1024 image
+    # tokens + the text's 256 instead of 4096 + 256, 3.4x fewer per step (README, Training).
+    Family("flux", "Flux", (Encoder("t5xxl", "T5-XXL", 0, 4096),), "dit", 512, chunk=None, pooled_only=("l",)),
 )}
 
 

@@ -185,3 +185,23 @@ class GradientFreeWeights(torch.overrides.TorchFunctionMode):
 
 
 _Tensor = torch.Tensor
+
+
+class OutOfPlaceAdds(torch.overrides.TorchFunctionMode):
+    """While active, ``x += y`` on a tensor that autograd tracks computes ``x + y`` into a new tensor (Python
+    rebinds ``x`` to it) instead of adding in place.
+
+    Some frozen networks add their residuals in place (the host's Flux blocks: ``txt += ...``, ``x += ...``) into
+    tensors an earlier op saved for backward, or into a checkpointed block's own input; autograd then refuses to
+    differentiate. The sum is the same either way. Python hands ``x += y`` to torch as ``x.add_(y)``, so a bare
+    ``x.add_(y)`` statement whose result is dropped would lose the add on tracked tensors: use this mode only
+    around code that adds in place by ``+=`` (the Flux blocks, with the training's SDPA attention)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is _ADD_ and args and isinstance(args[0], torch.Tensor) and args[0].requires_grad:
+            return torch.add(*args, **kwargs)
+        return func(*args, **kwargs)
+
+
+_ADD_ = torch._C.TensorBase.add_  # what ``x += y`` calls

@@ -39,7 +39,7 @@ TEMPLATES: tuple[str, ...] = (
 )
 
 MODES = ("paper", "fast")
-PREDICTIONS = ("eps", "v")
+PREDICTIONS = ("eps", "v", "flow")
 PAPER_LEARNING_RATE = 5e-6
 # Fast mode's defaults, ours to choose: on the toy world (README, Training) lr 1e-2 for 100 steps at batch 1 gave
 # 117% of the oracle residual's lift of the attribute (1e-3: 26% at 100 steps, 71% at 400).
@@ -65,14 +65,17 @@ def template_prompts(subject: str) -> list[str]:
 def x0_loss_weight(prediction: str, sigma: torch.Tensor, sigma_data: float = 1.0) -> torch.Tensor:
     """Per-sample weight w(sigma) with ``w * ||x0_hat - x0||^2 == ||pred - target||^2``.
 
-    The host's models return the denoised ``x0_hat``; with ``x_t = x0 + sigma * eps``:
+    The host's models return the denoised ``x0_hat``; with ``x_t = x0 + sigma * eps`` (eps and v):
 
     * eps-prediction: ``x0_hat = x_t - sigma * eps_hat``, so ``eps_hat - eps = -(x0_hat - x0) / sigma``;
     * v-prediction: ``x0_hat = x_t * sd^2 / (sigma^2 + sd^2) - v_hat * sigma * sd / sqrt(sigma^2 + sd^2)``, so
-      ``v_hat - v = -(x0_hat - x0) * sqrt(sigma^2 + sd^2) / (sigma * sd)``.
+      ``v_hat - v = -(x0_hat - x0) * sqrt(sigma^2 + sd^2) / (sigma * sd)``;
+    * flow matching (Flux; the host's CONST sampling): ``x_t = (1 - sigma) * x0 + sigma * eps``, the model
+      predicts the velocity ``v = eps - x0`` and ``x0_hat = x_t - sigma * v_hat``, so
+      ``v_hat - v = -(x0_hat - x0) / sigma``: the same weight as eps-prediction, on another ``x_t``.
     """
     sigma = sigma.float()
-    if prediction == "eps":
+    if prediction in ("eps", "flow"):
         return 1.0 / sigma.pow(2)
     if prediction == "v":
         sd2 = sigma_data * sigma_data
@@ -82,7 +85,8 @@ def x0_loss_weight(prediction: str, sigma: torch.Tensor, sigma_data: float = 1.0
 
 def diffusion_loss(denoised: torch.Tensor, x0: torch.Tensor, sigma: torch.Tensor, prediction: str,
                    sigma_data: float = 1.0) -> torch.Tensor:
-    """The reference's MSE on the eps or v target, computed from the host's denoised output.
+    """The reference's MSE on the eps or v target (Flux: the flow-matching velocity), from the host's denoised
+    output.
 
     ``denoised``/``x0``: [B, C, H, W]; ``sigma``: [B]. Mean over every element, as ``F.mse_loss`` does.
     """
@@ -182,6 +186,7 @@ class TrainSettings:
     resolution: int = 0  # 0 = the family's default
     batch_size: int = 1
     seed: int = 0
+    guidance: float | None = 3.5  # Flux's distilled guidance (FluxGuidance's value); None for other families
 
     def resolved(self, family: str, prediction: str) -> TrainSettings:
         """Check the values and fill in the automatic ones."""
@@ -191,20 +196,22 @@ class TrainSettings:
             raise Cones2Error(f"steps must be at least 1 (or 0 = the mode's default); got {self.steps}")
         if self.batch_size < 1:
             raise Cones2Error(f"batch_size must be at least 1; got {self.batch_size}")
-        for name in ("learning_rate", "preservation_weight_start", "preservation_weight_rest"):
-            v = getattr(self, name)
-            if not math.isfinite(v) or v < 0:
+        fam = family_record(family)
+        guidance = self.guidance if fam.architecture == "dit" else None  # only Flux reads it
+        for name in ("learning_rate", "preservation_weight_start", "preservation_weight_rest", "guidance"):
+            v = guidance if name == "guidance" else getattr(self, name)
+            if v is not None and (not math.isfinite(v) or v < 0):
                 raise Cones2Error(f"{name} must be a finite number >= 0; got {v!r}")
         lr = self.learning_rate or (PAPER_LEARNING_RATE if self.mode == "paper" else FAST_LEARNING_RATE)
-        res = self.resolution or family_record(family).default_resolution(prediction)
+        res = self.resolution or fam.default_resolution(prediction)
         if res < 64 or res % 64:
             raise Cones2Error(f"resolution must be a multiple of 64 and at least 64 (or 0 = auto); got {res}")
         return TrainSettings(self.mode, self.steps or default_steps(self.mode), lr, self.preservation_weight_start,
-                             self.preservation_weight_rest, res, self.batch_size, self.seed)
+                             self.preservation_weight_rest, res, self.batch_size, self.seed, guidance)
 
     def metadata(self, **extra: object) -> dict[str, str]:
         """``cones2.train.*`` string metadata for the residual file."""
-        items = {**asdict(self), **extra}
+        items = {k: v for k, v in {**asdict(self), **extra}.items() if v is not None}
         return {f"cones2.train.{k}": _meta_str(v) for k, v in items.items()}
 
 

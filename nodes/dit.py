@@ -12,16 +12,23 @@ and no host function is replaced):
 
 The formula, what replaces ``log(1 + sigma^2)`` for flow time, and what is not biased are documented in
 ``cones2_core/joint_attention.py``. ``nodes/unet.py`` is the UNet sibling.
+
+The training section at the end is Train Residual's Flux part (fast mode): the flow-matching prediction type, the
+guidance value and pooled vector the model is trained with, and the frozen transformer with checkpointed blocks.
 """
 
 from __future__ import annotations
 
 import functools
 
+import torch
+
 from ..cones2_core.errors import Cones2Error
+from ..cones2_core.gradients import OutOfPlaceAdds
 from ..cones2_core.joint_attention import flow_sigma, joint_bias, token_mass
 from .guidance import CALL_KEY, GuidanceSpec, add_wrappers, check_new_prompt, specs_of, subject_tokens
 from .recording import find_recording
+from .unet import FrozenUNet
 
 OVERRIDE_KEY = "optimized_attention_override"  # the host's key (comfy/ldm/modules/attention.py wrap_attn)
 GRID_KEY = "cones2_joint_grid"  # transformer_options of one model call: (text tokens, image rows, image columns)
@@ -118,3 +125,60 @@ def install(model_patcher, spec: GuidanceSpec):
     add_wrappers(m, earlier + [spec], per_call=functools.partial(per_call, patch_size=int(dm.patch_size)))
     return m
 
+
+# ---- training: the frozen Flux, its flow-matching sampling and conditioning -------------------------------------
+# Train Residual's fast mode on Flux (train_loop.py): the loss is Flux's own flow matching as the host's model
+# sampling defines it (CONST: x_t = (1 - sigma) x0 + sigma eps, the model predicts v = eps - x0, denoised = x_t -
+# sigma v; the weight that turns denoised into the velocity MSE is in cones2_core.objective.x0_loss_weight), the
+# noise levels are drawn uniformly from the host's sigmas table (ModelSamplingFlux: uniform t through its shift),
+# and the model gets FluxGuidance's value and CLIP-L's pooled vector as it does when sampling.
+
+def prediction_type(model) -> tuple[str, float, object]:
+    """(``"flow"``, 1.0, the model_sampling object) of a Flux model; an error for any other sampling."""
+    import comfy.model_sampling as ms_mod
+
+    ms = model.get_model_object("model_sampling")
+    if not handles(model) or not isinstance(ms, ms_mod.CONST):
+        raise Cones2Error(f"this model ({type(model.model).__name__}, sampling {type(ms).__name__}) is not a Flux "
+                          "flow-matching model; connect the MODEL of a Flux loader (Load Diffusion Model)")
+    return "flow", 1.0, ms
+
+
+def training_conds(model, pooled, settings, batch: int, device):
+    """Flux's extra inputs for training, ``batch`` rows each: ``y`` = CLIP-L's pooled vector (as
+    ``model_base.Flux.encode_adm`` makes it) and ``guidance`` = the distilled guidance value (FluxGuidance's;
+    models without a guidance embedding, Flux schnell, ignore it)."""
+    out = {"guidance": torch.full((batch,), float(settings.guidance), device=device)}
+    if pooled is not None:
+        y = model.model.encode_adm(pooled_output=pooled.float())
+        out["y"] = y.to(device).reshape(1, -1).repeat(batch, 1)
+    return out
+
+
+class FrozenFlux(FrozenUNet):
+    """The frozen Flux transformer for training (see FrozenUNet): a clone of the user's ModelPatcher loaded through
+    the host's memory management, with gradient checkpointing of every double and single block from the start.
+
+    Checkpointed, a block keeps only its inputs for backward (the image and text streams, 2 x 3072 channels per
+    token) and recomputes the rest; that is what lets 57 blocks of 12 B parameters train on one card (the
+    README's Training section has the figures). For the same reason the host may load Flux partly (its lowvram
+    mode streams the weights per op): the streamed copies live only while one block is recomputed."""
+
+    full_load_on_gpu = False
+    checkpoint_from_start = True
+
+    def layers(self):
+        dm = self.mp.model.diffusion_model
+        return [*dm.double_blocks, *dm.single_blocks]
+
+    def _checkpointed(self, bound):
+        """The blocks add their residuals in place (``txt += ...``, ``x += ...``) into tensors they saved for
+        backward, which autograd refuses: their training forwards (and recomputations) run under OutOfPlaceAdds."""
+        def out_of_place(*args, **kwargs):
+            with OutOfPlaceAdds():
+                return bound(*args, **kwargs)
+
+        return super()._checkpointed(out_of_place)
+
+
+FrozenModel = FrozenFlux  # the name the trainer looks up in each architecture's module

@@ -14,7 +14,8 @@ hands its ops gradient-free aliases of the weights (no copies), so gradients rea
 layers add residuals in place (``x += ...``), which breaks backward: the private copy's layers run an
 out-of-place forward. The user's MODEL and CLIP are left bit-identical.
 
-The private encoder is in ``train_encoder.py``, the frozen UNet in ``unet.py``, the node in ``train_node.py``.
+The private encoder is in ``train_encoder.py``, the frozen model in its architecture's module (``unet.py``;
+Flux: ``dit.py``, fast mode only), the node in ``train_node.py``.
 """
 
 from __future__ import annotations
@@ -48,9 +49,10 @@ from ..cones2_core.objective import (
     sample_sigmas,
     template_prompts,
 )
+from . import unet
 from .encoding import escape_word
 from .train_encoder import private_text_encoder, subject_rows
-from .unet import FrozenUNet, sdpa_attention, training_adm
+from .unet import sdpa_attention
 
 log = logging.getLogger("comfyui-cones2")
 
@@ -62,8 +64,11 @@ PREVIEW_UPDATES = 20
 class Trainer:
     """One training run (all state local to a node call)."""
 
-    def __init__(self, model, clip, prediction, sigma_data, model_sampling, settings, subject, latents, device):
-        self.model, self.clip = model, clip
+    def __init__(self, model, clip, prediction, sigma_data, model_sampling, settings, subject, latents, device,
+                 arch=unet):
+        """``arch``: the module of the model's architecture (``nodes/unet.py``, ``nodes/dit.py``), which gives
+        the frozen model (FrozenModel) and its extra inputs (training_conds)."""
+        self.model, self.clip, self.arch = model, clip, arch
         self.prediction, self.sigma_data, self.ms = prediction, sigma_data, model_sampling
         self.s, self.device = settings, device
         self.latents = [lat.to(device) for lat in latents]
@@ -106,9 +111,10 @@ class Trainer:
         ctx = self._encode(enc, merged, amp=False)[0].cpu()
         return list(ctx.reshape(len(self.template_tokens), -1, ctx.shape[-1]))
 
-    def _denoise(self, mp, x0, noise, sigma, context, y, amp: bool = True):
+    def _denoise(self, mp, x0, noise, sigma, context, conds, amp: bool = True):
+        """The frozen model's denoised output; ``conds``: its extra inputs (training_conds), sliced to the batch."""
         x_t = self.ms.noise_scaling(sigma.view(-1, 1, 1, 1), noise, x0)
-        extra = {} if y is None else {"y": y[: x0.shape[0]]}
+        extra = {k: v[: x0.shape[0]] for k, v in (conds or {}).items()}
         topts = copy.copy(mp.model_options.get("transformer_options", {}))
         topts.setdefault("optimized_attention_override", sdpa_attention)
         with self._autocast(amp and self.unet_amp), self.frozen:
@@ -203,7 +209,7 @@ class Trainer:
             with torch.no_grad():
                 frozen_ctx, pooled = self._encode(enc, self.instance_tokens)
                 frozen_templates = self._encode_templates(enc) if paper else None
-            y = training_adm(self.model, pooled, s.resolution, max(s.batch_size, EVAL_SAMPLES), self.device)
+            y = self.arch.training_conds(self.model, pooled, s, max(s.batch_size, EVAL_SAMPLES), self.device)
             if paper:
                 fused = self.device.type in ("cpu", "cuda")
                 self.low_rank = [(m.weight, m.lowrank_sink) for m in enc.modules() if hasattr(m, "lowrank_sink")]
@@ -226,8 +232,8 @@ class Trainer:
 
             losses: list[float] = []
             eval_points: list[tuple[int, float]] = []
-            with FrozenUNet(self.model, self.device, self.frozen) as unet:
-                mp = unet.mp
+            with self.arch.FrozenModel(self.model, self.device, self.frozen) as frozen_model:
+                mp = frozen_model.mp
                 eval_set = self._eval_set()
                 with torch.no_grad():
                     eval_points.append((0, self._eval_loss(mp, context(False), y, eval_set)))
@@ -242,11 +248,11 @@ class Trainer:
                             loss = self._step(mp, opt, params, context, frozen_ctx, x0, noise, sigma, y, paper)
                             break
                         except torch.OutOfMemoryError as e:
-                            if unet.checkpointing:
+                            if frozen_model.checkpointing:
                                 raise Cones2Error(
                                     f"out of {self.device.type.upper()} memory at training step {step + 1}, even "
-                                    "with gradient checkpointing; lower the resolution or batch_size, or use mode "
-                                    "'fast'") from e
+                                    "with gradient checkpointing; lower the resolution or batch_size"
+                                    + (", or use mode 'fast'" if paper else "")) from e
                             oom = str(e).splitlines()[0] if str(e) else "out of memory"
                         # here, outside the except block, its frames (and their activations) are already freed;
                         # drop the failed backward's partial gradients too before the allocator gives memory back
@@ -254,8 +260,8 @@ class Trainer:
                         if self.cuda:
                             torch.cuda.empty_cache()
                         log.warning("out of memory at training step %d (%s); switching on gradient checkpointing "
-                                    "of the UNet (slower, much less memory) and redoing the step", step + 1, oom)
-                        unet.checkpoint_layers()
+                                    "of the model (slower, much less memory) and redoing the step", step + 1, oom)
+                        frozen_model.checkpoint_layers()
                     value = float(loss)
                     if not math.isfinite(value):
                         raise Cones2Error(f"the training loss became {value} at step {step + 1}; lower the "

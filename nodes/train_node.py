@@ -18,14 +18,20 @@ from ..cones2_core.errors import Cones2Error
 from ..cones2_core.figures import draw_loss_curve
 from ..cones2_core.objective import MODES, TrainSettings, default_steps, split_channels
 from ..cones2_core.residual import Residual, resolve_residual_path, save_residual
+from . import dit, unet
 from .common import CATEGORY, Residuals
 from .encoding import clip_family, word_tokens
 from .paths import default_residual_folder
 from .train_images import collect_images, encode_latents
 from .train_loop import Trainer
-from .unet import prediction_type
 
 log = logging.getLogger("comfyui-cones2")
+
+ARCHITECTURES = {"unet": unet, "dit": dit}  # the family record's architecture -> its host-side module
+PAPER_ON_FLUX = ("paper mode fine-tunes the whole text encoder, which on Flux is T5-XXL (4.7 B parameters: about 57 GB "
+                 "for its float32 weights and AdamW's two moments, before any activation, besides the 24 GB Flux "
+                 "transformer); set mode to 'fast', which optimises the residual at the subject's T5 rows directly "
+                 "against Flux's own flow-matching loss")
 
 
 def train_residual(model, clip, vae, images: list[torch.Tensor], subject: str, settings: TrainSettings,
@@ -42,9 +48,9 @@ def train_residual(model, clip, vae, images: list[torch.Tensor], subject: str, s
             raise Cones2Error(f"the {what} input is empty: connect the {what.upper()} output of a checkpoint loader")
     fam = clip_family(clip)
     family = fam.key
-    if fam.architecture != "unet":
-        raise Cones2Error(f"training a residual on {fam.name} is not supported yet: train it on an SD1.5, SD2.x or "
-                          "SDXL checkpoint, or load a residual made for it")
+    arch = ARCHITECTURES[fam.architecture]
+    if fam.architecture == "dit" and settings.mode == "paper":
+        raise Cones2Error(PAPER_ON_FLUX)
     subject = (subject or "").strip()
     if not subject:
         raise Cones2Error("the subject is empty; set it to the subject's class word, e.g. 'dog'")
@@ -53,13 +59,13 @@ def train_residual(model, clip, vae, images: list[torch.Tensor], subject: str, s
         raise Cones2Error(f"the subject {subject!r} has no tokens for this CLIP; use a class word such as 'dog'")
     if len(set(counts.values())) != 1:
         raise Cones2Error(f"the subject {subject!r} tokenises differently for the two SDXL encoders; use a plain word")
-    prediction, sigma_data, ms = prediction_type(model)
+    prediction, sigma_data, ms = arch.prediction_type(model)  # refuses a model of another architecture
     s = settings.resolved(family, prediction)
     device = mm.get_torch_device()
     t0 = time.time()
     with torch.inference_mode(False), torch.enable_grad():
         latents = encode_latents(vae, model, images, s.resolution)
-        trainer = Trainer(model, clip, prediction, sigma_data, ms, s, subject, latents, device)
+        trainer = Trainer(model, clip, prediction, sigma_data, ms, s, subject, latents, device, arch=arch)
         delta, losses, eval_points = trainer.run(pbar, eval_every)
     seconds = time.time() - t0
     meta = s.metadata(prediction=prediction, images=len(images), templates=len(trainer.templates),
@@ -127,10 +133,11 @@ class Cones2TrainResidual(io.ComfyNode):
                 "text encoder exactly as the Cones 2 paper (diffusion loss + text-embedding preservation loss, "
                 "prompt = the class word alone), then averages the change of the subject's output embedding "
                 "over 27 prompt templates. 'fast' mode (our addition) optimises that output-space residual "
-                "directly against the same diffusion loss. Your MODEL and CLIP are not changed."),
+                "directly against the same diffusion loss. On Flux only 'fast' mode trains (against Flux's own "
+                "flow-matching loss, at the T5 rows of the subject). Your MODEL and CLIP are not changed."),
             inputs=[
-                io.Model.Input("model", tooltip="The diffusion model of an SD1.5, SD2.x or SDXL checkpoint (kept "
-                                                "frozen; gradients only flow through it)."),
+                io.Model.Input("model", tooltip="The diffusion model of an SD1.5, SD2.x, SDXL or Flux checkpoint "
+                                                "(kept frozen; gradients only flow through it)."),
                 io.Clip.Input("clip", tooltip="The matching CLIP; a private copy is fine-tuned, yours is unchanged."),
                 io.Vae.Input("vae", tooltip="The checkpoint's VAE, to encode the training images once."),
                 io.String.Input("subject", default="dog",
@@ -149,7 +156,7 @@ class Cones2TrainResidual(io.ComfyNode):
                                        "keep their embeddings)."),
                 io.Int.Input("resolution", default=0, min=0, max=2048, step=64,
                              tooltip="Training crop size in pixels; 0 = automatic (SD1.5 512, SD2.x-v 768, "
-                                     "SDXL 1024). Images are resized so their short side matches, then "
+                                     "SDXL 1024, Flux 512). Images are resized so their short side matches, then "
                                      "randomly cropped and flipped."),
                 io.Int.Input("batch_size", default=1, min=1, max=64, tooltip="Crops per step (the paper uses 1)."),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF,
@@ -168,6 +175,10 @@ class Cones2TrainResidual(io.ComfyNode):
                 io.String.Input("image_folder", default="", optional=True,
                                 tooltip="Optional folder of images inside ComfyUI's input directory, e.g. "
                                         "'my_dog'; used in addition to 'images'."),
+                io.Float.Input("flux_guidance", default=3.5, min=0.0, max=100.0, step=0.1, optional=True,
+                               tooltip="Flux only: the distilled guidance value the model is trained at (as "
+                                       "FluxGuidance sets it when sampling; 3.5 is the host's default). Other "
+                                       "models ignore it."),
             ],
             outputs=[
                 Residuals.Output(display_name="residuals",
@@ -181,7 +192,7 @@ class Cones2TrainResidual(io.ComfyNode):
     @classmethod
     def execute(cls, model, clip, vae, subject, steps=0, learning_rate=0.0, preservation_weight_start=1e-2,
                 preservation_weight_rest=1e-3, resolution=0, batch_size=1, seed=0, save_name="cones2_subject",
-                mode="paper", images=None, image_folder="") -> io.NodeOutput:
+                mode="paper", images=None, image_folder="", flux_guidance=3.5) -> io.NodeOutput:
         import comfy.utils
 
         path = prepare_destination(save_name)  # refuse a bad destination before spending time on training
@@ -189,7 +200,8 @@ class Cones2TrainResidual(io.ComfyNode):
         settings = TrainSettings(mode=mode, steps=int(steps), learning_rate=float(learning_rate),
                                  preservation_weight_start=float(preservation_weight_start),
                                  preservation_weight_rest=float(preservation_weight_rest),
-                                 resolution=int(resolution), batch_size=int(batch_size), seed=int(seed))
+                                 resolution=int(resolution), batch_size=int(batch_size), seed=int(seed),
+                                 guidance=float(flux_guidance))
         pbar = comfy.utils.ProgressBar(int(steps) or default_steps(mode))
         residual, losses, eval_points = train_residual(model, clip, vae, pictures, subject, settings, pbar)
         curve = draw_loss_curve(losses, eval_points, title=f"{residual.subject} ({mode}): "

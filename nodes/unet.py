@@ -177,6 +177,13 @@ def training_adm(model, pooled, resolution: int, batch: int, device: torch.devic
     return None if y is None else y.to(device).repeat(batch, 1)
 
 
+def training_conds(model, pooled, settings, batch: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """The model's extra inputs for training, each with ``batch`` rows: SDXL's ``y``, nothing for SD1.5/SD2.x.
+    (The DiT sibling is ``nodes/dit.py``'s.)"""
+    y = training_adm(model, pooled, settings.resolution, batch, device)
+    return {} if y is None else {"y": y}
+
+
 def sdpa_attention(func, q, k, v, heads, *args, **kwargs):
     """Training uses torch's scaled_dot_product_attention (fast forward and backward) whatever attention the
     host picked for sampling (on CPU it picks sub-quadratic attention, whose backward is slow)."""
@@ -192,7 +199,14 @@ class FrozenUNet:
     aliases of the weights, so backward reaches the context only and nothing is copied. ``checkpoint_layers()``
     switches on gradient checkpointing of the UNet's layers (the ResBlocks, transformers and resamplers inside
     its input, middle and output blocks): their forwards are wrapped until exit, then restored. The host runs a
-    block by calling its layers one by one (``forward_timestep_embed``), so the layers are what gets wrapped."""
+    block by calling its layers one by one (``forward_timestep_embed``), so the layers are what gets wrapped.
+
+    Subclasses (``nodes/dit.py``'s FrozenFlux) name their own ``layers()`` and loading policy."""
+
+    # On a GPU the whole UNet is loaded: partly loaded weights are streamed as per-op copies, which autograd
+    # would keep for backward (all of them, without checkpointing).
+    full_load_on_gpu = True
+    checkpoint_from_start = False
 
     def __init__(self, model, device: torch.device, frozen: torch.overrides.TorchFunctionMode):
         self.model, self.device, self.frozen = model, device, frozen
@@ -204,11 +218,13 @@ class FrozenUNet:
         import comfy.model_management as mm
 
         self.mp = self.model.clone()
-        mm.load_models_gpu([self.mp], force_full_load=self.device.type != "cpu")
+        mm.load_models_gpu([self.mp], force_full_load=self.full_load_on_gpu and self.device.type != "cpu")
+        if self.checkpoint_from_start:
+            self.checkpoint_layers()
         return self
 
     def layers(self) -> list[torch.nn.Module]:
-        """The UNet's layers with parameters, inside its input, middle and output blocks."""
+        """The UNet's layers with parameters, inside its input, middle and output blocks (what gets checkpointed)."""
         dm = self.mp.model.diffusion_model
         blocks = [*getattr(dm, "input_blocks", []), *getattr(dm, "output_blocks", [])]
         if getattr(dm, "middle_block", None) is not None:
@@ -247,3 +263,6 @@ class FrozenUNet:
                 module.forward = original
         self._patched.clear()
         self.checkpointing = False
+
+
+FrozenModel = FrozenUNet  # the name the trainer looks up in each architecture's module (nodes/dit.py: FrozenFlux)

@@ -98,7 +98,7 @@ def test_diffusion_loss_from_denoised_equals_target_mse(prediction):
     got = ob.diffusion_loss(denoised, x0, sigma, prediction)
     assert got.item() == pytest.approx(expect.item(), rel=1e-4)
     with pytest.raises(Cones2Error, match="unknown prediction"):
-        ob.diffusion_loss(denoised, x0, sigma, "flow")
+        ob.diffusion_loss(denoised, x0, sigma, "x0")
 
 
 def test_add_at_rows_is_differentiable_and_exact():
@@ -137,6 +137,24 @@ def test_settings_defaults_and_validation():
     meta = s.metadata(prediction="eps")
     assert meta["cones2.train.learning_rate"] == "5e-06" and meta["cones2.train.prediction"] == "eps"
     assert all(isinstance(v, str) for v in meta.values())
+    assert "cones2.train.guidance" not in meta and s.guidance is None  # only Flux reads the guidance value
+    flux = ob.TrainSettings(mode="fast", guidance=2.5).resolved("flux", "flow")
+    assert (flux.resolution, flux.guidance) == (512, 2.5)
+    assert flux.metadata()["cones2.train.guidance"] == "2.5"
+    with pytest.raises(Cones2Error, match="guidance must be a finite number"):
+        ob.TrainSettings(mode="fast", guidance=float("inf")).resolved("flux", "flow")
+
+
+def test_flow_matching_loss_is_the_velocity_mse():
+    """Flux (the host's CONST sampling): x_t = (1 - s) x0 + s eps, denoised = x_t - s v_hat; the loss computed
+    from denoised is the MSE of v_hat against the velocity eps - x0, per sample at its own sigma."""
+    g = torch.Generator().manual_seed(1)
+    x0, eps, v_hat = (torch.randn(3, 4, 8, 8, generator=g) for _ in range(3))
+    sigma = torch.tensor([0.05, 0.5, 0.97])
+    s = sigma.view(-1, 1, 1, 1)
+    x_t = (1 - s) * x0 + s * eps
+    got = ob.diffusion_loss(x_t - s * v_hat, x0, sigma, "flow")
+    assert got.item() == pytest.approx(((v_hat - (eps - x0)) ** 2).mean().item(), rel=1e-5)
 
 
 def test_loss_curve_picture():
