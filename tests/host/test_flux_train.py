@@ -222,3 +222,46 @@ def test_flux_bad_inputs(pack, bed, res_dir, loaded):
     with pytest.raises(Cones2Error, match=r"is for Flux \(T5-XXL 4096\) but the connected CLIP is SD1\.5 \(CLIP-L "
                                           r"768\): connect the CLIP of a Flux model"):
         apply(pack, sd1_clip, "a photo of a dog", [residual])
+
+
+def test_flux_training_through_the_server(pack, flux_server):
+    """The real server: Load Diffusion Model, the dev-only tiny CLIP loader, T5TokenizerOptions, Load VAE and
+    Train Residual in fast mode (one step, images from a folder under input/, guidance 2.0) write a Flux residual;
+    paper mode fails with the message that says to use fast mode."""
+    import os
+
+    import numpy as np
+    from PIL import Image
+
+    from harness.client import ComfyClient, PromptFailed
+
+    folder = os.path.join(flux_server.input_dir, "flux_blob_dog")
+    os.makedirs(folder, exist_ok=True)
+    for i, img in enumerate(blob_images()):
+        Image.fromarray((img.numpy() * 255).astype(np.uint8)).save(os.path.join(folder, f"{i}.png"))
+    files = flux_server.flux_files
+
+    def graph(mode):
+        return {
+            "1": {"class_type": "UNETLoader", "inputs": {"unet_name": files["unet"], "weight_dtype": "default"}},
+            "2": {"class_type": "Cones2DevTinyFluxCLIPLoader", "inputs": {"clip_l_name": files["clip_l"],
+                                                                         "t5_name": files["t5"]}},
+            "3": {"class_type": "T5TokenizerOptions", "inputs": {"clip": ["2", 0], "min_padding": 0, "min_length": SHORT}},
+            "4": {"class_type": "VAELoader", "inputs": {"vae_name": files["vae"]}},
+            "5": {"class_type": "Cones2TrainResidual", "inputs": {
+                "model": ["1", 0], "clip": ["3", 0], "vae": ["4", 0], "subject": SUBJECT, "steps": 1,
+                "learning_rate": 0.0, "preservation_weight_start": 0.01, "preservation_weight_rest": 0.001,
+                "resolution": 64, "batch_size": 1, "seed": 1, "save_name": f"srv_flux_{mode}", "mode": mode,
+                "image_folder": "flux_blob_dog", "flux_guidance": 2.0}},
+        }
+
+    client = ComfyClient(flux_server.url)
+    with pytest.raises(PromptFailed) as err:
+        client.run(graph("paper"))
+    assert err.value.exception_type.endswith("Cones2Error") and "set mode to 'fast'" in err.value.exception_message
+    client.run(graph("fast"))
+    path = os.path.join(flux_server.models_dir("cones2_residuals"), "srv_flux_fast.safetensors")
+    res = pack.cones2_core.residual.load_residual(path)
+    assert res.family == "flux" and res.tensors["t5xxl"].shape[1] == 4096
+    assert res.metadata["cones2.train.guidance"] == "2" and res.metadata["cones2.train.images"] == "3"
+    assert res.metadata["cones2.train.learning_rate"] == "0.01"  # fast mode's automatic rate
