@@ -1,11 +1,14 @@
 """Sampling time with Cones 2 layout guidance (self-recurrence off), without and with recording the attention maps
 (record_maps), versus plain sampling, measured in one run.
 
-    python bench/guidance_overhead.py [--families sd1 sdxl] [--size 256] [--steps 4] [--repeats 5]
+    python bench/guidance_overhead.py [--families sd1 sdxl flux] [--size 256] [--steps 4] [--repeats 5]
+                                      [--flux-size 128] [--flux-tokens 64]
 
-Builds (or reuses) the tiny random-weight checkpoints, loads them through the real host in-process, and
-alternates plain, guided and guided-and-recorded sampling of the same prompt and seed; prints one table of
-median times and their ratios to plain (target for guided: at most 1.05). The machine is noisy: compare the ratio, not the absolute seconds.
+Builds (or reuses) the tiny random-weight checkpoints (and the tiny Flux bed, harness/tiny_flux.py), loads them
+through the real host in-process, and alternates plain, guided and guided-and-recorded sampling of the same
+prompt and seed; prints one table of median times and their ratios to plain (targets for guided: at most 1.05
+on the UNets, 1.10 on Flux). Flux samples at CFG 1 (as Flux is used) with T5 padded to ``--flux-tokens``. The
+machine is noisy: compare the ratio, not the absolute seconds.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from harness import tiny_checkpoints  # noqa: E402
+from harness import tiny_checkpoints, tiny_flux  # noqa: E402
 from harness.host import find_host, import_host, load_pack  # noqa: E402
 
 LAYOUT = ('{"version":1,"boxes":[{"subject":"dog","x":0.05,"y":0.1,"w":0.4,"h":0.8},'
@@ -28,16 +31,25 @@ LAYOUT = ('{"version":1,"boxes":[{"subject":"dog","x":0.05,"y":0.1,"w":0.4,"h":0
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--families", nargs="+", default=["sd1", "sdxl"])
+    ap.add_argument("--families", nargs="+", default=["sd1", "sdxl", "flux"])
+    ap.add_argument("--flux-size", type=int, default=128, help="Flux image size (the bed is full width: slow)")
+    ap.add_argument("--flux-tokens", type=int, default=64, help="T5 tokens of the Flux prompt")
     ap.add_argument("--size", type=int, default=256)
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     args = ap.parse_args(argv)
     host = find_host()
-    out = subprocess.run([sys.executable, tiny_checkpoints.__file__, "--comfyui", host, *args.families],
-                         check=True, capture_output=True, text=True).stdout
-    paths = dict(line.split("\t") for line in out.strip().splitlines())
+    unets = [f for f in args.families if f != "flux"]
+    paths = {}
+    if unets:
+        out = subprocess.run([sys.executable, tiny_checkpoints.__file__, "--comfyui", host, *unets],
+                             check=True, capture_output=True, text=True).stdout
+        paths = dict(line.split("\t") for line in out.strip().splitlines())
+    if "flux" in args.families:
+        out = subprocess.run([sys.executable, tiny_flux.__file__, "--comfyui", host, "--out",
+                              tiny_flux.default_cache_dir()], check=True, capture_output=True, text=True).stdout
+        flux_paths = dict(line.split("\t") for line in out.strip().splitlines())
     import_host(host)
     if args.device != "cpu":
         import comfy.cli_args
@@ -53,17 +65,25 @@ def main(argv=None) -> int:
     guide_node = pack.nodes.layout_node.Cones2LayoutGuidance
     rows = []
     for fam in args.families:
-        model, clip, _, _ = comfy.sd.load_checkpoint_guess_config(paths[fam], output_vae=False, output_clip=True)
+        size, cfg, channels = args.size, 5.0, 4
+        if fam == "flux":
+            from comfy_extras.nodes_cond import T5TokenizerOptions
+
+            model, clip, _vae = tiny_flux.load(flux_paths)
+            clip = T5TokenizerOptions.execute(clip, 0, args.flux_tokens).result[0]
+            size, cfg, channels = args.flux_size, 1.0, 16
+        else:
+            model, clip, _, _ = comfy.sd.load_checkpoint_guess_config(paths[fam], output_vae=False, output_clip=True)
         pos = apply_node.execute(clip, "a dog and a cat on a sofa").result[0]
         neg = host_nodes.CLIPTextEncode().encode(clip, "")[0]
         guided, gpos = guide_node.execute(model, pos, LAYOUT, 0.08, 2.5, -1e8, 0.0, 1.0, False).result
         recorded, rpos = guide_node.execute(model, pos, LAYOUT, 0.08, 2.5, -1e8, 0.0, 1.0, False,
                                             record_maps=True).result
-        latent = {"samples": torch.zeros(1, 4, args.size // 8, args.size // 8)}
+        latent = {"samples": torch.zeros(1, channels, size // 8, size // 8)}
 
-        def run(m, p, latent=latent, neg=neg):
+        def run(m, p, latent=latent, neg=neg, cfg=cfg):
             t, c = time.perf_counter(), time.process_time()
-            host_nodes.common_ksampler(m, 0, args.steps, 5.0, "euler", "normal", p, neg, latent, disable_noise=False)
+            host_nodes.common_ksampler(m, 0, args.steps, cfg, "euler", "normal", p, neg, latent, disable_noise=False)
             return time.perf_counter() - t, time.process_time() - c
 
         runs = ((model, pos), (guided, gpos), (recorded, rpos))
@@ -75,7 +95,7 @@ def main(argv=None) -> int:
                 t.append(run(m, p))
         wall = [statistics.median(x[0] for x in t) for t in times]
         cpu = [statistics.median(x[1] for x in t) for t in times]
-        rows.append((fam, args.size, args.steps, wall, cpu))
+        rows.append((fam, size, args.steps, wall, cpu))
     lines = [f"{'family':8} {'size':>5} {'steps':>5} {'plain s':>8} {'guided':>7} {'+maps':>7} "
              f"{'guided cpu':>10} {'+maps cpu':>9}"]
     for fam, size, steps, wall, cpu in rows:

@@ -9,8 +9,8 @@ DEVICE="${DEVICE:-cpu}"
 PY="${PYTHON:-python}"
 HOST="${COMFYUI_DIR:-$HOME/ComfyUI}"
 echo "## guidance overhead ($DEVICE)"
-COMFYUI_DIR="$HOST" "$PY" bench/guidance_overhead.py --device "$DEVICE" --families sd1 sdxl \
-  --size "${SIZE:-256}" --steps "${STEPS:-4}" --repeats "${REPEATS:-5}" 2>/dev/null | grep --line-buffered -E "^(family|sd1|sdxl)"
+COMFYUI_DIR="$HOST" "$PY" bench/guidance_overhead.py --device "$DEVICE" --families sd1 sdxl flux \
+  --size "${SIZE:-256}" --steps "${STEPS:-4}" --repeats "${REPEATS:-5}" 2>/dev/null | grep --line-buffered -E "^(family|sd1|sdxl|flux)"
 echo
 echo "## train residual ($DEVICE)"
 COMFYUI_DIR="$HOST" "$PY" bench/train_residual.py --comfyui "$HOST" --device "$DEVICE" --steps "${TRAIN_STEPS:-6}" \
