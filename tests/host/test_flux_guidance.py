@@ -221,3 +221,36 @@ def test_on_the_loader_detected_bed_through_apply_residuals(pack, flux):
     assert set(got) == {"dog", "cat"} and min(got.values()) >= 0.99, got
     images, report = pack.nodes.maps_node.Cones2AttentionMaps.execute(gm, {"samples": out}).result[:2]
     assert images.ndim == 4 and images.shape[-1] == 3 and "dog" in report and "cat" in report
+
+
+def test_composes_with_a_flux_controlnet(pack, small_flux):
+    """An XLabs-style Flux ControlNet (the host's ControlNetFlux, applied with ControlNetApplyAdvanced): guidance
+    still places the subjects, the ControlNet still acts, and at guidance_weight 0 the image is bit for bit what the
+    ControlNet alone gives."""
+    import comfy.controlnet
+    import comfy.ldm.flux.controlnet
+    import comfy.ops
+
+    import nodes
+
+    model, pos, neg = small_flux
+    cfg = {k: v for k, v in SMALL_FLUX.items() if k != "image_model"}
+    net = comfy.ldm.flux.controlnet.ControlNetFlux(operations=comfy.ops.disable_weight_init, **cfg)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, p in sorted(net.named_parameters()):
+            p.copy_(torch.randn(p.shape, generator=g) * 0.02 if p.ndim > 1 else
+                    torch.full(p.shape, 1.0 if name.endswith("scale") else 0.0))
+    control = comfy.controlnet.ControlNet(net, load_device=torch.device("cpu"), manual_cast_dtype=None,
+                                          extra_conds=["y", "guidance"])
+    hint = torch.rand(1, 64, 80, 3, generator=g)
+    cpos, cneg = nodes.ControlNetApplyAdvanced().apply_controlnet(pos, neg, control, hint, 1.0, 0.0, 1.0)
+    alone = sample(model, cpos, cneg)
+    assert not torch.equal(alone, sample(model, pos, neg))  # the ControlNet acts
+    gm, gpos = guide(pack, model, cpos)
+    both = sample(gm, gpos, cneg)
+    assert min(shares(pack, gm).values()) >= 0.99
+    gm_only, gpos_only = guide(pack, model, pos)
+    assert not torch.equal(both, sample(gm_only, gpos_only, neg))  # ... and still acts under guidance
+    off, opos = guide(pack, model, cpos, gw=0.0, record=False)
+    assert torch.equal(sample(off, opos, cneg), alone)
