@@ -77,19 +77,23 @@ def image_text_std(q, k, txt_len: int, img_len: int, chunk_size: int | None = No
 
 
 def joint_bias(q, k, txt_len: int, img_len: int, weight_map, sigma, guidance_weight: float,
-               scale: float | None = None, chunk_size: int | None = None) -> torch.Tensor:
+               scale: float | None = None, chunk_size: int | None = None, text_queries: bool = False) -> torch.Tensor:
     """The Cones 2 bias as an additive attention mask [B, 1, L, L] (float32), already multiplied by the softmax
     scale (the host adds masks to the scaled scores): zero but on image rows x text columns.
 
     q, k: [B, heads, L, d] after the positional embedding (what the host's attention receives); text tokens are
     rows ``0 .. txt_len - 1``, the image's ``txt_len .. txt_len + img_len - 1``. ``sigma``: the noise level in
-    sigma units per sample (``flow_sigma`` of Flux's flow time) or one float."""
+    sigma units per sample (``flow_sigma`` of Flux's flow time) or one float. ``text_queries``: also bias the
+    subject's text queries x image keys with the same weights (an experiment; off in the node)."""
     w = _check(q, k, txt_len, img_len, weight_map)
     b, _, length, d = q.shape
     scale = d**-0.5 if scale is None else float(scale)
     coef = _coefficient(image_text_std(q, k, txt_len, img_len, chunk_size), sigma, guidance_weight)  # [B]
     mask = torch.zeros(b, 1, length, length, dtype=torch.float32, device=q.device)
-    mask[:, 0, txt_len:txt_len + img_len, :txt_len] = (scale * coef).view(b, 1, 1) * w
+    block = (scale * coef).view(b, 1, 1) * w
+    mask[:, 0, txt_len:txt_len + img_len, :txt_len] = block
+    if text_queries:  # also confine the subject's text queries to its region (the transposed block)
+        mask[:, 0, :txt_len, txt_len:txt_len + img_len] = block.transpose(1, 2)
     return mask
 
 

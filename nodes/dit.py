@@ -31,6 +31,9 @@ from .recording import find_recording
 from .unet import FrozenUNet
 
 OVERRIDE_KEY = "optimized_attention_override"  # the host's key (comfy/ldm/modules/attention.py wrap_attn)
+# Whether the subject's text queries are confined to its region too (the transposed bias block): off, as measured
+# on the Flux toy world (README); a module switch for that measurement, not a node input.
+CONFINE_TEXT_QUERIES = False
 GRID_KEY = "cones2_joint_grid"  # transformer_options of one model call: (text tokens, image rows, image columns)
 
 
@@ -84,7 +87,8 @@ class Cones2JointAttention:
             host_mask = _rows_of(mask, rows, q.shape[0])
             full = host_mask
             if g.spec.guidance_weight != 0:
-                bias = joint_bias(qs, ks, txt, n, wm, flow_sigma(sig), g.spec.guidance_weight)
+                bias = joint_bias(qs, ks, txt, n, wm, flow_sigma(sig), g.spec.guidance_weight,
+                                  text_queries=CONFINE_TEXT_QUERIES)
                 full = bias if host_mask is None else bias + host_mask.float()
                 res = base(qs, ks, vs, heads, *args[4:], **{**kwargs, "mask": full.to(q.dtype)})
                 if out is None:

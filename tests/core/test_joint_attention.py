@@ -111,3 +111,15 @@ def test_shape_errors_say_what_is_wrong():
         joint_bias(q, k, txt, q.shape[2], wm, 1.0, 0.1)
     with pytest.raises(Cones2Error, match=r"\[B, heads, L, d\]"):
         joint_bias(q[0], k[0], txt, n, wm, 1.0, 0.1)
+
+
+def test_text_queries_option_adds_the_transposed_block_only():
+    q, k, _v, wm, txt, n = _inputs()
+    plain = joint_bias(q, k, txt, n, wm, 1.0, 0.5)
+    both = joint_bias(q, k, txt, n, wm, 1.0, 0.5, text_queries=True)
+    torch.testing.assert_close(both[:, 0, txt:txt + n, :txt], plain[:, 0, txt:txt + n, :txt])
+    torch.testing.assert_close(both[:, 0, :txt, txt:txt + n], plain[:, 0, txt:txt + n, :txt].transpose(1, 2))
+    rest = both.clone()
+    rest[:, 0, txt:txt + n, :txt] = 0
+    rest[:, 0, :txt, txt:txt + n] = 0
+    assert not rest.any()
