@@ -100,6 +100,17 @@ def comfy(host_dir):
     return host_dir
 
 
+@pytest.fixture(scope="module")
+def res_dir(comfy, tmp_path_factory):
+    """A fresh ``cones2_residuals`` folder for one test module (the host's folder_paths entry points at it)."""
+    import folder_paths
+
+    folder = tmp_path_factory.mktemp("cones2_residuals")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(folder_paths.folder_names_and_paths, "cones2_residuals", ([str(folder)], {".safetensors"}))
+        yield folder
+
+
 @pytest.fixture(scope="session")
 def pack(comfy):
     """This pack imported in-process as ComfyUI imports it (package ``comfyui_cones2``)."""

@@ -9,39 +9,15 @@ import pytest
 import torch
 
 from cones2_core.families import FAMILIES
-
-SHORT = 16  # T5 tokens (T5TokenizerOptions' min_length): a short text part keeps the Flux forward fast
+from harness.test_helpers import FLUX_T5_TOKENS as SHORT
+from harness.test_helpers import apply_residuals as apply
+from harness.test_helpers import short_clip, t5_rows, text_encode
 
 
 def make_residual(pack, subject="dog", n_tokens=1, seed=0, strength=1.0, fam="flux"):
     g = torch.Generator().manual_seed(seed)
     tensors = {k: torch.randn(n_tokens, w, generator=g) for k, w in FAMILIES[fam].widths.items()}
     return pack.cones2_core.residual.Residual(subject=subject, family=fam, tensors=tensors, strength=strength)
-
-
-def short_clip(clip, min_length=SHORT):
-    """The CLIP as T5TokenizerOptions (the host's node) leaves it: T5 padded to ``min_length`` tokens."""
-    from comfy_extras.nodes_cond import T5TokenizerOptions
-
-    return T5TokenizerOptions.execute(clip, 0, min_length).result[0]
-
-
-def text_encode(clip, text):
-    import nodes
-
-    return nodes.CLIPTextEncode().encode(clip, text)[0]
-
-
-def apply(pack, clip, text, residuals):
-    return pack.nodes.residual_nodes.Cones2ApplyResiduals.execute(clip, text, residuals).result[0]
-
-
-def t5_rows(clip, text, word):
-    """Independent finder: the T5 rows holding ``word``'s tokens, by the host's T5 tokenizer alone."""
-    ids = [t for t, _w in clip.tokenize(text)["t5xxl"][0]]
-    pattern = [t for t, _w, wid in clip.tokenize(word, return_word_ids=True)["t5xxl"][0] if wid != 0]
-    return [i + j for i in range(len(ids) - len(pattern) + 1) if ids[i:i + len(pattern)] == pattern
-            for j in range(len(pattern))]
 
 
 def test_bed_loads_through_the_host_as_flux(pack, flux, tiny_flux):

@@ -15,55 +15,12 @@ import hashlib
 import pytest
 import torch
 
+from harness.test_helpers import FLUX_T5_TOKENS as SHORT
+from harness.test_helpers import apply_residuals as apply
+from harness.test_helpers import blob_images, short_clip, t5_rows, text_encode
+
 SUBJECT = "dog"
 LR = 5e-2  # a few steps must move the random bed's loss measurably
-
-
-SHORT = 16  # T5 tokens (T5TokenizerOptions' min_length), as in test_flux_residuals.py
-
-
-def short_clip(clip, min_length=SHORT):
-    from comfy_extras.nodes_cond import T5TokenizerOptions
-
-    return T5TokenizerOptions.execute(clip, 0, min_length).result[0]
-
-
-def text_encode(clip, text):
-    import nodes
-
-    return nodes.CLIPTextEncode().encode(clip, text)[0]
-
-
-def apply(pack, clip, text, residuals):
-    return pack.nodes.residual_nodes.Cones2ApplyResiduals.execute(clip, text, residuals).result[0]
-
-
-def t5_rows(clip, text, word):
-    """Independent finder: the T5 rows holding ``word``'s tokens, by the host's T5 tokenizer alone."""
-    ids = [t for t, _w in clip.tokenize(text)["t5xxl"][0]]
-    pattern = [t for t, _w, wid in clip.tokenize(word, return_word_ids=True)["t5xxl"][0] if wid != 0]
-    return [i + j for i in range(len(ids) - len(pattern) + 1) if ids[i:i + len(pattern)] == pattern
-            for j in range(len(pattern))]
-
-
-def blob_images(n=3, size=64):
-    """A red blob on grey, moved a little in each image (as test_train.py's)."""
-    yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
-    imgs = torch.full((n, size, size, 3), 0.5)
-    for i in range(n):
-        m = ((yy - size // 2 - 4 * i) ** 2 + (xx - size // 2 + 3 * i) ** 2) < (size * 0.28) ** 2
-        imgs[i][m] = torch.tensor([0.9, 0.2, 0.1])
-    return imgs
-
-
-@pytest.fixture(scope="module")
-def res_dir(comfy, tmp_path_factory):
-    import folder_paths
-
-    folder = tmp_path_factory.mktemp("cones2_residuals_flux")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setitem(folder_paths.folder_names_and_paths, "cones2_residuals", ([str(folder)], {".safetensors"}))
-        yield folder
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from harness import tiny_checkpoints
+from harness.test_helpers import blob_images
 
 SUBJECT = "dog"
 
@@ -44,26 +45,6 @@ def sd2(comfy, tiny_ckpts):
 @pytest.fixture(scope="module")
 def sdxl(comfy, tiny_ckpts):
     return _load(tiny_ckpts["sdxl"])
-
-
-def blob_images(n=3, size=64):
-    """A red blob on grey, moved a little in each image."""
-    yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
-    imgs = torch.full((n, size, size, 3), 0.5)
-    for i in range(n):
-        m = ((yy - size // 2 - 4 * i) ** 2 + (xx - size // 2 + 3 * i) ** 2) < (size * 0.28) ** 2
-        imgs[i][m] = torch.tensor([0.9, 0.2, 0.1])
-    return imgs
-
-
-@pytest.fixture(scope="module")
-def res_dir(comfy, tmp_path_factory):
-    import folder_paths
-
-    folder = tmp_path_factory.mktemp("cones2_residuals")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setitem(folder_paths.folder_names_and_paths, "cones2_residuals", ([str(folder)], {".safetensors"}))
-        yield folder
 
 
 def snapshot(model, clip):

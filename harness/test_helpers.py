@@ -1,0 +1,45 @@
+"""Small helpers shared by the host tests (development only): training images, and the tiny Flux bed's text."""
+
+from __future__ import annotations
+
+import torch
+
+FLUX_T5_TOKENS = 16  # T5 tokens the Flux tests pad to (T5TokenizerOptions' min_length): a short text part keeps
+# the full-width bed's forward quick
+
+
+def blob_images(n: int = 3, size: int = 64) -> torch.Tensor:
+    """``n`` IMAGE rows [n, size, size, 3]: a red blob on grey, moved a little in each image."""
+    yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    imgs = torch.full((n, size, size, 3), 0.5)
+    for i in range(n):
+        m = ((yy - size // 2 - 4 * i) ** 2 + (xx - size // 2 + 3 * i) ** 2) < (size * 0.28) ** 2
+        imgs[i][m] = torch.tensor([0.9, 0.2, 0.1])
+    return imgs
+
+
+def short_clip(clip, min_length: int = FLUX_T5_TOKENS):
+    """The CLIP as the host's T5TokenizerOptions node leaves it: T5 padded to ``min_length`` tokens."""
+    from comfy_extras.nodes_cond import T5TokenizerOptions
+
+    return T5TokenizerOptions.execute(clip, 0, min_length).result[0]
+
+
+def text_encode(clip, text: str):
+    """CLIP Text Encode's conditioning."""
+    import nodes
+
+    return nodes.CLIPTextEncode().encode(clip, text)[0]
+
+
+def apply_residuals(pack, clip, text: str, residuals):
+    """Cones2 Apply Residuals to Conditioning's conditioning."""
+    return pack.nodes.residual_nodes.Cones2ApplyResiduals.execute(clip, text, residuals).result[0]
+
+
+def t5_rows(clip, text: str, word: str) -> list[int]:
+    """Independent finder: the T5 rows holding ``word``'s tokens, by the host's T5 tokenizer alone."""
+    ids = [t for t, _w in clip.tokenize(text)["t5xxl"][0]]
+    pattern = [t for t, _w, wid in clip.tokenize(word, return_word_ids=True)["t5xxl"][0] if wid != 0]
+    return [i + j for i in range(len(ids) - len(pattern) + 1) if ids[i:i + len(pattern)] == pattern
+            for j in range(len(pattern))]
