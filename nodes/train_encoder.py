@@ -54,8 +54,12 @@ class _RowDeltaEmbedding(torch.nn.Module):
         self.delta = torch.nn.Parameter(torch.zeros(len(ids), weight.shape[1], device=weight.device))
 
     def forward(self, input, out_dtype=None, **kwargs):
-        table = torch.cat([self.delta, self.delta.new_zeros(1, self.delta.shape[1])])
-        out = torch.nn.functional.embedding(input, self.weight) + table[self.slot[input]]
+        # The delta rows are picked by a one-hot product, not by indexing: the backward of an index
+        # (index_put_ with accumulate) sums the many positions of one id (a prompt's padding repeats its end
+        # token) in an order that varies between runs on a multi-threaded CPU, so two runs of one seed drifted
+        # apart; a matrix product sums them in a fixed order.
+        pick = torch.nn.functional.one_hot(self.slot[input], len(self.delta) + 1)[..., :-1].to(self.delta.dtype)
+        out = torch.nn.functional.embedding(input, self.weight) + pick @ self.delta
         return out if out_dtype is None else out.to(out_dtype)
 
 

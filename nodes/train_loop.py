@@ -77,7 +77,7 @@ class Trainer:
         self.amp = (self.cuda and torch.cuda.is_bf16_supported()) or (
             device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported())
         compute = getattr(model.model, "manual_cast_dtype", None) or model.model.get_dtype()
-        self.unet_amp = unet_autocast(compute, self.amp)  # the encoder's float32 weights always use self.amp
+        self.unet_amp = unet_autocast(compute, self.amp)  # the encoders always run in float32 (see _encode)
         self.scaler = BoundaryLossScaler() if needs_loss_scaling(compute, self.unet_amp) else None
         self.instance_tokens = clip.tokenize(escape_word(subject))
         self.instance_rows = subject_rows(clip, subject, escape_word(subject))
@@ -96,11 +96,17 @@ class Trainer:
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def _encode(self, enc, tokens, amp: bool = True):
-        """(context [1, T, C], pooled) of one prompt: through the private copy ``enc``, or the user's CLIP (None)."""
-        with self._autocast(amp):
-            out = enc.encode_token_weights(tokens) if enc is not None else \
-                self.clip.encode_from_tokens(tokens, return_pooled=True)
+    def _encode(self, enc, tokens):
+        """(context [1, T, C], pooled) of one prompt: through the private copy ``enc``, or the user's CLIP (None).
+
+        Always float32, never under bf16 autocast: the paper's steps change each weight by about the learning
+        rate (5e-6), 50 times less than a bf16 rounding step of a typical weight (2.4e-4 at 0.036), so a bf16
+        forward sees the trained weights only as rounding flips. Worse, weights stored in float16 (most
+        checkpoints) sit exactly halfway between two bf16 values one time in eight; the first step of any size
+        tips all of them the same way, which moved the subject's output by as much as a whole residual at any
+        learning rate (5e-8 as 5e-6) on the toy world."""
+        out = enc.encode_token_weights(tokens) if enc is not None else \
+            self.clip.encode_from_tokens(tokens, return_pooled=True)
         return out[0].float().to(self.device), out[1]
 
     def _encode_templates(self, enc) -> list[torch.Tensor]:
@@ -108,7 +114,7 @@ class Trainer:
 
         Always float32: the residual is a small difference of two of these, which bf16 rounding would swamp."""
         merged = {k: [chunk for t in self.template_tokens for chunk in t[k]] for k in self.template_tokens[0]}
-        ctx = self._encode(enc, merged, amp=False)[0].cpu()
+        ctx = self._encode(enc, merged)[0].cpu()
         return list(ctx.reshape(len(self.template_tokens), -1, ctx.shape[-1]))
 
     def _denoise(self, mp, x0, noise, sigma, context, conds, amp: bool = True):
@@ -225,10 +231,10 @@ class Trainer:
                 params = [residual]
                 opt = torch.optim.AdamW(params, lr=s.learning_rate, weight_decay=0.0)
 
-            def context(amp: bool = True):
+            def context():
                 if residual is not None:
                     return add_at_rows(frozen_ctx, self.instance_rows, residual)
-                return self._encode(enc, self.instance_tokens, amp)[0]
+                return self._encode(enc, self.instance_tokens)[0]
 
             losses: list[float] = []
             eval_points: list[tuple[int, float]] = []
@@ -236,7 +242,7 @@ class Trainer:
                 mp = frozen_model.mp
                 eval_set = self._eval_set()
                 with torch.no_grad():
-                    eval_points.append((0, self._eval_loss(mp, context(False), y, eval_set)))
+                    eval_points.append((0, self._eval_loss(mp, context(), y, eval_set)))
                 every = max(1, s.steps // PREVIEW_UPDATES)
                 for step in range(s.steps):
                     mm.throw_exception_if_processing_interrupted()
@@ -269,7 +275,7 @@ class Trainer:
                     losses.append(value)
                     if eval_every and (step + 1) % eval_every == 0 and step + 1 < s.steps:
                         with torch.no_grad():
-                            eval_points.append((step + 1, self._eval_loss(mp, context(False), y, eval_set)))
+                            eval_points.append((step + 1, self._eval_loss(mp, context(), y, eval_set)))
                     if pbar is not None:
                         preview = None
                         if (step + 1) % every == 0 or step + 1 == s.steps:
@@ -279,7 +285,7 @@ class Trainer:
                             preview = ("JPEG", Image.fromarray((pic * 255).astype(np.uint8)), 512)
                         pbar.update_absolute(step + 1, s.steps, preview)
                 with torch.no_grad():
-                    eval_points.append((s.steps, self._eval_loss(mp, context(False), y, eval_set)))
+                    eval_points.append((s.steps, self._eval_loss(mp, context(), y, eval_set)))
             with torch.no_grad():
                 if residual is not None:
                     delta = residual.detach().float().cpu()
