@@ -1,7 +1,8 @@
-"""What trained residuals do to the toy world's images: composing, the preservation loss, transfer damage.
+"""What trained residuals do to the toy world's images: composing, the preservation loss, transfer damage, and
+the steps-versus-lift curve of both modes.
 
-    python bench/toy_training_effects.py [--items compose preservation transfer] [--paper-lr 5e-5]
-                                         [--paper-steps 150] [--no-cache]
+    python bench/toy_training_effects.py [--items compose preservation transfer curve] [--paper-lr 5e-5]
+                                         [--paper-steps 150] [--curve-paper-steps 4000] [--no-cache]
 
 Builds (or reuses) the trained toy world (harness/toy_world.py), loads it through the real host in-process and
 prints one markdown table per item. Every image row is the same 16 noise draws (seed 5), 20 euler steps, cfg 5,
@@ -15,6 +16,10 @@ as tests/host/test_toy_world.py; radii are in latent pixels (plain "a photo of a
   not only the residual's) draw for prompts with and without the subject.
 - transfer: the fast "dog" residual in the two-subject prompt, with cheap mitigations (fewer steps, a lower
   strength), against the lift it keeps on the plain prompt.
+- curve: plain "a photo of a dog" with the residual after 25..400 steps of fast mode and 100..4000 steps of
+  paper mode (both at the node's defaults; snapshots of one run each), and of paper mode at the paper's
+  learning rate with the preservation weights scaled by 0.1 and 0 (400 steps). Paper mode at 4000 steps takes
+  about 80 CPU minutes on 2 quiet cores.
 
 Trained residuals are cached under ~/.cache/comfyui-cones2/bench-toy-training/ keyed by the toy world, the
 settings and the training code, so a rerun only samples (--no-cache retrains).
@@ -109,20 +114,23 @@ class Bench:
                 h.update(f.read())
         return os.path.join(CACHE, self.world_name, h.hexdigest()[:16] + ".pt")
 
-    def train(self, subject: str, capture: bool = False, mitigation: tuple = (), **kw):
+    def train(self, subject: str, capture: bool = False, mitigation: tuple = (), snapshots: tuple = (), **kw):
         """(Residual, info) of Train Residual on 6 pictures of big ``subject``s at the toy world's 128 px.
         ``capture`` (paper mode): also the private encoder's outputs of the templates and of CAPTURED prompts,
         before and after training, in ``info``. ``mitigation`` (fast mode): ("bound", k) keeps the residual's
         norm at most k times the subject row's output norm (projected after every step); ("decay", w) gives
-        AdamW weight decay w (the node uses 0)."""
+        AdamW weight decay w (the node uses 0). ``snapshots``: step counts after which the residual the node would
+        return then is also kept, in ``info["snapshots"]`` ({steps: delta}; paper mode: the 27-template pass
+        through the encoder as tuned so far)."""
         objective = self.pack.cones2_core.objective
         settings = objective.TrainSettings(resolution=toy_world.LATENT_SIZE * 8, **kw)
-        path = self._cache_path(subject, (settings, mitigation))
+        key = (settings, mitigation, snapshots) if snapshots else (settings, mitigation)
+        path = self._cache_path(subject, key)
         if self.use_cache and os.path.exists(path):
             info = torch.load(path)
         else:
             t0 = time.time()
-            info = self._train(subject, settings, capture, mitigation)
+            info = self._train(subject, settings, capture, mitigation, snapshots, path + ".partial")
             info["seconds"] = time.time() - t0
             os.makedirs(os.path.dirname(path), exist_ok=True)
             torch.save(info, path)
@@ -131,11 +139,14 @@ class Bench:
                                                            objective.split_channels(info["delta"], self.family))
         return residual, info
 
-    def _train(self, subject: str, settings, capture: bool, mitigation: tuple) -> dict:
+    def _train(self, subject: str, settings, capture: bool, mitigation: tuple, snapshots: tuple = (),
+               partial: str = "") -> dict:
+        """``partial``: where the snapshots taken so far are also saved as they come (a long run stopped early
+        keeps them)."""
         import comfy.model_management as mm
 
         p = self.pack
-        if not capture and not mitigation:
+        if not capture and not mitigation and not snapshots:
             residual, losses, _ = p.nodes.train_node.train_residual(self.model, self.clip, self.vae,
                                                                     self.pictures(subject), subject, settings)
             delta = torch.cat([residual.tensors[k] for k in sorted(residual.tensors)], -1)
@@ -144,14 +155,22 @@ class Bench:
         prediction, sigma_data, ms = arch.prediction_type(self.model)
         s = settings.resolved(self.family, prediction)
         captured: list = []
+        kept: dict = {}
+        base = p.nodes.train_loop.Trainer
 
-        class Capturing(p.nodes.train_loop.Trainer):
-            """The node's trainer; its two template passes (frozen, then tuned) also encode CAPTURED prompts."""
+        class Capturing(base):
+            """The node's trainer; its two template passes (frozen, then tuned) also encode CAPTURED prompts, and
+            it keeps the residual of every step count in ``snapshots``."""
+
+            steps_done = 0
+            enc = None  # the private encoder (paper mode), once its frozen template pass has run
 
             def _encode_templates(self, enc):
                 out = super()._encode_templates(enc)
+                if not hasattr(self, "frozen_templates"):
+                    self.enc, self.frozen_templates = enc, out
                 if capture:
-                    extra = {q: tuple(t.cpu() for t in self._encode(enc, self.clip.tokenize(q), amp=False))
+                    extra = {q: tuple(t.cpu() for t in self._encode(enc, self.clip.tokenize(q)))
                              for q in CAPTURED}
                     captured.append((out, extra))
                 return out
@@ -161,10 +180,23 @@ class Bench:
                     for group in opt.param_groups:
                         group["weight_decay"] = mitigation[1]
                 super()._clip_gradients_and_step(opt, params)
+                self.steps_done += 1
+                if self.steps_done in snapshots:
+                    with torch.no_grad():
+                        if self.enc is None:  # fast mode: the residual is the parameter
+                            kept[self.steps_done] = params[0].detach().float().cpu().clone()
+                        else:
+                            tuned = base._encode_templates(self, self.enc)
+                            kept[self.steps_done] = p.cones2_core.objective.residual_from_templates(
+                                tuned, self.frozen_templates, self.template_rows)
+                    if partial:
+                        os.makedirs(os.path.dirname(partial), exist_ok=True)
+                        torch.save(kept, partial)
+                    log(f"snapshot at step {self.steps_done}")
                 if mitigation and mitigation[0] == "bound":
                     with torch.no_grad():
                         if not hasattr(self, "row_norm"):
-                            ctx = self._encode(None, self.instance_tokens, amp=False)[0][0]
+                            ctx = self._encode(None, self.instance_tokens)[0][0]
                             self.row_norm = float(ctx[self.instance_rows].norm())
                         cap = mitigation[1] * self.row_norm
                         n = float(params[0].norm())
@@ -177,7 +209,8 @@ class Bench:
                                 mm.get_torch_device(), arch=arch)
             delta, losses, _ = trainer.run()
         if not capture:
-            return {"delta": delta.float(), "losses": losses, "row_norm": getattr(trainer, "row_norm", None)}
+            return {"delta": delta.float(), "losses": losses, "row_norm": getattr(trainer, "row_norm", None),
+                    "snapshots": kept}
         (frozen_t, frozen_x), (tuned_t, tuned_x) = captured
         return {"delta": delta.float(), "losses": losses, "frozen_templates": frozen_t, "tuned_templates": tuned_t,
                 "frozen_prompts": frozen_x, "tuned_prompts": tuned_x, "template_rows": trainer.template_rows,
@@ -262,7 +295,7 @@ def compose(b: Bench, full: bool) -> str:
     show(lines, "", f'"{PAIR}", dog box left half, cat box right half:', "",
          "| residuals | guidance | both present | dog present | cat present | unprompted | dog radius | "
          "cat radius | both in their boxes |", "|---|---|---|---|---|---|---|---|---|")
-    rows = [("none", None, True, True), ("fast dog", [dog], True, False), ("fast cat", [cat], True, False),
+    rows = [("none", None, True, True), ("fast dog", [dog], True, True), ("fast cat", [cat], True, True),
             ("fast dog + fast cat", [dog, cat], True, True), ("oracle dog + oracle cat", [odog, ocat], full, full)]
     for guided in (False, True):
         for label, res, unguided_row, guided_row in rows:
@@ -377,10 +410,59 @@ def transfer(b: Bench) -> str:
     return "\n".join(lines)
 
 
+# ---- item 4: steps versus lift, both modes at the node's defaults --------------------------------------------
+
+PAPER_POINTS = (100, 200, 400, 1000, 2000, 4000)
+FAST_POINTS = (25, 50, 100, 200, 400)
+# paper mode at the paper's learning rate with the preservation weights scaled (the node's inputs), to see
+# whether the term is what holds the attribute back: (label, factor on 1e-2 / 1e-3, steps)
+PRESERVATION_SCALES = (("preservation x0.1", 0.1, 400), ("no preservation", 0.0, 400))
+
+
+def curve(b: Bench, paper_steps: int, which: tuple = ("fast", "scaled", "default")) -> str:
+    """Plain "a photo of a dog" with the residual the node would return after each step count: fast mode at its
+    defaults (lr 1e-2; 100 steps by default), paper mode at its defaults (lr 5e-6, 4000 steps), and paper mode
+    with the preservation weights scaled. One run per mode; the points are snapshots of it. ``which``: the runs
+    to do ("fast", "scaled", "default"), so that the long one can run in a process of its own."""
+    odog = b.oracle("dog")
+    plain = b.measure("a photo of a dog")
+    oracle = b.measure("a photo of a dog", [odog])
+    o_lift = oracle["radius"]["dog"] - plain["radius"]["dog"]
+    lines: list = []
+    show(lines, f"plain radius {radius(plain, 'dog')}, oracle {radius(oracle, 'dog')} (norm {norm(odog):.2f})", "",
+         "| mode | settings | steps | CPU s | residual norm | cos to oracle | dog radius | lift, % of oracle's | "
+         "dog present | unprompted |", "|---|---|---|---|---|---|---|---|---|---|")
+    runs = [("fast", "lr 1e-2 (default)", dict(mode="fast", steps=max(FAST_POINTS)), FAST_POINTS)] \
+        if "fast" in which else []
+    for label, scale, steps in PRESERVATION_SCALES if "scaled" in which else ():
+        runs.append(("paper", f"lr 5e-6, {label}", dict(mode="paper", steps=steps, preservation_weight_start=1e-2 * scale,
+                                                        preservation_weight_rest=1e-3 * scale),
+                     tuple(k for k in PAPER_POINTS if k <= steps)))
+    if "default" in which:  # the long run last
+        runs.append(("paper", "lr 5e-6, preservation 1e-2 / 1e-3 (defaults)", dict(mode="paper", steps=paper_steps),
+                     tuple(k for k in PAPER_POINTS if k <= paper_steps)))
+    Residual, split = b.pack.cones2_core.residual.Residual, b.pack.cones2_core.objective.split_channels
+    for mode, settings, kw, points in runs:
+        _, info = b.train("dog", snapshots=points, **kw)
+        per_step = info["seconds"] / kw["steps"]
+        for k in points:
+            r = Residual("dog", b.family, split(info["snapshots"][k], b.family))
+            one = b.measure("a photo of a dog", [r])
+            lift = (one["radius"]["dog"] - plain["radius"]["dog"]) / o_lift
+            show(lines, f"| {mode} | {settings} | {k} | {per_step * k:.0f} | {norm(r):.2f} | {cos(r, odog):.2f} | "
+                        f"{radius(one, 'dog')} | {pct(lift)} | {pct(one['per_object']['dog'])} | "
+                        f"{pct(one['unprompted'])} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--items", nargs="+", default=["compose", "preservation", "transfer"],
-                    choices=["compose", "preservation", "transfer"])
+    ap.add_argument("--items", nargs="+", default=["compose", "preservation", "transfer", "curve"],
+                    choices=["compose", "preservation", "transfer", "curve"])
+    ap.add_argument("--curve-paper-steps", type=int, default=4000, help="the curve's paper-mode run (the node's "
+                    "default 4000; its snapshots up to this count)")
+    ap.add_argument("--curve-runs", nargs="+", default=["fast", "scaled", "default"],
+                    choices=["fast", "scaled", "default"], help="the curve's runs to do")
     ap.add_argument("--paper-lr", type=float, default=5e-5)
     ap.add_argument("--paper-steps", type=int, default=100)
     ap.add_argument("--no-cache", action="store_true")
@@ -397,7 +479,8 @@ def main(argv=None) -> int:
         t0 = time.time()
         sys.stdout.write(f"\n## {item}\n\n")
         table = {"compose": lambda: compose(b, args.full), "transfer": lambda: transfer(b),
-                 "preservation": lambda: preservation(b, args.paper_lr, args.paper_steps)}[item]()
+                 "preservation": lambda: preservation(b, args.paper_lr, args.paper_steps),
+                 "curve": lambda: curve(b, args.curve_paper_steps, tuple(args.curve_runs))}[item]()
         del table
         sys.stdout.write(f"\n({item}: {time.time() - t0:.0f} s)\n")
         sys.stdout.flush()

@@ -136,15 +136,15 @@ def test_guidance_with_each_common_sampler(runs, sampler, recurrence):
     assert guided["presence"] >= unguided["presence"] - 0.05 and guided["unprompted"] <= 0.05, (guided, unguided)
 
 
-def big_residual(pack, world, subject: str, picture_seed: int):
-    """A fast-mode residual trained at the node's defaults (steps and learning rate automatic, batch 1) from 6
-    pictures of big ``subject``s with the class word ``subject``, at the toy world's own 128 px (the size of its
-    pictures)."""
+def big_residual(pack, world, subject: str, picture_seed: int, **settings):
+    """A residual trained from 6 pictures of big ``subject``s with the class word ``subject``, at the toy world's
+    own 128 px (the size of its pictures); by default fast mode at the node's defaults (steps and learning rate
+    automatic, batch 1)."""
     model, clip, vae = world
     objective = pack.cones2_core.objective
     gen = torch.Generator().manual_seed(picture_seed)
     pictures = [toy_world.picture(toy_world.place(gen, [(subject, True)])) for _ in range(6)]
-    settings = objective.TrainSettings(mode="fast", resolution=toy_world.LATENT_SIZE * 8)
+    settings = objective.TrainSettings(**{"mode": "fast", **settings}, resolution=toy_world.LATENT_SIZE * 8)
     residual, _losses, _evals = pack.nodes.train_node.train_residual(model, clip, vae, pictures, subject, settings)
     return residual
 
@@ -159,10 +159,23 @@ def big_cat_residual(pack, world):  # the pictures' seed is bench/toy_training_e
     return big_residual(pack, world, "cat", 8)
 
 
-def test_a_fast_mode_residual_makes_the_plain_class_word_carry_the_attribute(runs, big_dog_residual):
+@pytest.fixture(scope="module")
+def paper_dog_residual(pack, world):
+    """Paper mode (the private encoder fine-tuned, the residual taken over the 27 templates) in a CI-sized run:
+    100 steps at lr 5e-5 (ten times the paper's) and without the preservation term. At the paper's settings
+    paper mode needs thousands of steps on the toy world, and the term holds the attribute back there
+    (README, Training; bench/toy_training_effects.py)."""
+    return big_residual(pack, world, "dog", 7, mode="paper", steps=100, learning_rate=5e-5,
+                        preservation_weight_start=0.0, preservation_weight_rest=0.0)
+
+
+@pytest.mark.parametrize("mode", ["fast", "paper"])
+def test_a_trained_residual_makes_the_plain_class_word_carry_the_attribute(runs, request, mode):
     """Trained on big dogs, the residual makes plain "a photo of a dog" draw big dogs (same 16 draws), with every
     dog present and nothing unprompted; applied with the wrong sign, or at another word of the prompt, it does
-    not (so the lift is the residual at the dog's tokens, not any change of the prompt)."""
+    not (so the lift is the residual at the dog's tokens, not any change of the prompt). Fast mode at the node's
+    defaults; paper mode as paper_dog_residual says."""
+    big_dog_residual = request.getfixturevalue("big_dog_residual" if mode == "fast" else "paper_dog_residual")
     prompt = "a photo of a dog"
     plain = toy_measures.summarise(runs(prompt), ["dog"])
     trained = toy_measures.summarise(runs(prompt, residuals=[big_dog_residual]), ["dog"])
@@ -173,7 +186,8 @@ def test_a_fast_mode_residual_makes_the_plain_class_word_carry_the_attribute(run
     logging.getLogger(__name__).info("trained residual, dog radius: %s", r)
     assert trained["presence"] >= 0.9 and trained["unprompted"] <= 0.05, trained
     assert r["trained"] > r["plain"] + 0.5, r  # the "big dog" prompt itself lifts by about 1.7, the oracle 0.8
-    assert r["flipped"] < r["plain"] + 0.15, r
+    # not bigger (NaN: no dog drawn at all; paper mode's residual flipped removes the dog from every draw)
+    assert not r["flipped"] >= r["plain"] + 0.15, r
     assert r["elsewhere"] < r["plain"] + 0.15, r
 
 
