@@ -19,7 +19,7 @@ as tests/host/test_toy_world.py; radii are in latent pixels (plain "a photo of a
 - curve: plain "a photo of a dog" with the residual after 25..400 steps of fast mode and 100..4000 steps of
   paper mode (both at the node's defaults; snapshots of one run each), and of paper mode at the paper's
   learning rate with the preservation weights scaled by 0.1 and 0 (400 steps). Paper mode at 4000 steps takes
-  about 80 CPU minutes on 2 quiet cores.
+  about an hour on 2 quiet cores (about 0.9 s per step).
 
 Trained residuals are cached under ~/.cache/comfyui-cones2/bench-toy-training/ keyed by the toy world, the
 settings and the training code, so a rerun only samples (--no-cache retrains).
