@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 
 import torch
@@ -79,13 +78,11 @@ def main() -> None:
     ap.add_argument("--comfyui", default=os.path.expanduser("~/ComfyUI"))
     args = ap.parse_args()
     from harness import tiny_flux
-    from harness.host import import_host, load_pack
+    from harness.host import build, import_host, load_pack
 
     import_host(args.comfyui)
     pack = load_pack()
-    res = subprocess.run([sys.executable, tiny_flux.__file__, "--comfyui", args.comfyui, "--out",
-                          tiny_flux.default_cache_dir()], capture_output=True, text=True, check=True)
-    model = tiny_flux.load(dict(line.split("\t") for line in res.stdout.strip().splitlines()))[0]
+    model = tiny_flux.load(build(tiny_flux.__file__, args.comfyui, out=tiny_flux.default_cache_dir()))[0]
     runs = {(px, txt): saved_per_token(model, pack, px, txt) for px, txt in ((64, 16), (128, 16), (128, 64))}
     out = []
     for (px, txt), r in runs.items():

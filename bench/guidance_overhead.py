@@ -16,14 +16,13 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import subprocess
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from harness import tiny_checkpoints, tiny_flux  # noqa: E402
-from harness.host import find_host, import_host, load_pack  # noqa: E402
+from harness.host import build, find_host, import_host, load_pack  # noqa: E402
 
 LAYOUT = ('{"version":1,"boxes":[{"subject":"dog","x":0.05,"y":0.1,"w":0.4,"h":0.8},'
           '{"subject":"cat","x":0.55,"y":0.2,"w":0.4,"h":0.7}]}')
@@ -43,13 +42,9 @@ def main(argv=None) -> int:
     unets = [f for f in args.families if f != "flux"]
     paths = {}
     if unets:
-        out = subprocess.run([sys.executable, tiny_checkpoints.__file__, "--comfyui", host, *unets],
-                             check=True, capture_output=True, text=True).stdout
-        paths = dict(line.split("\t") for line in out.strip().splitlines())
+        paths = build(tiny_checkpoints.__file__, host, *unets)
     if "flux" in args.families:
-        out = subprocess.run([sys.executable, tiny_flux.__file__, "--comfyui", host, "--out",
-                              tiny_flux.default_cache_dir()], check=True, capture_output=True, text=True).stdout
-        flux_paths = dict(line.split("\t") for line in out.strip().splitlines())
+        flux_paths = build(tiny_flux.__file__, host, out=tiny_flux.default_cache_dir())
     import_host(host)
     if args.device != "cpu":
         import comfy.cli_args

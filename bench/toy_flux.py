@@ -25,7 +25,6 @@ import argparse
 import hashlib
 import math
 import os
-import subprocess
 import sys
 import time
 
@@ -33,7 +32,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from harness import tiny_flux, toy_world  # noqa: E402
-from harness.host import find_host, import_host, load_pack  # noqa: E402
+from harness.host import build, find_host, import_host, load_pack  # noqa: E402
 
 T5_LEN = 16  # T5 tokens (T5TokenizerOptions' min_length): every caption fits
 CONFIG = {"image_model": "flux", "in_channels": 16, "out_channels": 16, "vec_in_dim": 768, "context_in_dim": 4096,
@@ -164,9 +163,7 @@ def main(argv=None) -> int:
     ap.add_argument("--confine", action="store_true", help="also rows with the text queries confined")
     args = ap.parse_args(argv)
     host = find_host()
-    out = subprocess.run([sys.executable, tiny_flux.__file__, "--comfyui", host, "--out", tiny_flux.default_cache_dir()],
-                         check=True, capture_output=True, text=True).stdout
-    paths = dict(line.split("\t") for line in out.strip().splitlines())
+    paths = build(tiny_flux.__file__, host, out=tiny_flux.default_cache_dir())
     import_host(host)
     import comfy.model_patcher
     import comfy.utils

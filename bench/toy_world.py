@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from harness import toy_world  # noqa: E402
-from harness.host import find_host, import_host, load_pack  # noqa: E402
+from harness.host import build, find_host, import_host, load_pack  # noqa: E402
 
 PAIR = "a photo of a dog and a cat"
 
@@ -39,9 +38,7 @@ def main(argv=None) -> int:
                                                     "a photo of a big dog"])
     args = ap.parse_args(argv)
     host = find_host()
-    out = subprocess.run([sys.executable, toy_world.__file__, "--comfyui", host], check=True,
-                         stdout=subprocess.PIPE, text=True).stdout
-    path = out.strip().splitlines()[-1].split("\t")[1]
+    path = build(toy_world.__file__, host, show_log=True)["toy"]
     import_host(host)
     import comfy.sd
 

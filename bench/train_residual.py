@@ -247,12 +247,13 @@ def main(argv=None) -> int:
     out = args.ckpt_dir or tiny_checkpoints.default_cache_dir()
     configs = []
     if args.device == "cpu":
-        res = subprocess.run([sys.executable, tiny_checkpoints.__file__, "--comfyui", args.comfyui, "--out", out,
-                              "sd1"], capture_output=True, text=True)
-        if res.returncode:
-            sys.stderr.write(res.stderr)
+        from harness.host import BuildFailed, build
+
+        try:
+            ckpt = build(tiny_checkpoints.__file__, args.comfyui, "sd1", out=out)["sd1"]
+        except BuildFailed as e:
+            sys.stderr.write(f"{e}\n")
             return 1
-        ckpt = dict(line.split("\t") for line in res.stdout.strip().splitlines())["sd1"]
         configs = [("tiny sd1", ckpt, mode, r) for r in (64, 256) for mode in ("reference-like", "paper", "fast")]
     else:
         full_dir = os.path.join(out, "full")

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 
 PACK_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class HostNotFound(RuntimeError):
+    pass
+
+
+class BuildFailed(RuntimeError):
     pass
 
 
@@ -62,3 +67,19 @@ def load_pack(name: str = "comfyui_cones2"):
         for info in pkgutil.iter_modules(pkg.__path__):
             importlib.import_module(f"{name}.{sub}.{info.name}")
     return module
+
+
+def build(script: str, host: str, *args: str, out: str | None = None, timeout: float | None = None,
+          show_log: bool = False) -> dict[str, str]:
+    """Run one of harness/'s builders (tiny_checkpoints, tiny_extras, tiny_flux, toy_world: ``script`` is its
+    ``__file__``) as a script in its own process, so the host parses its own CPU arguments there; returns what it
+    printed, ``{kind: path}`` (its ``kind<TAB>path`` lines). ``out``: the builder's --out folder (else its
+    default); ``args``: more arguments (tiny_checkpoints: the families). Its log (stderr) is shown as it comes with
+    ``show_log`` (a build of minutes), else kept for the error. A failed build raises BuildFailed with its output."""
+    cmd = [sys.executable, script, "--comfyui", host, *(["--out", out] if out else []), *args]
+    res = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=None if show_log else subprocess.PIPE, text=True,
+                         timeout=timeout)
+    if res.returncode != 0:
+        log = "(its log is above)" if show_log else (res.stderr or "")[-4000:]
+        raise BuildFailed(f"{os.path.basename(script)} failed with exit code {res.returncode}:\n{res.stdout}\n{log}")
+    return dict(line.split("\t", 1) for line in res.stdout.strip().splitlines() if "\t" in line)

@@ -7,16 +7,23 @@ Host tests need ComfyUI: found by COMFYUI_DIR, the pack's grandparent in ComfyUI
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 
 import pytest
 
 from harness import tiny_checkpoints, tiny_extras, toy_world
 from harness import tiny_flux as flux_bed
-from harness.host import HostNotFound, find_host
+from harness.host import BuildFailed, HostNotFound, build, find_host
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def _build(builder, host_dir: str, **kw) -> dict[str, str]:
+    """harness.host.build of a builder module; a failed build fails the test with the builder's output."""
+    try:
+        return build(builder.__file__, host_dir, **kw)
+    except BuildFailed as e:
+        pytest.fail(f"building {builder.__name__} failed: {e}")
 
 
 @pytest.fixture(scope="session")
@@ -34,11 +41,7 @@ def tiny_ckpts(host_dir) -> dict[str, str]:
     """{family: path} for 'sd1', 'sd2', 'sdxl', built once into the versioned cache (a subprocess, so
     the host parses its own CPU arguments there)."""
     out = os.environ.get("CONES2_CKPT_DIR") or tiny_checkpoints.default_cache_dir()
-    res = subprocess.run([sys.executable, tiny_checkpoints.__file__, "--comfyui", host_dir, "--out", out],
-                         capture_output=True, text=True, timeout=1200)
-    if res.returncode != 0:
-        pytest.fail(f"building tiny checkpoints failed:\n{res.stdout}\n{res.stderr[-4000:]}")
-    paths = dict(line.split("\t") for line in res.stdout.strip().splitlines())
+    paths = _build(tiny_checkpoints, host_dir, out=out, timeout=1200)
     assert set(paths) == set(tiny_checkpoints.FAMILIES)
     return paths
 
@@ -48,12 +51,8 @@ def toy_ckpt(host_dir) -> str:
     """The trained toy world's checkpoint (harness/toy_world.py), built once into its versioned cache (about ten
     minutes on two cores, with a progress line every 25 training steps on stderr)."""
     out = toy_world.default_cache_dir()  # CONES2_TOY_DIR overrides
-    res = subprocess.run([sys.executable, toy_world.__file__, "--comfyui", host_dir, "--out", out],
-                         stdout=subprocess.PIPE, stderr=None, text=True, timeout=2400)
-    if res.returncode != 0:
-        pytest.fail(f"building the toy world failed (its log is above):\n{res.stdout}")
-    kind, path = res.stdout.strip().splitlines()[-1].split("\t")
-    assert kind == "toy" and os.path.isfile(path)
+    path = _build(toy_world, host_dir, out=out, timeout=2400, show_log=True)["toy"]
+    assert os.path.isfile(path)
     return path
 
 
@@ -61,11 +60,7 @@ def toy_ckpt(host_dir) -> str:
 def tiny_flux(host_dir) -> dict[str, str]:
     """{"unet", "t5", "clip_l", "vae"}: paths of the tiny Flux bed (harness/tiny_flux.py), built once into its
     versioned cache (about 30 s, 1.8 GB; CONES2_FLUX_DIR overrides the folder)."""
-    res = subprocess.run([sys.executable, flux_bed.__file__, "--comfyui", host_dir, "--out", flux_bed.default_cache_dir()],
-                         capture_output=True, text=True, timeout=1200)
-    if res.returncode != 0:
-        pytest.fail(f"building the tiny Flux bed failed:\n{res.stdout}\n{res.stderr[-4000:]}")
-    paths = dict(line.split("\t") for line in res.stdout.strip().splitlines())
+    paths = _build(flux_bed, host_dir, out=flux_bed.default_cache_dir(), timeout=1200)
     assert set(paths) == set(flux_bed.FILES)
     return paths
 
@@ -82,11 +77,7 @@ def flux(comfy, tiny_flux):
 def extras_files(host_dir) -> dict[str, str]:
     """{name: path} of the tiny LoRA, ControlNet, demo residuals and input images (built once, cached)."""
     out = os.environ.get("CONES2_EXTRAS_DIR") or tiny_extras.default_cache_dir()
-    res = subprocess.run([sys.executable, tiny_extras.__file__, "--comfyui", host_dir, "--out", out],
-                         capture_output=True, text=True, timeout=600)
-    if res.returncode != 0:
-        pytest.fail(f"building the tiny extras failed:\n{res.stdout}\n{res.stderr[-4000:]}")
-    return dict(line.split("\t") for line in res.stdout.strip().splitlines())
+    return _build(tiny_extras, host_dir, out=out, timeout=600)
 
 
 @pytest.fixture(scope="session")
