@@ -18,8 +18,12 @@ as tests/host/test_toy_world.py; radii are in latent pixels (plain "a photo of a
   strength), against the lift it keeps on the plain prompt.
 - curve: plain "a photo of a dog" with the residual after 25..400 steps of fast mode and 100..4000 steps of
   paper mode (both at the node's defaults; snapshots of one run each), and of paper mode at the paper's
-  learning rate with the preservation weights scaled by 0.1 and 0 (400 steps). Paper mode at 4000 steps takes
-  about an hour on 2 quiet cores (about 0.9 s per step).
+  learning rate with the preservation weights scaled to the toy world's loss (x0.07, 1000 steps) and off (400).
+  Paper mode at 4000 steps takes about an hour on 2 quiet cores (about 0.9 s per step).
+- balance: why paper mode learns little. Paper mode with the preservation term whole, on one side only and off
+  (200 steps each): on the instance prompt it trains on, how far the tuned encoder moved each part of the output
+  (start row, subject row, later rows), what the paper's term charges for that, and how much each part lowers the
+  diffusion loss (a fixed set of 128 draws), against the oracle residual's drop.
 
 Trained residuals are cached under ~/.cache/comfyui-cones2/bench-toy-training/ keyed by the toy world, the
 settings and the training code, so a rerun only samples (--no-cache retrains).
@@ -30,7 +34,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
-import subprocess
 import sys
 import time
 
@@ -39,7 +42,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from harness import toy_world  # noqa: E402
-from harness.host import PACK_DIR, find_host, import_host, load_pack  # noqa: E402
+from harness.host import PACK_DIR, build, find_host, import_host, load_pack  # noqa: E402
 
 PAIR = "a photo of a dog and a cat"
 PICTURE_SEEDS = {"dog": 7, "cat": 8}  # the dog's is tests/host/test_toy_world.py's
@@ -114,23 +117,28 @@ class Bench:
                 h.update(f.read())
         return os.path.join(CACHE, self.world_name, h.hexdigest()[:16] + ".pt")
 
-    def train(self, subject: str, capture: bool = False, mitigation: tuple = (), snapshots: tuple = (), **kw):
+    def train(self, subject: str, capture: bool = False, mitigation: tuple = (), snapshots: tuple = (),
+              probe: bool = False, **kw):
         """(Residual, info) of Train Residual on 6 pictures of big ``subject``s at the toy world's 128 px.
         ``capture`` (paper mode): also the private encoder's outputs of the templates and of CAPTURED prompts,
         before and after training, in ``info``. ``mitigation`` (fast mode): ("bound", k) keeps the residual's
         norm at most k times the subject row's output norm (projected after every step); ("decay", w) gives
         AdamW weight decay w (the node uses 0). ``snapshots``: step counts after which the residual the node would
         return then is also kept, in ``info["snapshots"]`` ({steps: delta}; paper mode: the 27-template pass
-        through the encoder as tuned so far)."""
+        through the encoder as tuned so far). ``probe`` (paper mode, with ``snapshots``): also the private
+        encoder's output of the instance prompt (the class word alone, what training sees) at each snapshot, in
+        ``info["probes"]`` ({steps: (context, pooled)}; step 0: before training)."""
         objective = self.pack.cones2_core.objective
         settings = objective.TrainSettings(resolution=toy_world.LATENT_SIZE * 8, **kw)
         key = (settings, mitigation, snapshots) if snapshots else (settings, mitigation)
+        if probe:
+            key = (*key, "probe")
         path = self._cache_path(subject, key)
         if self.use_cache and os.path.exists(path):
             info = torch.load(path)
         else:
             t0 = time.time()
-            info = self._train(subject, settings, capture, mitigation, snapshots, path + ".partial")
+            info = self._train(subject, settings, capture, mitigation, snapshots, path + ".partial", probe)
             info["seconds"] = time.time() - t0
             os.makedirs(os.path.dirname(path), exist_ok=True)
             torch.save(info, path)
@@ -140,7 +148,7 @@ class Bench:
         return residual, info
 
     def _train(self, subject: str, settings, capture: bool, mitigation: tuple, snapshots: tuple = (),
-               partial: str = "") -> dict:
+               partial: str = "", probe: bool = False) -> dict:
         """``partial``: where the snapshots taken so far are also saved as they come (a long run stopped early
         keeps them)."""
         import comfy.model_management as mm
@@ -156,6 +164,7 @@ class Bench:
         s = settings.resolved(self.family, prediction)
         captured: list = []
         kept: dict = {}
+        probes: dict = {}
         base = p.nodes.train_loop.Trainer
 
         class Capturing(base):
@@ -169,11 +178,18 @@ class Bench:
                 out = super()._encode_templates(enc)
                 if not hasattr(self, "frozen_templates"):
                     self.enc, self.frozen_templates = enc, out
+                    if probe:
+                        probes[0] = self._probe()
                 if capture:
                     extra = {q: tuple(t.cpu() for t in self._encode(enc, self.clip.tokenize(q)))
                              for q in CAPTURED}
                     captured.append((out, extra))
                 return out
+
+            def _probe(self):
+                """The private encoder's (context, pooled) of the instance prompt, as tuned so far."""
+                with torch.no_grad():
+                    return tuple(t.detach().float().cpu().clone() for t in self._encode(self.enc, self.instance_tokens))
 
             def _clip_gradients_and_step(self, opt, params):
                 if mitigation and mitigation[0] == "decay":
@@ -189,9 +205,11 @@ class Bench:
                             tuned = base._encode_templates(self, self.enc)
                             kept[self.steps_done] = p.cones2_core.objective.residual_from_templates(
                                 tuned, self.frozen_templates, self.template_rows)
+                            if probe:
+                                probes[self.steps_done] = self._probe()
                     if partial:
                         os.makedirs(os.path.dirname(partial), exist_ok=True)
-                        torch.save(kept, partial)
+                        torch.save({"snapshots": kept, "probes": probes} if probe else kept, partial)
                     log(f"snapshot at step {self.steps_done}")
                 if mitigation and mitigation[0] == "bound":
                     with torch.no_grad():
@@ -210,7 +228,7 @@ class Bench:
             delta, losses, _ = trainer.run()
         if not capture:
             return {"delta": delta.float(), "losses": losses, "row_norm": getattr(trainer, "row_norm", None),
-                    "snapshots": kept}
+                    "snapshots": kept, "probes": probes}
         (frozen_t, frozen_x), (tuned_t, tuned_x) = captured
         return {"delta": delta.float(), "losses": losses, "frozen_templates": frozen_t, "tuned_templates": tuned_t,
                 "frozen_prompts": frozen_x, "tuned_prompts": tuned_x, "template_rows": trainer.template_rows,
@@ -416,7 +434,10 @@ PAPER_POINTS = (100, 200, 400, 1000, 2000, 4000)
 FAST_POINTS = (25, 50, 100, 200, 400)
 # paper mode at the paper's learning rate with the preservation weights scaled (the node's inputs), to see
 # whether the term is what holds the attribute back: (label, factor on 1e-2 / 1e-3, steps)
-PRESERVATION_SCALES = (("preservation x0.1", 0.1, 400), ("no preservation", 0.0, 400))
+# x0.07: the toy world's diffusion loss (about 0.0097 over uniform timesteps) is 1/14 of a real SD checkpoint's on
+# real pictures (about 0.14, AUTOMATIC1111/stable-diffusion-webui#3277), and Adam does not see a loss's overall
+# scale, only the ratio of its terms; so these are the paper's weights for a diffusion loss of the real size.
+PRESERVATION_SCALES = (("preservation x0.07 (the toy's loss scale)", 0.07, 1000), ("no preservation", 0.0, 400))
 
 
 def curve(b: Bench, paper_steps: int, which: tuple = ("fast", "scaled", "default")) -> str:
@@ -455,10 +476,119 @@ def curve(b: Bench, paper_steps: int, which: tuple = ("fast", "scaled", "default
     return "\n".join(lines)
 
 
+# ---- item 5: why paper mode learns little: the objective's two terms on the training prompt ------------------
+
+# paper mode at the paper's learning rate, with the preservation term whole, on one side only, and off
+BALANCE_RUNS = (("the paper's, 1e-2 / 1e-3", 1e-2, 1e-3), ("start row only, 1e-2 / 0", 1e-2, 0.0),
+                ("later rows only, 0 / 1e-3", 0.0, 1e-3), ("none, 0 / 0", 0.0, 0.0))
+BALANCE_POINTS = (100, 200)
+EVAL_DRAWS = 128
+
+
+def diffusion_losses(b: Bench, contexts: dict) -> dict:
+    """The diffusion loss (the objective's first term, as training computes it) of each instance-prompt context
+    ([1, T, C]), averaged over one fixed set of EVAL_DRAWS draws: a random picture of the 6 (random flip), noise,
+    and a sigma on an even grid of the schedule's quantiles (training draws it uniformly). Every context sees the
+    same draws, so differences between them are paired."""
+    import comfy.model_management as mm
+
+    p = b.pack
+    arch = p.nodes.unet
+    objective = p.cones2_core.objective
+    prediction, sigma_data, ms = arch.prediction_type(b.model)
+    s = objective.TrainSettings(mode="paper", resolution=toy_world.LATENT_SIZE * 8).resolved(b.family, prediction)
+    device = mm.get_torch_device()
+    out = {}
+    with torch.inference_mode(False), torch.no_grad():
+        latents = p.nodes.train_images.encode_latents(b.vae, b.model, b.pictures("dog"), s.resolution)
+        trainer = p.nodes.train_loop.Trainer(b.model, b.clip, prediction, sigma_data, ms, s, "dog", latents, device,
+                                             arch=arch)
+        g = torch.Generator().manual_seed(11)
+        x0 = objective.latent_batch(trainer.latents, trainer.size, EVAL_DRAWS, g).to(device)
+        noise = torch.randn(x0.shape, generator=g).to(device)
+        q = (torch.arange(EVAL_DRAWS) + 0.5) / EVAL_DRAWS
+        sigma = trainer.sigmas[(q * (len(trainer.sigmas) - 1)).round().long()].to(device)
+        with arch.FrozenModel(b.model, device, trainer.frozen) as fm:
+            for label, ctx in contexts.items():
+                total = 0.0
+                for i in range(0, EVAL_DRAWS, 16):
+                    part = slice(i, min(i + 16, EVAL_DRAWS))
+                    den = trainer._denoise(fm.mp, x0[part], noise[part], sigma[part], ctx.float().to(device), {},
+                                           amp=False)
+                    n = part.stop - part.start
+                    total += n * float(objective.diffusion_loss(den, x0[part], sigma[part], prediction, sigma_data))
+                out[label] = total / EVAL_DRAWS
+    return out
+
+
+def balance(b: Bench) -> str:
+    """Paper mode trains on the class word alone ("dog": start row, subject row, 75 later rows). Each run's tuned
+    encoder output of that prompt, split by rows: how far each part moved, what the paper's term charges for it,
+    and how much each part lowers the diffusion loss (the other rows kept frozen), against the node's residual
+    (the template mean, added at the subject row) and the oracle's."""
+    objective = b.pack.cones2_core.objective
+    odog = b.oracle("dog")
+    plain = b.measure("a photo of a dog")
+    oracle = b.measure("a photo of a dog", [odog])
+    o_lift = oracle["radius"]["dog"] - plain["radius"]["dog"]
+    subj = b.pack.nodes.train_encoder.subject_rows(b.clip, "dog", "dog")
+    o_delta = torch.cat([odog.tensors[k] for k in sorted(odog.tensors)], -1).float()
+    runs = []
+    for label, w0, w1 in BALANCE_RUNS:
+        _, info = b.train("dog", snapshots=BALANCE_POINTS, probe=True, mode="paper", steps=max(BALANCE_POINTS),
+                          preservation_weight_start=w0, preservation_weight_rest=w1)
+        runs.append((label, info))
+    frozen = runs[0][1]["probes"][0][0]
+    host = b.clip.encode_from_tokens(b.clip.tokenize("dog")).float()
+    start, rest = objective.preservation_rows(subj, frozen.shape[1])
+    keep_subj = torch.zeros(frozen.shape[1], 1)
+    keep_subj[subj] = 1.0
+    contexts = {"frozen": frozen, "oracle": objective.add_at_rows(frozen, subj, o_delta)}
+    for label, info in runs:
+        for k in BALANCE_POINTS:
+            tuned = info["probes"][k][0]
+            contexts[label, k, "tuned"] = tuned
+            contexts[label, k, "subject"] = frozen + (tuned - frozen) * keep_subj
+            contexts[label, k, "others"] = tuned - (tuned - frozen) * keep_subj
+            contexts[label, k, "residual"] = objective.add_at_rows(frozen, subj, info["snapshots"][k])
+    loss = diffusion_losses(b, contexts)
+    base = loss["frozen"]
+    rows = frozen[0]
+    later = rows[rest]
+    common = later.mean(0)
+    lines: list = []
+    show(lines, f"instance prompt 'dog' (the private copy's output is {float((frozen - host).abs().max()):.1e} from "
+                f"the host's): rows {start} (start), {subj} (subject), {rest[0]}..{rest[-1]} (later); every row's "
+                f"norm {float(rows.norm(dim=-1).mean()):.1f}. The later rows' mean is {float(common.norm()):.1f} "
+                f"long (their spread about it {float((later - common).norm(dim=-1).mean()):.1f}); cosine of the "
+                f"subject row to it {float(torch.nn.functional.cosine_similarity(rows[subj[0]], common, 0)):.2f}.",
+         "", f"diffusion loss (mean of {EVAL_DRAWS} fixed draws) with the frozen output {base:.5f}; the oracle "
+             f"residual at the subject row lowers it by {base - loss['oracle']:.5f} (norm {float(o_delta.norm()):.2f}; "
+             f"plain radius {radius(plain, 'dog')}, oracle {radius(oracle, 'dog')})", "",
+         "| term (start / later weights) | steps | residual lift, % of oracle's | moved: subject row | start row | "
+         "later rows | the paper's term on it | loss drop: tuned output | subject row alone | other rows alone | "
+         "the residual at the subject row | objective at the paper's weights, change |",
+         "|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for label, info in runs:
+        for k in BALANCE_POINTS:
+            d = (info["probes"][k][0] - frozen)[0]
+            moved_s, moved_0, moved_r = float(d[subj].norm()), float(d[start].norm()), float(d[rest].norm())
+            term = 1e-2 * moved_0 + 1e-3 * moved_r
+            r = b.pack.cones2_core.residual.Residual("dog", b.family, objective.split_channels(info["snapshots"][k],
+                                                                                             b.family))
+            one = b.measure("a photo of a dog", [r])
+            lift = (one["radius"]["dog"] - plain["radius"]["dog"]) / o_lift
+            drop = {part: base - loss[label, k, part] for part in ("tuned", "subject", "others", "residual")}
+            show(lines, f"| {label} | {k} | {pct(lift)} | {moved_s:.2f} | {moved_0:.2f} | {moved_r:.2f} | "
+                        f"{term:.5f} | {drop['tuned']:.5f} | {drop['subject']:.5f} | {drop['others']:.5f} | "
+                        f"{drop['residual']:.5f} | {term - drop['tuned']:+.5f} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--items", nargs="+", default=["compose", "preservation", "transfer", "curve"],
-                    choices=["compose", "preservation", "transfer", "curve"])
+    ap.add_argument("--items", nargs="+", default=["compose", "preservation", "transfer", "curve", "balance"],
+                    choices=["compose", "preservation", "transfer", "curve", "balance"])
     ap.add_argument("--curve-paper-steps", type=int, default=4000, help="the curve's paper-mode run (the node's "
                     "default 4000; its snapshots up to this count)")
     ap.add_argument("--curve-runs", nargs="+", default=["fast", "scaled", "default"],
@@ -470,9 +600,7 @@ def main(argv=None) -> int:
                     "(the dog alone, the oracle pair)")
     args = ap.parse_args(argv)
     host = find_host()
-    out = subprocess.run([sys.executable, toy_world.__file__, "--comfyui", host], check=True,
-                         stdout=subprocess.PIPE, text=True).stdout
-    path = out.strip().splitlines()[-1].split("\t")[1]
+    path = build(toy_world.__file__, host, show_log=True)["toy"]
     import_host(host)
     b = Bench(path, not args.no_cache)
     for item in args.items:
@@ -480,7 +608,8 @@ def main(argv=None) -> int:
         sys.stdout.write(f"\n## {item}\n\n")
         table = {"compose": lambda: compose(b, args.full), "transfer": lambda: transfer(b),
                  "preservation": lambda: preservation(b, args.paper_lr, args.paper_steps),
-                 "curve": lambda: curve(b, args.curve_paper_steps, tuple(args.curve_runs))}[item]()
+                 "curve": lambda: curve(b, args.curve_paper_steps, tuple(args.curve_runs)),
+                 "balance": lambda: balance(b)}[item]()
         del table
         sys.stdout.write(f"\n({item}: {time.time() - t0:.0f} s)\n")
         sys.stdout.flush()
