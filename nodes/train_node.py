@@ -146,14 +146,17 @@ class Cones2TrainResidual(io.ComfyNode):
                 io.Int.Input("steps", default=0, min=0, max=100000,
                              tooltip="Optimisation steps; 0 = automatic: paper mode 4000 (the paper, at batch size "
                                      "1), fast mode 100."),
-                io.Float.Input("learning_rate", default=0.0, min=0.0, max=1.0, step=1e-6,
+                io.Float.Input("learning_rate", default=0.0, min=0.0, max=1.0, step=1e-7,
                                tooltip="AdamW learning rate; 0 = automatic (paper mode 5e-6 as the paper, "
                                        "fast mode 1e-2)."),
-                io.Float.Input("preservation_weight_start", default=1e-2, min=0.0, max=10.0, step=1e-3,
-                               tooltip="Paper mode: weight of ||e_0 - e*_0|| (start token keeps its embedding)."),
-                io.Float.Input("preservation_weight_rest", default=1e-3, min=0.0, max=10.0, step=1e-4,
+                io.Float.Input("preservation_weight_start", default=1e-2, min=0.0, max=10.0, step=1e-5,
+                               tooltip="Paper mode: weight of ||e_0 - e*_0|| (start token keeps its embedding). "
+                                       "It is weighed against the diffusion loss: if the residual learns little, "
+                                       "lower both weights (README, Training)."),
+                io.Float.Input("preservation_weight_rest", default=1e-3, min=0.0, max=10.0, step=1e-6,
                                tooltip="Paper mode: weight of ||e_{1+n:} - e*_{1+n:}|| (tokens after the subject "
-                                       "keep their embeddings)."),
+                                       "keep their embeddings). Weighed against the diffusion loss, as the start "
+                                       "weight."),
                 io.Int.Input("resolution", default=0, min=0, max=2048, step=64,
                              tooltip="Training crop size in pixels; 0 = automatic (SD1.5 512, SD2.x-v 768, "
                                      "SDXL 1024, Flux 512). Images are resized so their short side matches, then "

@@ -8,6 +8,7 @@ checkpoints carry full-size encoders); the server test uses the untouched checkp
 from __future__ import annotations
 
 import logging
+import math
 import os
 
 import numpy as np
@@ -418,6 +419,13 @@ def test_train_through_server(server, client, pack):
         Image.fromarray((img.numpy() * 255).astype(np.uint8)).save(os.path.join(folder, f"{i}.png"))
     info = client.object_info("Cones2TrainResidual")["Cones2TrainResidual"]
     assert info["output_node"] is True and info["display_name"] == "Cones2 Train Residual"
+    # The frontend rounds a FLOAT widget to its step's decimals (setting FloatRoundingPrecision 0 = auto): a user
+    # can still enter the toy world's preservation weights (x0.07 of the defaults) and a tenth of the paper's lr.
+    inputs = {**info["input"]["required"], **info["input"].get("optional", {})}
+    for name, value in (("preservation_weight_start", 7e-4), ("preservation_weight_rest", 7e-5),
+                        ("learning_rate", 5e-7)):
+        decimals = max(0, -math.floor(math.log10(inputs[name][1]["step"])))
+        assert round(value, decimals) == value, name
     prompt = {
         "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": tiny_checkpoints.FAMILIES["sd1"]["file"]}},
         "2": {"class_type": "Cones2TrainResidual", "inputs": {
