@@ -24,6 +24,9 @@ as tests/host/test_toy_world.py; radii are in latent pixels (plain "a photo of a
   (200 steps each): on the instance prompt it trains on, how far the tuned encoder moved each part of the output
   (start row, subject row, later rows), what the paper's term charges for that, and how much each part lowers the
   diffusion loss (a fixed set of 128 draws), against the oracle residual's drop.
+- weighting: the oracle residual's drop of the training loss (512 fixed draws) weighted as this eps model's and
+  as a v-prediction model's (the reference's SD 2.1), by quartile of sigma. The curve's "v-weighted" run trains
+  paper mode at the paper's settings with the v weighting.
 
 Trained residuals are cached under ~/.cache/comfyui-cones2/bench-toy-training/ keyed by the toy world, the
 settings and the training code, so a rerun only samples (--no-cache retrains).
@@ -123,7 +126,8 @@ class Bench:
         ``capture`` (paper mode): also the private encoder's outputs of the templates and of CAPTURED prompts,
         before and after training, in ``info``. ``mitigation`` (fast mode): ("bound", k) keeps the residual's
         norm at most k times the subject row's output norm (projected after every step); ("decay", w) gives
-        AdamW weight decay w (the node uses 0). ``snapshots``: step counts after which the residual the node would
+        AdamW weight decay w (the node uses 0); ("weighting", "v") (any mode) weighs the diffusion loss as for a
+        v-prediction model (the reference's SD 2.1), on this eps model's same errors. ``snapshots``: step counts after which the residual the node would
         return then is also kept, in ``info["snapshots"]`` ({steps: delta}; paper mode: the 27-template pass
         through the encoder as tuned so far). ``probe`` (paper mode, with ``snapshots``): also the private
         encoder's output of the instance prompt (the class word alone, what training sees) at each snapshot, in
@@ -223,7 +227,8 @@ class Bench:
 
         with torch.inference_mode(False), torch.enable_grad():
             latents = p.nodes.train_images.encode_latents(self.vae, self.model, self.pictures(subject), s.resolution)
-            trainer = Capturing(self.model, self.clip, prediction, sigma_data, ms, s, subject, latents,
+            weighting = mitigation[1] if mitigation and mitigation[0] == "weighting" else prediction
+            trainer = Capturing(self.model, self.clip, weighting, sigma_data, ms, s, subject, latents,
                                 mm.get_torch_device(), arch=arch)
             delta, losses, _ = trainer.run()
         if not capture:
@@ -437,10 +442,13 @@ FAST_POINTS = (25, 50, 100, 200, 400)
 # x0.07: the toy world's diffusion loss (about 0.0097 over uniform timesteps) is 1/14 of a real SD checkpoint's on
 # real pictures (about 0.14, AUTOMATIC1111/stable-diffusion-webui#3277), and Adam does not see a loss's overall
 # scale, only the ratio of its terms; so these are the paper's weights for a diffusion loss of the real size.
+# the paper's settings with the diffusion loss weighted as v-prediction's, (1 + sigma^2) / sigma^2 on the x0 error
+# instead of eps-prediction's 1 / sigma^2: the reference trains SD 2.1-v, whose loss weighs the noisy steps more
+V_WEIGHTED_STEPS = 400
 PRESERVATION_SCALES = (("preservation x0.07 (the toy's loss scale)", 0.07, 1000), ("no preservation", 0.0, 400))
 
 
-def curve(b: Bench, paper_steps: int, which: tuple = ("fast", "scaled", "default")) -> str:
+def curve(b: Bench, paper_steps: int, which: tuple = ("fast", "scaled", "v-weighted", "default")) -> str:
     """Plain "a photo of a dog" with the residual the node would return after each step count: fast mode at its
     defaults (lr 1e-2; 100 steps by default), paper mode at its defaults (lr 5e-6, 4000 steps), and paper mode
     with the preservation weights scaled. One run per mode; the points are snapshots of it. ``which``: the runs
@@ -459,6 +467,10 @@ def curve(b: Bench, paper_steps: int, which: tuple = ("fast", "scaled", "default
         runs.append(("paper", f"lr 5e-6, {label}", dict(mode="paper", steps=steps, preservation_weight_start=1e-2 * scale,
                                                         preservation_weight_rest=1e-3 * scale),
                      tuple(k for k in PAPER_POINTS if k <= steps)))
+    if "v-weighted" in which:
+        runs.append(("paper", "lr 5e-6, 1e-2 / 1e-3, the loss weighted as v-prediction's",
+                     dict(mode="paper", steps=V_WEIGHTED_STEPS, mitigation=("weighting", "v")),
+                     tuple(k for k in PAPER_POINTS if k <= V_WEIGHTED_STEPS)))
     if "default" in which:  # the long run last
         runs.append(("paper", "lr 5e-6, preservation 1e-2 / 1e-3 (defaults)", dict(mode="paper", steps=paper_steps),
                      tuple(k for k in PAPER_POINTS if k <= paper_steps)))
@@ -485,11 +497,11 @@ BALANCE_POINTS = (100, 200)
 EVAL_DRAWS = 128
 
 
-def diffusion_losses(b: Bench, contexts: dict) -> dict:
-    """The diffusion loss (the objective's first term, as training computes it) of each instance-prompt context
-    ([1, T, C]), averaged over one fixed set of EVAL_DRAWS draws: a random picture of the 6 (random flip), noise,
-    and a sigma on an even grid of the schedule's quantiles (training draws it uniformly). Every context sees the
-    same draws, so differences between them are paired."""
+def x0_errors(b: Bench, contexts: dict, draws: int = EVAL_DRAWS) -> tuple[dict, torch.Tensor]:
+    """({label: [draws] mean squared error of the denoised latent}, sigmas [draws]) of each instance-prompt
+    context ([1, T, C]) on one fixed set of draws: a random picture of the 6 (random flip), noise, and a sigma on
+    an even grid of the schedule's quantiles (training draws it uniformly). Every context sees the same draws, so
+    differences between them are paired."""
     import comfy.model_management as mm
 
     p = b.pack
@@ -504,21 +516,58 @@ def diffusion_losses(b: Bench, contexts: dict) -> dict:
         trainer = p.nodes.train_loop.Trainer(b.model, b.clip, prediction, sigma_data, ms, s, "dog", latents, device,
                                              arch=arch)
         g = torch.Generator().manual_seed(11)
-        x0 = objective.latent_batch(trainer.latents, trainer.size, EVAL_DRAWS, g).to(device)
+        x0 = objective.latent_batch(trainer.latents, trainer.size, draws, g).to(device)
         noise = torch.randn(x0.shape, generator=g).to(device)
-        q = (torch.arange(EVAL_DRAWS) + 0.5) / EVAL_DRAWS
+        q = (torch.arange(draws) + 0.5) / draws
         sigma = trainer.sigmas[(q * (len(trainer.sigmas) - 1)).round().long()].to(device)
         with arch.FrozenModel(b.model, device, trainer.frozen) as fm:
             for label, ctx in contexts.items():
-                total = 0.0
-                for i in range(0, EVAL_DRAWS, 16):
-                    part = slice(i, min(i + 16, EVAL_DRAWS))
+                errors = []
+                for i in range(0, draws, 16):
+                    part = slice(i, min(i + 16, draws))
                     den = trainer._denoise(fm.mp, x0[part], noise[part], sigma[part], ctx.float().to(device), {},
                                            amp=False)
-                    n = part.stop - part.start
-                    total += n * float(objective.diffusion_loss(den, x0[part], sigma[part], prediction, sigma_data))
-                out[label] = total / EVAL_DRAWS
-    return out
+                    errors.append((den.float() - x0[part].float()).pow(2).flatten(1).mean(1).cpu())
+                out[label] = torch.cat(errors)
+    return out, sigma.float().cpu()
+
+
+def diffusion_losses(b: Bench, contexts: dict) -> dict:
+    """The diffusion loss (the objective's first term, as training computes it for this eps model) of each
+    context, averaged over x0_errors' draws."""
+    errors, sigma = x0_errors(b, contexts)
+    weight = b.pack.cones2_core.objective.x0_loss_weight("eps", sigma)
+    return {label: float((e * weight).mean()) for label, e in errors.items()}
+
+
+WEIGHTING_DRAWS = 512
+
+
+def weighting(b: Bench) -> str:
+    """What the attribute is worth to the training loss under eps-prediction's weighting (the toy world's, and
+    the node's for this model) and under v-prediction's (the reference's SD 2.1) of the same errors: the oracle
+    residual's drop at the instance prompt, with its standard error and by quartile of sigma."""
+    objective = b.pack.cones2_core.objective
+    odog = b.oracle("dog")
+    subj = b.pack.nodes.train_encoder.subject_rows(b.clip, "dog", "dog")
+    frozen = b.clip.encode_from_tokens(b.clip.tokenize("dog")).float()
+    o_delta = torch.cat([odog.tensors[k] for k in sorted(odog.tensors)], -1).float()
+    errors, sigma = x0_errors(b, {"frozen": frozen, "oracle": objective.add_at_rows(frozen, subj, o_delta)},
+                              WEIGHTING_DRAWS)
+    n = WEIGHTING_DRAWS
+    edges = ", ".join(f"{float(sigma[j * n // 4]):.2f}" for j in range(4))
+    lines: list = []
+    show(lines, f"{n} fixed draws from the six pictures, the instance prompt 'dog'; sigma quartiles start at "
+                f"{edges}", "", "| weighting | loss (frozen) | oracle's drop | standard error | drop by sigma "
+                "quartile, low to high | top quartile's share of the loss |", "|---|---|---|---|---|---|")
+    for name in ("eps", "v"):
+        w = objective.x0_loss_weight(name, sigma)
+        loss = errors["frozen"] * w
+        drop = (errors["frozen"] - errors["oracle"]) * w
+        quartiles = ", ".join(f"{float(drop[j * n // 4:(j + 1) * n // 4].mean()):+.5f}" for j in range(4))
+        show(lines, f"| {name} | {float(loss.mean()):.5f} | {float(drop.mean()):+.6f} | {float(drop.std() / n ** 0.5):.6f} "
+                    f"| {quartiles} | {float(loss[3 * n // 4:].sum() / loss.sum()):.2f} |")
+    return "\n".join(lines)
 
 
 def balance(b: Bench) -> str:
@@ -587,12 +636,13 @@ def balance(b: Bench) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--items", nargs="+", default=["compose", "preservation", "transfer", "curve", "balance"],
-                    choices=["compose", "preservation", "transfer", "curve", "balance"])
+    ap.add_argument("--items", nargs="+",
+                    default=["compose", "preservation", "transfer", "curve", "balance", "weighting"],
+                    choices=["compose", "preservation", "transfer", "curve", "balance", "weighting"])
     ap.add_argument("--curve-paper-steps", type=int, default=4000, help="the curve's paper-mode run (the node's "
                     "default 4000; its snapshots up to this count)")
-    ap.add_argument("--curve-runs", nargs="+", default=["fast", "scaled", "default"],
-                    choices=["fast", "scaled", "default"], help="the curve's runs to do")
+    ap.add_argument("--curve-runs", nargs="+", default=["fast", "scaled", "v-weighted", "default"],
+                    choices=["fast", "scaled", "v-weighted", "default"], help="the curve's runs to do")
     ap.add_argument("--paper-lr", type=float, default=5e-5)
     ap.add_argument("--paper-steps", type=int, default=100)
     ap.add_argument("--no-cache", action="store_true")
@@ -609,7 +659,7 @@ def main(argv=None) -> int:
         table = {"compose": lambda: compose(b, args.full), "transfer": lambda: transfer(b),
                  "preservation": lambda: preservation(b, args.paper_lr, args.paper_steps),
                  "curve": lambda: curve(b, args.curve_paper_steps, tuple(args.curve_runs)),
-                 "balance": lambda: balance(b)}[item]()
+                 "balance": lambda: balance(b), "weighting": lambda: weighting(b)}[item]()
         del table
         sys.stdout.write(f"\n({item}: {time.time() - t0:.0f} s)\n")
         sys.stdout.flush()
