@@ -618,11 +618,13 @@ def balance(b: Bench) -> str:
          "later rows | the paper's term on it | loss drop: tuned output | subject row alone | other rows alone | "
          "the residual at the subject row | objective at the paper's weights, change |",
          "|---|---|---|---|---|---|---|---|---|---|---|---|")
+    paper = objective.TrainSettings()  # the paper's preservation weights, the node's defaults
     for label, info in runs:
         for k in BALANCE_POINTS:
             d = (info["probes"][k][0] - frozen)[0]
             moved_s, moved_0, moved_r = float(d[subj].norm()), float(d[start].norm()), float(d[rest].norm())
-            term = 1e-2 * moved_0 + 1e-3 * moved_r
+            term = float(objective.preservation_loss(info["probes"][k][0], frozen, subj, paper.preservation_weight_start,
+                                                     paper.preservation_weight_rest))  # what training adds
             r = b.pack.cones2_core.residual.Residual("dog", b.family, objective.split_channels(info["snapshots"][k],
                                                                                              b.family))
             one = b.measure("a photo of a dog", [r])
