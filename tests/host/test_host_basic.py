@@ -67,3 +67,13 @@ def test_basic_generation_through_server(server, client, family):
         assert im.size == (width, height)
         pixels = np.asarray(im.convert("RGB")).reshape(-1, 3)
         assert len(np.unique(pixels, axis=0)) > 1, "a flat image means the pipeline did not run"
+
+
+def test_a_failed_checkpoint_build_says_which_builder_and_why(host_dir, tmp_path):
+    """harness.host.build (every fixture's and benchmark's builds): a builder that fails raises BuildFailed naming
+    the builder, its exit code and its error output, instead of a parse error on its missing paths."""
+    from harness.host import BuildFailed, build
+
+    with pytest.raises(BuildFailed, match=r"tiny_checkpoints\.py failed with exit code [1-9]") as e:
+        build(tiny_checkpoints.__file__, host_dir, "no_such_family", out=str(tmp_path))
+    assert "no_such_family" in str(e.value)
