@@ -27,8 +27,8 @@ from __future__ import annotations
 
 import torch
 
-from .attention import MAX_CHUNK_ELEMENTS, _coefficient, _combine, _moments, _std
 from .errors import Cones2Error
+from .score_stats import MAX_CHUNK_ELEMENTS, bias_coefficient, combine, moments, unbiased_std
 
 FLOW_SIGMA_CAP = 14.6146  # SD1.x/2.x's sigma_max (scaled-linear betas, 1000 steps)
 
@@ -68,12 +68,12 @@ def image_text_std(q, k, txt_len: int, img_len: int, chunk_size: int | None = No
     b, heads = q.shape[:2]
     kt = k[:, :, :txt_len].float().transpose(-1, -2)
     chunk = _chunk(b, heads, txt_len, chunk_size)
-    moments = None
+    stats = None
     for start in range(txt_len, txt_len + img_len, chunk):
         stop = min(start + chunk, txt_len + img_len)
-        part = _moments(q[:, :, start:stop].float() @ kt)
-        moments = part if moments is None else _combine(moments, part)
-    return _std(moments)
+        part = moments(q[:, :, start:stop].float() @ kt)
+        stats = part if stats is None else combine(stats, part)
+    return unbiased_std(stats)
 
 
 def joint_bias(q, k, txt_len: int, img_len: int, weight_map, sigma, guidance_weight: float,
@@ -88,7 +88,7 @@ def joint_bias(q, k, txt_len: int, img_len: int, weight_map, sigma, guidance_wei
     w = _check(q, k, txt_len, img_len, weight_map)
     b, _, length, d = q.shape
     scale = d**-0.5 if scale is None else float(scale)
-    coef = _coefficient(image_text_std(q, k, txt_len, img_len, chunk_size), sigma, guidance_weight)  # [B]
+    coef = bias_coefficient(image_text_std(q, k, txt_len, img_len, chunk_size), sigma, guidance_weight)  # [B]
     mask = torch.zeros(b, 1, length, length, dtype=torch.float32, device=q.device)
     block = (scale * coef).view(b, 1, 1) * w
     mask[:, 0, txt_len:txt_len + img_len, :txt_len] = block

@@ -159,18 +159,18 @@ def test_token_mass_is_the_probabilities_summed_per_subject_without_keeping_them
 
 
 def test_merged_chunk_std_is_exact():
-    from cones2_core.attention import _combine, _moments, _std
+    from cones2_core.score_stats import combine, moments, unbiased_std
 
     g = torch.Generator().manual_seed(1)
     scores = 1000.0 + torch.randn(2, 3, 50, T, generator=g) * torch.tensor([1.0, 4.0]).view(2, 1, 1, 1)
     expected = scores.double().reshape(2, -1).std(dim=1)
     merged = None
     for start in range(0, 50, 7):
-        part = _moments(scores[:, :, start : start + 7])
-        merged = part if merged is None else _combine(merged, part)
+        part = moments(scores[:, :, start : start + 7])
+        merged = part if merged is None else combine(merged, part)
     assert merged[0] == 50 * 3 * T
-    torch.testing.assert_close(_std(merged), expected, rtol=1e-9, atol=0)
-    torch.testing.assert_close(_std(_moments(scores)), expected, rtol=1e-9, atol=0)
+    torch.testing.assert_close(unbiased_std(merged), expected, rtol=1e-9, atol=0)
+    torch.testing.assert_close(unbiased_std(moments(scores)), expected, rtol=1e-9, atol=0)
 
 
 def test_chunking_by_element_budget(monkeypatch):
