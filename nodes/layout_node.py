@@ -205,7 +205,7 @@ class Cones2LayoutGuidance(io.ComfyNode):
                 io.Boolean.Input("self_recurrence", default=False,
                                  tooltip="Take every guided step twice, re-noising in between (the paper's "
                                          "self-recurrence). Doubles the guided steps' cost; off by default because "
-                                         "it placed subjects no better in our measurements (README). Samplers with "
+                                         "it placed subjects no better in our measurements (docs/nodes.md). Samplers with "
                                          "a history (dpmpp_2m, uni_pc, ...) always sample without it."),
                 io.Mask.Input("masks", optional=True,
                               tooltip="Regions as masks instead of (or besides) boxes: one mask per subject, "

@@ -152,7 +152,7 @@ class Cones2TrainResidual(io.ComfyNode):
                 io.Float.Input("preservation_weight_start", default=1e-2, min=0.0, max=10.0, step=1e-5,
                                tooltip="Paper mode: weight of ||e_0 - e*_0|| (start token keeps its embedding). "
                                        "It is weighed against the diffusion loss: if the residual learns little, "
-                                       "lower both weights (README, Training)."),
+                                       "lower both weights (docs/training.md)."),
                 io.Float.Input("preservation_weight_rest", default=1e-3, min=0.0, max=10.0, step=1e-6,
                                tooltip="Paper mode: weight of ||e_{1+n:} - e*_{1+n:}|| (tokens after the subject "
                                        "keep their embeddings). Weighed against the diffusion loss, as the start "
