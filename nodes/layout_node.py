@@ -167,6 +167,9 @@ def build_spec(model, conditioning, layout, guidance_weight, positive_weight, ne
 
 
 class Cones2LayoutGuidance(io.ComfyNode):
+    # The model families (cones2_core.families keys) it works with; its help page names each (tested).
+    SUPPORTED_FAMILIES = ("sd1", "sd2", "sdxl", "flux")
+
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(

@@ -120,6 +120,9 @@ def prepare_destination(save_name: str) -> str:
 
 
 class Cones2TrainResidual(io.ComfyNode):
+    # The model families (cones2_core.families keys) it works with; its help page names each (tested).
+    SUPPORTED_FAMILIES = ("sd1", "sd2", "sdxl", "flux")
+
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
