@@ -177,7 +177,8 @@ class Cones2TrainResidual(io.ComfyNode):
                                tooltip="paper: fine-tune a private text-encoder copy as the Cones 2 paper. fast: "
                                        "optimise the residual directly (our addition; much cheaper)."),
                 io.Image.Input("images", optional=True,
-                               tooltip="The subject's images (any sizes; RGBA and greyscale are converted)."),
+                               tooltip="The subject's images (any sizes from 64 pixels on the short side; RGBA and "
+                                       "greyscale are converted)."),
                 io.String.Input("image_folder", default="", optional=True,
                                 tooltip="Optional folder of images inside ComfyUI's input directory, e.g. "
                                         "'my_dog'; used in addition to 'images'."),
