@@ -6,7 +6,7 @@ runs the bed's forward as the trainer does (frozen weights as gradient-free alia
 SDPA attention), counts the bytes autograd saves inside each kind of block (weights excluded: they are the
 model's own tensors), checks that they grow linearly with the sequence, and scales them to full-size Flux:
 57 blocks, bf16 activations, the sequence of a 512 or 1024 px crop plus the 256 T5 tokens of the host's
-default padding. Printed as the README's table (Training, Flux).
+default padding. Printed as docs/flux.md's table (Training).
 
     python bench/flux_train_memory.py --comfyui ~/ComfyUI
 """

@@ -648,7 +648,7 @@ def main(argv=None) -> int:
     ap.add_argument("--paper-lr", type=float, default=5e-5)
     ap.add_argument("--paper-steps", type=int, default=100)
     ap.add_argument("--no-cache", action="store_true")
-    ap.add_argument("--full", action="store_true", help="also the rows already in the README's first table "
+    ap.add_argument("--full", action="store_true", help="also the rows already in docs/training.md's composition table "
                     "(the dog alone, the oracle pair)")
     args = ap.parse_args(argv)
     host = find_host()

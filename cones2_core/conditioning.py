@@ -1,9 +1,10 @@
 """Placing residuals in a prompt embedding: token positions of words and the residual addition.
 
-The host tokenises a prompt into chunks of 77 tokens per text encoder; the encoder's output is the
-concatenation of the chunks along the token axis, so a token at position ``p`` of chunk ``c`` sits at row
-``c * chunk_len + p`` of the conditioning tensor. For SDXL the context is the CLIP-L (768) and CLIP-G
-(1280) outputs side by side along the channel axis.
+The host tokenises a prompt into chunks per text encoder: 77 tokens each for the CLIP encoders, and one chunk
+of the prompt's length for T5 (padded to the tokenizer's ``min_length``; ``Family.chunk`` is None). The
+encoder's output is the concatenation of the chunks along the token axis, so a token at position ``p`` of chunk
+``c`` sits at row ``c * chunk_len + p`` of the conditioning tensor. For SDXL the context is the CLIP-L (768)
+and CLIP-G (1280) outputs side by side along the channel axis; for Flux it is the T5-XXL rows alone.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from .errors import Cones2Error
 def find_occurrences(chunks: Sequence[Sequence[object]], pattern: Sequence[int], chunk_len: int) -> list[list[int]]:
     """All occurrences of the token sequence ``pattern`` in the tokenised prompt.
 
-    ``chunks``: one list of token ids per 77-token chunk (entries that are not ints, such as embedding
+    ``chunks``: one list of token ids per chunk (``chunk_len`` tokens each; entries that are not ints, such as embedding
     tensors, never match). Returns one list of flat row indices per occurrence, in order.
     """
     if not pattern:

@@ -79,7 +79,7 @@ FAMILIES: dict[str, Family] = {f.key: f for f in (
     Family("sdxl", "SDXL", (_CLIP_L, Encoder("g", "CLIP-G", 768, 1280)), "unet", 1024, pooled_adm=True),
     # Flux: the T5-XXL rows are the whole context (the joint attention's text part, row 0 = the first word, no
     # start token); CLIP-L ("l") only gives the pooled vector. Training crop 512, not its native 1024: 1024 image
-    # tokens + the text's 256 instead of 4096 + 256, 3.4x fewer per step (README, Training).
+    # tokens + the text's 256 instead of 4096 + 256, 3.4x fewer per step (docs/flux.md).
     Family("flux", "Flux", (Encoder("t5xxl", "T5-XXL", 0, 4096),), "dit", 512, chunk=None, pooled_only=("l",)),
 )}
 

@@ -41,8 +41,8 @@ TEMPLATES: tuple[str, ...] = (
 MODES = ("paper", "fast")
 PREDICTIONS = ("eps", "v", "flow")
 PAPER_LEARNING_RATE = 5e-6
-# Fast mode's defaults, ours to choose: on the toy world (README, Training) lr 1e-2 for 100 steps at batch 1 gave
-# 117% of the oracle residual's lift of the attribute (1e-3: 26% at 100 steps, 71% at 400).
+# Fast mode's defaults, ours to choose: picked from the toy world's steps-versus-lift curve at batch 1 (its
+# measurements are in docs/training.md; bench/toy_training_effects.py --items curve remeasures them).
 FAST_LEARNING_RATE = 1e-2
 PAPER_STEPS = 4000
 FAST_STEPS = 100

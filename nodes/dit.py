@@ -32,7 +32,7 @@ from .unet import FrozenUNet
 
 OVERRIDE_KEY = "optimized_attention_override"  # the host's key (comfy/ldm/modules/attention.py wrap_attn)
 # Whether the subject's text queries are confined to its region too (the transposed bias block): off, as measured
-# on the Flux toy world (README); a module switch for that measurement, not a node input.
+# on the Flux toy world (docs/flux.md); a module switch for that measurement, not a node input.
 CONFINE_TEXT_QUERIES = False
 GRID_KEY = "cones2_joint_grid"  # transformer_options of one model call: (text tokens, image rows, image columns)
 
@@ -164,8 +164,8 @@ class FrozenFlux(FrozenUNet):
     the host's memory management, with gradient checkpointing of every double and single block from the start.
 
     Checkpointed, a block keeps only its inputs for backward (the image and text streams, 2 x 3072 channels per
-    token) and recomputes the rest; that is what lets 57 blocks of 12 B parameters train on one card (the
-    README's Training section has the figures). For the same reason the host may load Flux partly (its lowvram
+    token) and recomputes the rest; that is what lets 57 blocks of 12 B parameters train on one card (docs/flux.md,
+    Training, has the figures). For the same reason the host may load Flux partly (its lowvram
     mode streams the weights per op): the streamed copies live only while one block is recomputed."""
 
     full_load_on_gpu = False

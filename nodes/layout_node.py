@@ -167,6 +167,9 @@ def build_spec(model, conditioning, layout, guidance_weight, positive_weight, ne
 
 
 class Cones2LayoutGuidance(io.ComfyNode):
+    # The model families (cones2_core.families keys) it works with; its help page names each (tested).
+    SUPPORTED_FAMILIES = ("sd1", "sd2", "sdxl", "flux")
+
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -205,7 +208,7 @@ class Cones2LayoutGuidance(io.ComfyNode):
                 io.Boolean.Input("self_recurrence", default=False,
                                  tooltip="Take every guided step twice, re-noising in between (the paper's "
                                          "self-recurrence). Doubles the guided steps' cost; off by default because "
-                                         "it placed subjects no better in our measurements (README). Samplers with "
+                                         "it placed subjects no better in our measurements (docs/nodes.md). Samplers with "
                                          "a history (dpmpp_2m, uni_pc, ...) always sample without it."),
                 io.Mask.Input("masks", optional=True,
                               tooltip="Regions as masks instead of (or besides) boxes: one mask per subject, "

@@ -28,6 +28,9 @@ def find_residual_file(name: str) -> str:
 
 
 class Cones2LoadResidual(io.ComfyNode):
+    # The model families (cones2_core.families keys) it works with; its help page names each (tested).
+    SUPPORTED_FAMILIES = ("sd1", "sd2", "sdxl", "flux")
+
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -69,6 +72,9 @@ class Cones2LoadResidual(io.ComfyNode):
 
 
 class Cones2ApplyResiduals(io.ComfyNode):
+    # The model families (cones2_core.families keys) it works with; its help page names each (tested).
+    SUPPORTED_FAMILIES = ("sd1", "sd2", "sdxl", "flux")
+
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(

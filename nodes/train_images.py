@@ -10,6 +10,21 @@ import torch
 from ..cones2_core.errors import Cones2Error
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+# The smallest training image, in pixels on its short side: 8 latent pixels of the SD VAE (4 x 4 tokens of Flux's
+# patches). A smaller picture is upscaled to the training resolution (512 or more) into a blur that holds next to
+# nothing of the subject, and a 1 x 1 image is a single colour.
+MIN_SIDE = 64
+
+
+def _check_size(img: torch.Tensor, what: str) -> torch.Tensor:
+    """``img`` [H, W, 3] when its short side has at least MIN_SIDE pixels; else an error naming ``what``."""
+    h, w = img.shape[:2]
+    if min(h, w) < MIN_SIDE:
+        raise Cones2Error(f"{what} is {w} x {h} pixels; training needs at least {MIN_SIDE} pixels on the short side "
+                          f"({MIN_SIDE // 8} latent pixels: a smaller picture is upscaled to the training resolution "
+                          "into a blur that holds nothing of the subject). Use a larger picture of the subject, or "
+                          "leave this one out")
+    return img
 
 
 def _to_rgb(img: torch.Tensor) -> torch.Tensor:
@@ -55,9 +70,14 @@ def _folder_images(image_folder: str) -> list[torch.Tensor]:
                 im = ImageOps.exif_transpose(im)
                 im = im.convert("RGBA" if ("A" in im.getbands() or "transparency" in im.info) else "RGB")
                 arr = np.asarray(im, dtype=np.float32) / 255.0
+        except Image.DecompressionBombError as e:
+            raise Cones2Error(f"the image {entry!r} in {image_folder!r} has more pixels than PIL opens safely (over "
+                              f"{2 * (Image.MAX_IMAGE_PIXELS or 0):,}: it refuses such files as possible decompression "
+                              "bombs); resize it to a few thousand pixels on its long side (training crops are at "
+                              "most 2048 pixels) or remove it") from e
         except OSError as e:
             raise Cones2Error(f"cannot read the image {entry!r} in {image_folder!r} ({e}); remove or re-save it") from e
-        out.append(_to_rgb(torch.from_numpy(arr.copy())))
+        out.append(_check_size(_to_rgb(torch.from_numpy(arr.copy())), f"the image {entry!r} in {image_folder!r}"))
     if not out:
         raise Cones2Error(f"the folder {image_folder!r} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
     return out
@@ -70,7 +90,7 @@ def collect_images(images: torch.Tensor | None, image_folder: str = "") -> list[
         if not isinstance(images, torch.Tensor) or images.ndim not in (3, 4):
             raise Cones2Error("the images input must be an IMAGE batch [B, H, W, C]; connect e.g. Load Image")
         batch = images if images.ndim == 4 else images.unsqueeze(0)
-        out += [_to_rgb(img) for img in batch]
+        out += [_check_size(_to_rgb(img), f"image {i + 1} of the images input") for i, img in enumerate(batch)]
     if image_folder and image_folder.strip():
         out += _folder_images(image_folder)
     if not out:

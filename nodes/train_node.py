@@ -120,6 +120,9 @@ def prepare_destination(save_name: str) -> str:
 
 
 class Cones2TrainResidual(io.ComfyNode):
+    # The model families (cones2_core.families keys) it works with; its help page names each (tested).
+    SUPPORTED_FAMILIES = ("sd1", "sd2", "sdxl", "flux")
+
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -152,7 +155,7 @@ class Cones2TrainResidual(io.ComfyNode):
                 io.Float.Input("preservation_weight_start", default=1e-2, min=0.0, max=10.0, step=1e-5,
                                tooltip="Paper mode: weight of ||e_0 - e*_0|| (start token keeps its embedding). "
                                        "It is weighed against the diffusion loss: if the residual learns little, "
-                                       "lower both weights (README, Training)."),
+                                       "lower both weights (docs/training.md)."),
                 io.Float.Input("preservation_weight_rest", default=1e-3, min=0.0, max=10.0, step=1e-6,
                                tooltip="Paper mode: weight of ||e_{1+n:} - e*_{1+n:}|| (tokens after the subject "
                                        "keep their embeddings). Weighed against the diffusion loss, as the start "
@@ -174,7 +177,8 @@ class Cones2TrainResidual(io.ComfyNode):
                                tooltip="paper: fine-tune a private text-encoder copy as the Cones 2 paper. fast: "
                                        "optimise the residual directly (our addition; much cheaper)."),
                 io.Image.Input("images", optional=True,
-                               tooltip="The subject's images (any sizes; RGBA and greyscale are converted)."),
+                               tooltip="The subject's images (any sizes from 64 pixels on the short side; RGBA and "
+                                       "greyscale are converted)."),
                 io.String.Input("image_folder", default="", optional=True,
                                 tooltip="Optional folder of images inside ComfyUI's input directory, e.g. "
                                         "'my_dog'; used in addition to 'images'."),

@@ -25,6 +25,7 @@ sys.path.insert(0, ROOT)
 
 from safetensors import safe_open  # noqa: E402
 
+from cones2_core.figures import draw_boxes  # noqa: E402
 from cones2_core.residual import load_residual, save_residual  # noqa: E402
 from harness import toy_world  # noqa: E402
 from harness.client import ComfyClient  # noqa: E402
@@ -36,7 +37,6 @@ log = logging.getLogger("comfyui-cones2")
 WORKFLOW = os.path.join(ROOT, "workflows", "two_subjects_layout.json")
 DEFAULT_SIZE = {"sd1": 512, "sd2": 768, "sdxl": 1024}
 TOY_PROMPT = "a photo of a dog and a cat"
-GREEN = (40, 220, 60)
 
 
 def checkpoint_family(path: str) -> str:
@@ -210,12 +210,9 @@ def _compare_figure(unguided_png: str, guided_png: str, boxes: list[dict], path:
             img = im.convert("RGB")
         scale = max(1, 256 // img.height)
         img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+        draw_boxes(img, boxes)
         draw = ImageDraw.Draw(img)
         w, h = img.size
-        for b in boxes:
-            x0, y0 = b["x"] * w, b["y"] * h
-            draw.rectangle([x0, y0, x0 + b["w"] * w - 1, y0 + b["h"] * h - 1], outline=GREEN, width=2)
-            draw.text((x0 + 4, y0 + 3), b["subject"], fill=GREEN)
         draw.rectangle([0, h - 16, w, h], fill=(0, 0, 0))
         draw.text((4, h - 14), title, fill=(255, 255, 255))
         panels.append(img)

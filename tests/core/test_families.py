@@ -54,7 +54,7 @@ def test_flux_record():
     f = FAMILIES["flux"]
     assert f.describe() == "Flux (T5-XXL 4096)" and f.architecture == "dit"
     assert f.widths == {"t5xxl": 4096} and f.pooled_only == ("l",) and f.chunk is None
-    assert f.reference_width is None and f.default_resolution("eps") == 512  # 1280 tokens per step instead of 4352 (README, Training)
+    assert f.reference_width is None and f.default_resolution("eps") == 512  # 1280 tokens per step instead of 4352 (docs/flux.md)
     assert by_encoder_keys({"l", "t5xxl"}) is f and by_encoder_keys({"l"}).key == "sd1"
     assert by_encoder_keys({"t5xxl"}) is None  # a Flux tokenizer always has "l" too
     assert by_widths({"t5xxl": 4096}) is f and by_context_width(4096) is f

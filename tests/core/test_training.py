@@ -124,7 +124,7 @@ def test_settings_defaults_and_validation():
     s = ob.TrainSettings().resolved("sd1", "eps")
     assert (s.learning_rate, s.resolution, s.steps) == (5e-6, 512, 4000)
     fast = ob.TrainSettings(mode="fast").resolved("sd2", "v")
-    assert (fast.learning_rate, fast.steps) == (1e-2, 100)  # chosen from the toy world's lift curve (README)
+    assert (fast.learning_rate, fast.steps) == (1e-2, 100)  # chosen from the toy world's lift curve (docs/training.md)
     assert ob.TrainSettings(mode="fast", steps=7).resolved("sd1", "eps").steps == 7
     assert ob.TrainSettings().resolved("sd2", "v").resolution == 768
     assert ob.TrainSettings().resolved("sd2", "eps").resolution == 512

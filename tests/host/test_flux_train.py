@@ -171,7 +171,7 @@ def test_flux_bad_inputs(pack, bed, res_dir, loaded):
     sd1_model = loaded("sd1")[0]
     with pytest.raises(Cones2Error, match="is not a Flux flow-matching model"):
         train(pack, (sd1_model, bed[1], bed[2]), save_name="flux_on_sd1")
-    odd = torch.rand(1, 40, 90, 4)  # small, not square, RGBA: upscaled so the short side is 64, then cropped
+    odd = torch.rand(1, 64, 90, 4)  # not square, RGBA, the long side no multiple of 8: cropped
     chain, filename, _ = train(pack, bed, images=odd, steps=1, save_name="flux_odd")
     assert chain[0].tensors["t5xxl"].shape[1] == 4096 and filename == "flux_odd.safetensors"
     sd1_clip = loaded("sd1")[1]

@@ -163,9 +163,9 @@ def big_cat_residual(pack, world):  # the pictures' seed is bench/toy_training_e
 def paper_dog_residual(pack, world):
     """Paper mode (the private encoder fine-tuned, the residual taken over the 27 templates) in a CI-sized run:
     100 steps at lr 5e-5 (ten times the paper's) and without the preservation term. At the paper's settings
-    paper mode reaches 35-40% of the oracle's lift on the toy world (1000 to 4000 steps): there the attribute is
-    worth almost nothing to the diffusion loss, and the term charges more for one step than any run gains (README,
-    Training; bench/toy_training_effects.py --items curve balance)."""
+    paper mode learns too little on the toy world to test: there the attribute is worth almost nothing to the
+    diffusion loss, and the term charges more for one step than any run gains (docs/training.md;
+    bench/toy_training_effects.py --items curve balance)."""
     return big_residual(pack, world, "dog", 7, mode="paper", steps=100, learning_rate=5e-5,
                         preservation_weight_start=0.0, preservation_weight_rest=0.0)
 

@@ -392,20 +392,75 @@ def test_image_folder_any_size_rgba_grey(pack, tmp_path, monkeypatch):
     monkeypatch.setattr(folder_paths, "get_input_directory", lambda: str(tmp_path))
     folder = tmp_path / "subj"
     folder.mkdir()
-    Image.new("RGBA", (80, 50), (255, 0, 0, 0)).save(folder / "a.png")  # fully transparent -> white
-    Image.new("L", (40, 90), 64).save(folder / "b.png")
+    Image.new("RGBA", (96, 64), (255, 0, 0, 0)).save(folder / "a.png")  # fully transparent -> white
+    Image.new("L", (64, 160), 64).save(folder / "b.png")
     Image.new("RGB", (64, 64), (0, 0, 255)).save(folder / "c.jpg")
     (folder / "notes.txt").write_text("not an image")
     (tmp_path / "empty").mkdir()
     imgs = pack.nodes.train_images.collect_images(blob_images(1), "subj")
-    assert [tuple(i.shape) for i in imgs] == [(64, 64, 3), (50, 80, 3), (90, 40, 3), (64, 64, 3)]
-    assert torch.allclose(imgs[1], torch.ones(50, 80, 3))
-    assert torch.allclose(imgs[2], torch.full((90, 40, 3), 64 / 255))
+    assert [tuple(i.shape) for i in imgs] == [(64, 64, 3), (64, 96, 3), (160, 64, 3), (64, 64, 3)]
+    assert torch.allclose(imgs[1], torch.ones(64, 96, 3))
+    assert torch.allclose(imgs[2], torch.full((160, 64, 3), 64 / 255))
     assert float(imgs[3][..., 2].mean()) > 0.9
     with pytest.raises(pack.cones2_core.errors.Cones2Error, match="holds no images"):
         pack.nodes.train_images.collect_images(None, "empty")
     resized = pack.nodes.train_images._resize_for_training(imgs[2], 64)
     assert resized.shape == (128, 64, 3)  # short side 64, long side capped at 2x, multiples of 8
+    resized = pack.nodes.train_images._resize_for_training(imgs[1], 128)
+    assert resized.shape == (128, 192, 3)  # upscaled so the short side is 128
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    """A PNG file whose header says width x height 1-bit grey pixels, followed by one tiny (truncated) data chunk:
+    enough for PIL to read its size, a few hundred bytes on disk however large it claims to be."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\x00" * 64))
+            + chunk(b"IEND", b""))
+
+
+def test_a_decompression_bomb_or_a_tiny_image_is_refused_saying_which_and_what_to_do(pack, tmp_path, monkeypatch):
+    """A 20000 x 20000 PNG (PIL refuses it as a possible decompression bomb) in image_folder and an image under
+    64 pixels on its short side (a 1 x 1 one, in the folder or the IMAGE input) are the pack's errors, naming the
+    file or the image and what to do, not PIL's raw exception nor a silent training on a blur."""
+    import folder_paths
+    from PIL import Image
+
+    Cones2Error = pack.cones2_core.errors.Cones2Error
+    collect = pack.nodes.train_images.collect_images
+    monkeypatch.setattr(folder_paths, "get_input_directory", lambda: str(tmp_path))
+    bomb = tmp_path / "bomb"
+    bomb.mkdir()
+    Image.new("RGB", (64, 64)).save(bomb / "a_fine.png")
+    (bomb / "b_huge.png").write_bytes(_png_header_only(20000, 20000))
+    assert (bomb / "b_huge.png").stat().st_size < 1000
+    with pytest.raises(Image.DecompressionBombError):  # what PIL alone does with it
+        Image.open(bomb / "b_huge.png")
+    with pytest.raises(Cones2Error, match=r"the image 'b_huge.png' in 'bomb' has more pixels than PIL opens safely "
+                                          r"\(over 178,956,970: .*decompression bombs\); resize it to a few thousand "
+                                          r"pixels on its long side .* or remove it") as e:
+        collect(None, "bomb")
+    assert not isinstance(e.value.__cause__, Cones2Error)
+
+    tiny = tmp_path / "tiny"
+    tiny.mkdir()
+    Image.new("RGB", (64, 64)).save(tiny / "a_fine.png")
+    Image.new("RGB", (1, 1), (200, 30, 30)).save(tiny / "b_dot.png")
+    message = (r"is 1 x 1 pixels; training needs at least 64 pixels on the short side \(8 latent pixels: a smaller "
+               r"picture is upscaled .* into a blur that holds nothing of the subject\)\. Use a larger picture of the "
+               r"subject, or leave this one out")
+    with pytest.raises(Cones2Error, match=r"the image 'b_dot.png' in 'tiny' " + message):
+        collect(None, "tiny")
+    with pytest.raises(Cones2Error, match=r"image 1 of the images input " + message):
+        collect(torch.rand(2, 1, 1, 3), "")
+    with pytest.raises(Cones2Error, match=r"image 1 of the images input is 200 x 63 pixels"):
+        collect(torch.rand(1, 63, 200, 3), "")
+    assert [tuple(i.shape) for i in collect(torch.rand(1, 64, 200, 3), "")] == [(64, 200, 3)]  # the minimum is fine
 
 
 # ---- through the real server ------------------------------------------------------------------------------
