@@ -8,7 +8,7 @@ text encoders and the VAE come from fixed configs and are full size, so each fil
 cached outside the repository under a key that changes when anything here changes.
 
 Run as a script (inside the project's venv, with the host importable) to build them:
-    python harness/tiny_checkpoints.py --comfyui ~/ComfyUI --out DIR [sd1 sd2 sdxl]
+    python tests/tiny_checkpoints.py --comfyui ~/ComfyUI --out DIR [sd1 sd2 sdxl]
 """
 
 from __future__ import annotations
