@@ -60,7 +60,7 @@ def saved_per_token(model, pack, px: int, txt: int) -> dict[str, float]:
         with torch.inference_mode(False), torch.enable_grad():
             x = torch.randn(1, 16, px // 8, px // 8)
             ctx = torch.randn(1, txt, 4096, requires_grad=True)
-            opts = {"optimized_attention_override": pack.nodes.unet.sdpa_attention}
+            opts = {"optimized_attention_override": pack.nodes.architectures.base.sdpa_attention}
             with gr.GradientFreeWeights(), gr.OutOfPlaceAdds(), \
                     torch.autograd.graph.saved_tensors_hooks(pack_hook, lambda t: t):
                 out = model.model.apply_model(x, torch.tensor([0.5]), c_crossattn=ctx, y=torch.randn(1, 768),

@@ -163,8 +163,8 @@ class Bench:
                                                                     self.pictures(subject), subject, settings)
             delta = torch.cat([residual.tensors[k] for k in sorted(residual.tensors)], -1)
             return {"delta": delta.float(), "losses": losses}
-        arch = p.nodes.unet
-        prediction, sigma_data, ms = arch.prediction_type(self.model)
+        arch = p.nodes.architectures.ARCHITECTURES["unet"]
+        prediction, sigma_data, ms = p.nodes.architectures.prediction_type(self.model)
         s = settings.resolved(self.family, prediction)
         captured: list = []
         kept: dict = {}
@@ -505,9 +505,9 @@ def x0_errors(b: Bench, contexts: dict, draws: int = EVAL_DRAWS) -> tuple[dict, 
     import comfy.model_management as mm
 
     p = b.pack
-    arch = p.nodes.unet
+    arch = p.nodes.architectures.ARCHITECTURES["unet"]
     objective = p.cones2_core.objective
-    prediction, sigma_data, ms = arch.prediction_type(b.model)
+    prediction, sigma_data, ms = p.nodes.architectures.prediction_type(b.model)
     s = objective.TrainSettings(mode="paper", resolution=toy_world.LATENT_SIZE * 8).resolved(b.family, prediction)
     device = mm.get_torch_device()
     out = {}
@@ -520,7 +520,7 @@ def x0_errors(b: Bench, contexts: dict, draws: int = EVAL_DRAWS) -> tuple[dict, 
         noise = torch.randn(x0.shape, generator=g).to(device)
         q = (torch.arange(draws) + 0.5) / draws
         sigma = trainer.sigmas[(q * (len(trainer.sigmas) - 1)).round().long()].to(device)
-        with arch.FrozenModel(b.model, device, trainer.frozen) as fm:
+        with arch.frozen_model(b.model, device, trainer.frozen) as fm:
             for label, ctx in contexts.items():
                 errors = []
                 for i in range(0, draws, 16):

@@ -108,7 +108,7 @@ def reference_like(pack, model, clip, vae, images, steps: int, resolution: int, 
     Like our paper mode it trains a private copy, since the user's CLIP must stay unchanged."""
     import torch
 
-    encoder, unets, ob = pack.nodes.train_encoder, pack.nodes.unet, pack.cones2_core.objective
+    encoder, unets, ob = pack.nodes.train_encoder, pack.nodes.architectures, pack.cones2_core.objective
     enc = encoder.private_text_encoder(clip, device)  # no trainable_ids: every row of the token table trains
     tokens = clip.tokenize("dog")
     rows = encoder.subject_rows(clip, "dog", "dog")
@@ -119,7 +119,7 @@ def reference_like(pack, model, clip, vae, images, steps: int, resolution: int, 
     frozen = pack.cones2_core.gradients.GradientFreeWeights()
     gen = torch.Generator().manual_seed(0)
     target = None
-    with unets.FrozenUNet(model, device, frozen) as unet:
+    with unets.unet.FrozenUNet(model, device, frozen) as unet:
         mp = unet.mp
         for step in range(steps):
             img = pixels[step % len(pixels)]
@@ -133,7 +133,7 @@ def reference_like(pack, model, clip, vae, images, steps: int, resolution: int, 
             x_t = ms.noise_scaling(sigma.view(-1, 1, 1, 1), noise, x0)
             with frozen:
                 den = mp.model.apply_model(x_t, sigma, c_crossattn=ctx, transformer_options={
-                    "optimized_attention_override": unets.sdpa_attention})
+                    "optimized_attention_override": unets.base.sdpa_attention})
             loss = ob.diffusion_loss(den, x0, sigma, prediction, sigma_data) + \
                 ob.preservation_loss(ctx, target, rows, 1e-2, 1e-3)
             loss.backward()

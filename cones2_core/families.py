@@ -12,15 +12,30 @@ from dataclasses import dataclass
 
 from .errors import Cones2Error
 
+TOKENIZERS = ("clip_bpe", "sentencepiece")  # the kinds of tokenizer a family's encoders can have
+
 
 @dataclass(frozen=True)
 class Encoder:
-    """One text encoder's slice of a family's conditioning (its channels ``offset .. offset + width``)."""
+    """One text encoder's part of a family's conditioning tensor ``[B, rows, channels]``.
+
+    Channels: the encoder's output sits in channels ``offset .. offset + width`` (SDXL: CLIP-L 0..767 and CLIP-G
+    768..2047, side by side). Rows: encoders of one ``group`` share their rows (side by side in channels); groups
+    follow one another along the token axis, in order, each as long as its tokenised prompt (a family whose
+    context stacks a CLIP part and a T5 part has two groups). Within its group, an encoder's token ``i`` is row
+    ``i - skip_rows`` (the host drops that many leading rows, e.g. a chat template's prefix)."""
 
     key: str  # the host tokenizer's key: "l", "h", "g", "t5xxl"
     name: str  # what users call it
-    offset: int
-    width: int
+    offset: int  # first channel
+    width: int  # channels
+    group: int = 0  # row group (see above)
+    tokenizer: str = "clip_bpe"  # "clip_bpe": byte-level BPE with start/end tokens; "sentencepiece": T5, no start
+    skip_rows: int = 0  # leading token rows the host drops before the encoder's output
+
+    def __post_init__(self) -> None:
+        if self.tokenizer not in TOKENIZERS:
+            raise ValueError(f"unknown tokenizer kind {self.tokenizer!r}; one of {TOKENIZERS}")
 
 
 @dataclass(frozen=True)
@@ -28,7 +43,9 @@ class Family:
     key: str  # as residual files name it (metadata cones2.family)
     name: str  # as users name it
     encoders: tuple[Encoder, ...]
-    architecture: str  # the host-side module that patches and trains it: "unet" (nodes/unet.py), "dit" (Flux)
+    architecture: str  # its entry in the registry of architectures (nodes/architectures/): "unet", "flux"
+    model_configs: tuple[str, ...]  # the host's model configs (comfy.supported_models classes, or subclasses) it is
+    predictions: tuple[str, ...]  # what its models may predict: "eps", "v" (UNets), "flow" (flow matching)
     resolution: int  # default training crop of its eps-prediction (and flow) models
     v_resolution: int | None = None  # ... and of its v-prediction models (SD2.x 768-v)
     # Tokens per encoder chunk: long prompts and ConditioningConcat align to it. None: one chunk of any length
@@ -37,7 +54,8 @@ class Family:
     # Tokenizer keys of encoders that give only the pooled output, not conditioning rows (Flux's CLIP-L).
     pooled_only: tuple[str, ...] = ()
     reference_width: int | None = None  # the width of the reference implementation's .pt residuals read as it
-    pooled_adm: bool = False  # the UNet's `y` is the pooled text plus size embeddings (SDXL's encode_adm)
+    distilled_guidance: bool = False  # the model takes a distilled guidance value (Flux; FluxGuidance sets it)
+    paper_refusal: str = ""  # why paper mode (fine-tuning the text encoder) is refused on this family, if it is
 
     @property
     def width(self) -> int:
@@ -58,6 +76,11 @@ class Family:
     def widths(self) -> dict[str, int]:
         return {e.key: e.width for e in self.encoders}
 
+    @property
+    def groups(self) -> tuple[tuple[Encoder, ...], ...]:
+        """The encoders by row group, in row order (see Encoder)."""
+        return tuple(tuple(e for e in self.encoders if e.group == g) for g in sorted({e.group for e in self.encoders}))
+
     def encoder(self, key: str) -> Encoder:
         return next(e for e in self.encoders if e.key == key)
 
@@ -71,16 +94,22 @@ class Family:
 
 
 _CLIP_L = Encoder("l", "CLIP-L", 0, 768)
+_T5_PAPER = ("paper mode fine-tunes the whole text encoder, which on {name} is T5-XXL (4.7 B parameters: about 57 GB "
+             "for its float32 weights and AdamW's two moments, before any activation, besides the diffusion "
+             "model); set mode to 'fast', which optimises the residual at the subject's T5 rows directly against "
+             "{name}'s own flow-matching loss")
 
 FAMILIES: dict[str, Family] = {f.key: f for f in (
-    Family("sd1", "SD1.5", (_CLIP_L,), "unet", 512, reference_width=768),
-    Family("sd2", "SD2.x", (Encoder("h", "OpenCLIP-H", 0, 1024),), "unet", 512, v_resolution=768,
-           reference_width=1024),
-    Family("sdxl", "SDXL", (_CLIP_L, Encoder("g", "CLIP-G", 768, 1280)), "unet", 1024, pooled_adm=True),
+    Family("sd1", "SD1.5", (_CLIP_L,), "unet", ("SD15",), ("eps", "v"), 512, reference_width=768),
+    Family("sd2", "SD2.x", (Encoder("h", "OpenCLIP-H", 0, 1024),), "unet", ("SD20",), ("eps", "v"), 512,
+           v_resolution=768, reference_width=1024),
+    Family("sdxl", "SDXL", (_CLIP_L, Encoder("g", "CLIP-G", 768, 1280)), "unet", ("SDXL",), ("eps", "v"), 1024),
     # Flux: the T5-XXL rows are the whole context (the joint attention's text part, row 0 = the first word, no
     # start token); CLIP-L ("l") only gives the pooled vector. Training crop 512, not its native 1024: 1024 image
     # tokens + the text's 256 instead of 4096 + 256, 3.4x fewer per step (docs/flux.md).
-    Family("flux", "Flux", (Encoder("t5xxl", "T5-XXL", 0, 4096),), "dit", 512, chunk=None, pooled_only=("l",)),
+    Family("flux", "Flux", (Encoder("t5xxl", "T5-XXL", 0, 4096, tokenizer="sentencepiece"),), "flux", ("Flux",),
+           ("flow",), 512, chunk=None, pooled_only=("l",), distilled_guidance=True,
+           paper_refusal=_T5_PAPER.format(name="Flux")),
 )}
 
 

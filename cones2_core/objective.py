@@ -197,7 +197,7 @@ class TrainSettings:
         if self.batch_size < 1:
             raise Cones2Error(f"batch_size must be at least 1; got {self.batch_size}")
         fam = family_record(family)
-        guidance = self.guidance if fam.architecture == "dit" else None  # only Flux reads it
+        guidance = self.guidance if fam.distilled_guidance else None  # only such models (Flux) read it
         for name in ("learning_rate", "preservation_weight_start", "preservation_weight_rest", "guidance"):
             v = guidance if name == "guidance" else getattr(self, name)
             if v is not None and (not math.isfinite(v) or v < 0):

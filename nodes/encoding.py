@@ -1,12 +1,12 @@
-"""Encoding a prompt exactly as CLIPTextEncode does, plus the token positions Cones 2 needs.
+"""Encoding a prompt exactly as CLIPTextEncode does, plus where its words sit: the one "word -> rows" service.
 
-Host-facing half of residual application: the host's tokenizer finds where each word sits; the core
-(``cones2_core.conditioning``) adds the residuals.
+The host's tokenizer finds each word's tokens per encoder; the family record (``cones2_core.families``) says how an
+encoder's token rows map to rows of the conditioning (its row group and skipped rows); the result is a typed
+``cones2_core.prompt.PromptRecord`` that Apply Residuals attaches to the conditioning and Layout Guidance reads.
+The core (``cones2_core.conditioning``) adds the residuals.
 """
 
 from __future__ import annotations
-
-import re
 
 from ..cones2_core.conditioning import (
     Placement,
@@ -14,11 +14,11 @@ from ..cones2_core.conditioning import (
     agreed_occurrences,
     bpe_token_bytes,
     find_occurrences,
-    find_spelled,
     spelled_without_spaces,
 )
 from ..cones2_core.errors import Cones2Error, short
 from ..cones2_core.families import FAMILIES, Family, article, by_encoder_keys
+from ..cones2_core.prompt import AppliedResidual, PromptRecord, prompt_words, spelled_positions
 from ..cones2_core.residual import Residual
 
 COND_KEY = "cones2"  # key of our record in the conditioning dict
@@ -60,54 +60,64 @@ def word_tokens(clip, word: str) -> dict[str, list[int]]:
     return {k: [t for t, _w, wid in toks[k][0] if wid != 0 and isinstance(t, int)] for k in _conditioning_keys(toks)}
 
 
-def prompt_words(text: str) -> list[str]:
-    """The plain words of a prompt (weight syntax and punctuation removed), lower-cased, in order, unique."""
-    cleaned = re.sub(r":\s*-?[0-9.]+\s*\)", " ", text)  # "(dog:1.2)" -> "(dog "
-    words = re.findall(r"[^\W_]+(?:['-][^\W_]+)*", cleaned.lower())
-    return list(dict.fromkeys(words))
-
-
 def token_text(clip, text: str) -> dict[str, list[list[bytes | None]]]:
-    """Per encoder key, per chunk, per token: the UTF-8 bytes the token spells (b" " after a word's last token),
-    None for start/end/padding/embeddings. Empty when the tokenizer is not a CLIP byte-level BPE (Flux's T5)."""
-    out = {}
+    """Per encoder key whose tokenizer is CLIP's byte-level BPE (the family record's ``Encoder.tokenizer``), per
+    chunk, per token: the UTF-8 bytes the token spells (b" " after a word's last token), None for
+    start/end/padding/embeddings. Empty for a family without such an encoder (Flux's T5)."""
     toks = clip.tokenize(text, return_word_ids=True)
+    family = by_encoder_keys(toks)
+    out = {}
     for key in _conditioning_keys(toks):
-        chunks = toks[key]
+        if family is not None and family.encoder(key).tokenizer != "clip_bpe":
+            continue
         vocab = getattr(getattr(clip.tokenizer, f"clip_{key}", None), "inv_vocab", None)
         if not isinstance(vocab, dict):
             return {}
         out[key] = [[bpe_token_bytes(vocab.get(t)) if wid != 0 and isinstance(t, int) else None
-                     for t, _weight, wid in chunk] for chunk in chunks]
+                     for t, _weight, wid in chunk] for chunk in toks[key]]
     return out
 
 
-def spelled_positions(text_by_key: dict, text: str, whole_words: bool = False) -> list[list[int]]:
-    """Occurrences of ``text`` found by what the prompt's tokens spell (``text_by_key``, from ``token_text``),
-    agreeing across SDXL's encoders: a word inside a longer run ("犬" in "一只犬和猫", "🐶"), or with
-    ``whole_words`` a phrase as one contiguous run of words ("red dog")."""
-    if not text_by_key:
-        return []
-    return agreed_occurrences({k: find_spelled(chunks, text, len(chunks[0]), whole_words)
-                               for k, chunks in text_by_key.items()})
+def word_rows(clip, tokens, word: str, text_by_key: dict | None = None) -> dict[str, list[list[int]]]:
+    """Occurrences of ``word`` in the prompt per conditioning encoder key, as lists of rows of the conditioning
+    tensor. The encoders of one row group (SDXL's CLIP-L and CLIP-G) agree on one list; the rows of a later group
+    start after the earlier groups' rows (the family record's ``Encoder.group``), less its ``skip_rows``. For
+    Flux's T5, row 0 is the first word's first token (no start token).
+
+    A word's own tokens are searched for first; a word of a script written without spaces, or a symbol, that
+    sits inside a longer run is then found by what the tokens spell (``text_by_key``, from ``token_text``). Empty
+    when the word has no tokens or is not in the prompt."""
+    family = by_encoder_keys(tokens) or clip_family(clip)
+    patterns = word_tokens(clip, word)
+    out: dict[str, list[list[int]]] = {}
+    start = 0
+    for group in family.groups:
+        per_key = {}
+        for enc in group:
+            if not patterns.get(enc.key):
+                return {}
+            chunks = tokens[enc.key]
+            per_key[enc.key] = find_occurrences(_token_ids(chunks), patterns[enc.key], len(chunks[0]))
+        found = agreed_occurrences(per_key)
+        if not found and spelled_without_spaces(word):
+            found = spelled_positions({e.key: (text_by_key or {})[e.key] for e in group if e.key in (text_by_key or {})},
+                                      word)
+        skip = group[0].skip_rows
+        rows = [[start + r - skip for r in occ] for occ in found if min(occ) >= skip]
+        for enc in group:
+            out[enc.key] = rows
+        first = tokens[group[0].key]
+        start += len(first) * len(first[0]) - skip
+    return out
 
 
 def word_positions(clip, tokens, word: str, text_by_key: dict | None = None) -> list[list[int]]:
-    """Occurrences of ``word`` in the prompt, as lists of rows of the conditioning tensor (agreeing across
-    SDXL's encoders; for Flux the T5 rows, row 0 = the first word's first token).
-
-    A word's own tokens are searched for first; a word of a script written without spaces, or a symbol, that
-    sits inside a longer run is then found by what the tokens spell (``text_by_key``, from ``token_text``)."""
-    per_key = {}
-    for key, pattern in word_tokens(clip, word).items():
-        if not pattern:
-            return []
-        chunks = tokens[key]
-        per_key[key] = find_occurrences(_token_ids(chunks), pattern, len(chunks[0]))
-    found = agreed_occurrences(per_key)
-    if not found and spelled_without_spaces(word):
-        found = spelled_positions(text_by_key or {}, word)
-    return found
+    """Occurrences of ``word`` as lists of conditioning rows, every encoder's rows of one occurrence together
+    (``word_rows`` merged; for a family of one row group, that group's occurrences)."""
+    per_group = list({id(rows): rows for rows in word_rows(clip, tokens, word, text_by_key).values()}.values())
+    if not per_group:
+        return []
+    return [sorted({r for occ in occs for r in occ}) for occs in zip(*per_group, strict=False)]
 
 
 def encode_with_residuals(clip, text: str, residuals: list[Residual] | None):
@@ -132,19 +142,21 @@ def encode_with_residuals(clip, text: str, residuals: list[Residual] | None):
             raise Cones2Error(f"residual '{name}' is for {theirs.describe()} but the connected CLIP is "
                               f"{family.describe()}: connect the CLIP of {article(theirs.name)} {theirs.name} "
                               f"model or use a residual made for {family.name}")
-        occ = word_positions(clip, tokens, res.subject, spelled)
-        if not occ:
+        by_key = word_rows(clip, tokens, res.subject, spelled)
+        if not any(by_key.values()):
             raise Cones2Error(f"the subject word '{short(res.subject)}' of residual '{short(name)}' is not in the prompt; "
                               f"the prompt's words are: {short(', '.join(words) or '(none)', 400)}. Add "
                               f"'{short(res.subject)}' to the prompt or set the residual's subject to one of these words")
-        if len(occ[0]) != res.n_tokens:
-            raise Cones2Error(f"residual '{name}' has {res.n_tokens} token rows but the word '{res.subject}' has "
-                              f"{len(occ[0])} token(s) for this tokenizer: set the subject to the word the residual "
-                              "was made for")
-        subjects[res.subject] = occ
         for enc in family.encoders:
+            occ = by_key[enc.key]
+            rows = res.tensors[enc.key].shape[0]
+            if not occ or len(occ[0]) != rows:
+                raise Cones2Error(f"residual '{name}' has {rows} token rows but the word '{res.subject}' has "
+                                  f"{len(occ[0]) if occ else 0} token(s) for this tokenizer: set the subject to the "
+                                  "word the residual was made for")
             placements.append(Placement(tuple(tuple(o) for o in occ), res.tensors[enc.key], enc.offset,
                                         float(res.strength)))
+        subjects[res.subject] = word_positions(clip, tokens, res.subject, spelled)
 
     conditioning = clip.encode_from_tokens_scheduled(tokens)
     positions_by_word = {w: sorted(p for o in word_positions(clip, tokens, w) for p in o) for w in words}
@@ -156,10 +168,10 @@ def encode_with_residuals(clip, text: str, residuals: list[Residual] | None):
         if width != family.width:
             raise Cones2Error(f"the CLIP produced a {width}-wide conditioning; {family.describe()} needs "
                               f"{family.width}")
-        record = {"version": 1, "prompt": text, "family": family.key, "n_tokens": int(cond.shape[1]),
-                  "words": {w: p for w, p in positions_by_word.items() if p}, "token_text": spelled,
-                  "residuals": [{"subject": r.subject, "source": r.source, "strength": float(r.strength)}
-                                for r in residuals]}
+        record = PromptRecord(prompt=text, family=family.key, n_tokens=int(cond.shape[1]),
+                              words={w: tuple(p) for w, p in positions_by_word.items() if p}, token_text=spelled,
+                              residuals=tuple(AppliedResidual(r.subject, r.source, float(r.strength))
+                                              for r in residuals))
         new_cond = add_residuals(cond, placements) if placements else cond
         out.append([new_cond, {**extra, COND_KEY: record}])
     return out

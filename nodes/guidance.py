@@ -4,7 +4,7 @@ rows of a model call it applies to, and the wrappers that carry it through sampl
 * An ``APPLY_MODEL`` wrapper finds, per model call, which batch rows carry the guided conditioning
   (conditional pass only, matched by the context tensor itself, so cond/uncond batching, CFG 1, batch > 1
   and several prompts all work) and their sigma, and hands them to the attention patch of the model's
-  architecture (``nodes/unet.py``, ``nodes/dit.py``) via transformer_options under ``CALL_KEY``.
+  architecture (``nodes/architectures/``) via transformer_options under ``CALL_KEY``.
 * A ``SAMPLER_SAMPLE`` wrapper (``nodes/recurrence.py``) starts the attention recording of a run and, when asked,
   takes each guided step twice with re-noising in between (self-recurrence).
 """

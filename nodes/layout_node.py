@@ -1,5 +1,5 @@
 """The Layout Attention Guidance node: boxes, masks or a colour map per subject, bound to the prompt's tokens,
-installed on a clone of the model by its architecture's module (``nodes/unet.py``, ``nodes/dit.py``)."""
+installed on a clone of the model by its architecture (``nodes/architectures/``)."""
 
 from __future__ import annotations
 
@@ -11,13 +11,13 @@ import uuid
 import torch
 from comfy_api.latest import io
 
-from ..cones2_core.conditioning import spelled_without_spaces
 from ..cones2_core.errors import Cones2Error, check_number, short
-from ..cones2_core.families import FAMILIES, by_context_width, family_name
+from ..cones2_core.families import family_name
 from ..cones2_core.layout import MAX_BOX_WEIGHT, MAX_LAYOUT_CHARS, colour_map_regions, parse_layout
-from . import dit, unet
+from ..cones2_core.prompt import PromptRecord
+from . import architectures
 from .common import CATEGORY, warn
-from .encoding import COND_KEY, spelled_positions
+from .encoding import COND_KEY
 from .guidance import GuidanceSpec, SubjectRegion
 
 log = logging.getLogger("comfyui-cones2")
@@ -54,29 +54,9 @@ def _has_boxes(text: str) -> bool:
     return not isinstance(data, dict) or bool(data.get("boxes"))
 
 
-def subject_positions(record: dict, subject: str) -> tuple[int, ...]:
+def subject_positions(record: PromptRecord, subject: str) -> tuple[int, ...]:
     """Token rows of ``subject`` (a word or a phrase of the prompt) from Apply Residuals' record."""
-    words = record.get("words", {})
-    key = subject.lower().strip()
-    if key in words:
-        return tuple(words[key])
-    if spelled_without_spaces(key):  # "犬" inside "一只犬和猫", "🐶"
-        spelled = spelled_positions(record.get("token_text") or {}, key)
-        if spelled:
-            return tuple(sorted({r for o in spelled for r in o}))
-    parts = re.findall(r"[^\W_]+(?:['-][^\W_]+)*", key)
-    if len(parts) > 1 and record.get("token_text"):  # a phrase binds its contiguous run, as in the reference
-        occ = spelled_positions(record["token_text"], " ".join(key.split()), whole_words=True)
-        if occ:
-            return tuple(sorted({r for o in occ for r in o}))
-        if all(p in words for p in parts):
-            raise Cones2Error(f"the layout's subject '{short(subject)}' is not in the prompt as one run of words (its "
-                              "words are there, apart): write the phrase as the prompt has it, or give each word "
-                              "its own box")
-    elif parts and all(p in words for p in parts):
-        return tuple(sorted({r for p in parts for r in words[p]}))
-    raise Cones2Error(f"the layout's subject '{short(subject)}' is not a word of the prompt; the prompt's words are: "
-                      f"{short(', '.join(words) or '(none)', 400)}. Rename the box or add the word to the prompt")
+    return record.rows_of(subject)
 
 
 def build_spec(model, conditioning, layout, guidance_weight, positive_weight, negative_weight, start_percent,
@@ -131,22 +111,17 @@ def build_spec(model, conditioning, layout, guidance_weight, positive_weight, ne
             region_masks.setdefault(name, []).append(region.float())
     subjects = list(dict.fromkeys([*boxes, *region_masks]))
     conds = []
-    family_key = "sd1"
-    unet_config = getattr(getattr(model.model, "model_config", None), "unet_config", None) or {}
-    context_dim = unet_config.get("context_dim") or unet_config.get("context_in_dim")  # UNet / Flux
+    family = architectures.for_model(model)[0]
     for cond, extra in conditioning:
         record = extra.get(COND_KEY)
-        if record is None:
+        if not isinstance(record, PromptRecord):
             raise Cones2Error("this conditioning does not say where the prompt's words are: encode the prompt with "
                               "'Cones2 Apply Residuals to Conditioning' (it works without residuals too) instead of "
                               "CLIP Text Encode, and connect its output here")
-        family_key = record.get("family") if record.get("family") in FAMILIES else family_key
-        if context_dim and cond.shape[-1] != context_dim:
-            cond_family = family_name(record.get("family"), "another model")
-            model_family = getattr(by_context_width(context_dim), "name", f"{context_dim}-wide")
-            raise Cones2Error(f"the conditioning is {cond_family} text ({cond.shape[-1]} wide) but the model is "
-                              f"{model_family} (it reads {context_dim}-wide text): encode the prompt with the CLIP of "
-                              "the same checkpoint as the model")
+        if record.family != family.key or cond.shape[-1] != family.width:
+            raise Cones2Error(f"the conditioning is {family_name(record.family, 'another model')} text "
+                              f"({cond.shape[-1]} wide) but the model is {family.name} (it reads {family.width}-wide "
+                              "text): encode the prompt with the CLIP of the same checkpoint as the model")
         regions = tuple(SubjectRegion(s, subject_positions(record, s), tuple(boxes.get(s, ())),
                                       tuple(region_masks.get(s, ())), float(weights.get(s, positive_weight)))
                         for s in subjects)
@@ -163,7 +138,7 @@ def build_spec(model, conditioning, layout, guidance_weight, positive_weight, ne
                         sigma_start=float(sampling.percent_to_sigma(start_percent)),
                         sigma_end=float(sampling.percent_to_sigma(end_percent)) if end_percent < 1.0 else 0.0,
                         self_recurrence=bool(self_recurrence), record=bool(record_maps),
-                        chunk=FAMILIES[family_key].chunk)
+                        chunk=family.chunk)
 
 
 class Cones2LayoutGuidance(io.ComfyNode):
@@ -239,7 +214,7 @@ class Cones2LayoutGuidance(io.ComfyNode):
         spec = build_spec(model, conditioning, layout, guidance_weight, positive_weight, negative_weight,
                           start_percent, end_percent, self_recurrence, masks, mask_subjects, colour_map,
                           colour_subjects, record_maps)
-        guided = (dit if dit.handles(model) else unet).install(model, spec)
+        guided = architectures.for_model(model)[1].install(model, spec)
         subjects = [r.subject for r in spec.conds[0][1]]
         log.info("layout guidance on %s (weight %.3g, %s)", ", ".join(subjects), guidance_weight,
                  "self-recurrence" if self_recurrence else "no self-recurrence")

@@ -14,8 +14,8 @@ hands its ops gradient-free aliases of the weights (no copies), so gradients rea
 layers add residuals in place (``x += ...``), which breaks backward: the private copy's layers run an
 out-of-place forward. The user's MODEL and CLIP are left bit-identical.
 
-The private encoder is in ``train_encoder.py``, the frozen model in its architecture's module (``unet.py``;
-Flux: ``dit.py``, fast mode only), the node in ``train_node.py``.
+The private encoder is in ``train_encoder.py``, the frozen model in its architecture's module
+(``architectures/``), the node in ``train_node.py``.
 """
 
 from __future__ import annotations
@@ -49,10 +49,9 @@ from ..cones2_core.objective import (
     sample_sigmas,
     template_prompts,
 )
-from . import unet
+from .architectures.base import sdpa_attention
 from .encoding import escape_word
 from .train_encoder import private_text_encoder, subject_rows
-from .unet import sdpa_attention
 
 log = logging.getLogger("comfyui-cones2")
 
@@ -65,9 +64,9 @@ class Trainer:
     """One training run (all state local to a node call)."""
 
     def __init__(self, model, clip, prediction, sigma_data, model_sampling, settings, subject, latents, device,
-                 arch=unet):
-        """``arch``: the module of the model's architecture (``nodes/unet.py``, ``nodes/dit.py``), which gives
-        the frozen model (FrozenModel) and its extra inputs (training_conds)."""
+                 arch):
+        """``arch``: the model's architecture (``nodes/architectures``: ``for_family``), which gives the frozen
+        model (``frozen_model``) and its extra inputs (``training_conds``)."""
         self.model, self.clip, self.arch = model, clip, arch
         self.prediction, self.sigma_data, self.ms = prediction, sigma_data, model_sampling
         self.s, self.device = settings, device
@@ -238,7 +237,7 @@ class Trainer:
 
             losses: list[float] = []
             eval_points: list[tuple[int, float]] = []
-            with self.arch.FrozenModel(self.model, self.device, self.frozen) as frozen_model:
+            with self.arch.frozen_model(self.model, self.device, self.frozen) as frozen_model:
                 mp = frozen_model.mp
                 eval_set = self._eval_set()
                 with torch.no_grad():

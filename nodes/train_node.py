@@ -18,7 +18,7 @@ from ..cones2_core.errors import Cones2Error
 from ..cones2_core.figures import draw_loss_curve
 from ..cones2_core.objective import MODES, TrainSettings, default_steps, split_channels
 from ..cones2_core.residual import Residual, resolve_residual_path, save_residual
-from . import dit, unet
+from . import architectures
 from .common import CATEGORY, Residuals
 from .encoding import clip_family, word_tokens
 from .paths import default_residual_folder
@@ -27,11 +27,6 @@ from .train_loop import Trainer
 
 log = logging.getLogger("comfyui-cones2")
 
-ARCHITECTURES = {"unet": unet, "dit": dit}  # the family record's architecture -> its host-side module
-PAPER_ON_FLUX = ("paper mode fine-tunes the whole text encoder, which on Flux is T5-XXL (4.7 B parameters: about 57 GB "
-                 "for its float32 weights and AdamW's two moments, before any activation, besides the 24 GB Flux "
-                 "transformer); set mode to 'fast', which optimises the residual at the subject's T5 rows directly "
-                 "against Flux's own flow-matching loss")
 
 
 def train_residual(model, clip, vae, images: list[torch.Tensor], subject: str, settings: TrainSettings,
@@ -48,9 +43,9 @@ def train_residual(model, clip, vae, images: list[torch.Tensor], subject: str, s
             raise Cones2Error(f"the {what} input is empty: connect the {what.upper()} output of a checkpoint loader")
     fam = clip_family(clip)
     family = fam.key
-    arch = ARCHITECTURES[fam.architecture]
-    if fam.architecture == "dit" and settings.mode == "paper":
-        raise Cones2Error(PAPER_ON_FLUX)
+    arch = architectures.check_same_family(model, fam)
+    if settings.mode == "paper" and fam.paper_refusal:
+        raise Cones2Error(fam.paper_refusal)
     subject = (subject or "").strip()
     if not subject:
         raise Cones2Error("the subject is empty; set it to the subject's class word, e.g. 'dog'")
@@ -59,7 +54,7 @@ def train_residual(model, clip, vae, images: list[torch.Tensor], subject: str, s
         raise Cones2Error(f"the subject {subject!r} has no tokens for this CLIP; use a class word such as 'dog'")
     if len(set(counts.values())) != 1:
         raise Cones2Error(f"the subject {subject!r} tokenises differently for the two SDXL encoders; use a plain word")
-    prediction, sigma_data, ms = arch.prediction_type(model)  # refuses a model of another architecture
+    prediction, sigma_data, ms = arch.prediction_type(model, fam)  # refuses a model of another kind
     s = settings.resolved(family, prediction)
     device = mm.get_torch_device()
     t0 = time.time()

@@ -52,7 +52,7 @@ def test_flux_record():
     """Flux: the T5-XXL rows are the whole conditioning; the tokenizer's "l" (CLIP-L) gives only the pooled
     vector, and {"l"} alone is still SD1.5."""
     f = FAMILIES["flux"]
-    assert f.describe() == "Flux (T5-XXL 4096)" and f.architecture == "dit"
+    assert f.describe() == "Flux (T5-XXL 4096)" and f.architecture == "flux"
     assert f.widths == {"t5xxl": 4096} and f.pooled_only == ("l",) and f.chunk is None
     assert f.reference_width is None and f.default_resolution("eps") == 512  # 1280 tokens per step instead of 4352 (docs/flux.md)
     assert by_encoder_keys({"l", "t5xxl"}) is f and by_encoder_keys({"l"}).key == "sd1"

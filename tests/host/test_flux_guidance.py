@@ -7,6 +7,7 @@ one single block, random weights) built in-process keeps these behaviour tests f
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import pytest
@@ -25,7 +26,7 @@ SMALL_FLUX = {"image_model": "flux", "in_channels": 16, "out_channels": 16, "vec
 
 
 @pytest.fixture(scope="module")
-def small_flux(comfy):
+def small_flux(comfy, pack):
     """(MODEL, positive, negative): the small Flux and a prompt whose record says where 'dog' and 'cat' are."""
     import comfy.model_patcher
     import comfy.supported_models
@@ -39,8 +40,8 @@ def small_flux(comfy):
             p.copy_(torch.randn(p.shape, generator=g) * 0.02 if p.ndim > 1 else
                     torch.full(p.shape, 1.0 if name.endswith("scale") else 0.0))
     mp = comfy.model_patcher.ModelPatcher(model, torch.device("cpu"), torch.device("cpu"))
-    record = {"version": 1, "prompt": "a dog and a cat", "family": "flux", "n_tokens": T, "words": WORDS,
-              "token_text": {}, "residuals": []}
+    record = pack.cones2_core.prompt.PromptRecord("a dog and a cat", "flux", T,
+                                                  {w: tuple(r) for w, r in WORDS.items()})
     pos = [[torch.randn(1, T, 4096, generator=g), {"pooled_output": torch.randn(1, 768, generator=g),
                                                     "guidance": 3.5, "cones2": record}]]
     neg = [[torch.randn(1, T, 4096, generator=g) * 0.1, {"pooled_output": torch.zeros(1, 768), "guidance": 3.5}]]
@@ -195,7 +196,7 @@ def test_self_recurrence_on_flux_says_it_is_skipped(pack, small_flux, caplog):
 def test_sd_text_on_flux_is_a_clear_error(pack, small_flux):
     Cones2Error = pack.cones2_core.errors.Cones2Error
     model, pos, _neg = small_flux
-    sd_record = {**pos[0][1]["cones2"], "family": "sd1"}
+    sd_record = dataclasses.replace(pos[0][1]["cones2"], family="sd1")
     sd = [[torch.randn(1, 77, 768), {"cones2": sd_record}]]
     with pytest.raises(Cones2Error, match="768 wide.*4096-wide text"):
         guide(pack, model, sd)
@@ -211,7 +212,7 @@ def test_on_the_loader_detected_bed_through_apply_residuals(pack, flux):
     clip = T5TokenizerOptions.execute(clip, 0, 16).result[0]  # 16 T5 tokens keep the full-width forward quick
     pos = pack.nodes.residual_nodes.Cones2ApplyResiduals.execute(clip, "a dog and a cat", None).result[0]
     record = pos[0][1]["cones2"]
-    assert record["family"] == "flux" and record["n_tokens"] == 16
+    assert record.family == "flux" and record.n_tokens == 16
     neg = pack.nodes.residual_nodes.Cones2ApplyResiduals.execute(clip, "", None).result[0]
     plain = sample(model, pos, neg, steps=2, h=64, w=64)
     gm, gpos = guide(pack, model, pos, layout=TWO_BOXES)

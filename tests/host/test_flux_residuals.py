@@ -52,13 +52,13 @@ def test_no_residuals_equals_clip_text_encode_and_records_t5_rows(pack, flux):
     assert torch.equal(out[0][0], base[0][0])
     assert torch.equal(out[0][1]["pooled_output"], base[0][1]["pooled_output"])
     record = out[0][1]["cones2"]
-    assert record["family"] == "flux" and record["n_tokens"] == 256 and record["token_text"] == {}
+    assert record.family == "flux" and record.n_tokens == 256 and record.token_text == {}
     # T5 has no start token: "a" is "▁" + "a" (rows 0, 1), "photo" row 2, ... "dog" row 6
-    assert record["words"]["a"] == [0, 1, 4, 5] and record["words"]["photo"] == [2]
-    assert record["words"]["dog"] == t5_rows(clip, text, "dog") == [6]
+    assert record.words["a"] == (0, 1, 4, 5) and record.words["photo"] == (2,)
+    assert list(record.words["dog"]) == t5_rows(clip, text, "dog") == [6]
     short = apply(pack, short_clip(clip), text, None)[0]
-    assert short[0].shape == (1, SHORT, 4096) and short[1]["cones2"]["n_tokens"] == SHORT
-    assert short[1]["cones2"]["words"] == record["words"]
+    assert short[0].shape == (1, SHORT, 4096) and short[1]["cones2"].n_tokens == SHORT
+    assert short[1]["cones2"].words == record.words
 
 
 @pytest.mark.parametrize("min_length", [SHORT, 256])
@@ -75,7 +75,7 @@ def test_residual_added_exactly_at_subject_t5_rows(pack, flux, min_length):
     for r in rows:
         torch.testing.assert_close(out[0][0, r] - base[0][0, r], 0.7 * res.tensors["t5xxl"][0], atol=1e-5, rtol=0)
     assert torch.equal(out[1]["pooled_output"], base[1]["pooled_output"])  # CLIP-L's pooled output untouched
-    assert out[1]["cones2"]["words"]["dog"] == rows and out[1]["cones2"]["family"] == "flux"
+    assert list(out[1]["cones2"].words["dog"]) == rows and out[1]["cones2"].family == "flux"
 
 
 def test_multi_token_subject_covers_all_its_t5_rows(pack, flux):

@@ -169,7 +169,8 @@ def test_flux_bad_inputs(pack, bed, res_dir, loaded):
     with pytest.raises(Cones2Error, match="guidance must be a finite number >= 0"):
         train(pack, bed, flux_guidance=float("nan"))
     sd1_model = loaded("sd1")[0]
-    with pytest.raises(Cones2Error, match="is not a Flux flow-matching model"):
+    with pytest.raises(Cones2Error, match="the MODEL is an SD1.5 model but the CLIP is Flux's: connect the MODEL and "
+                                          "CLIP of one Flux checkpoint"):
         train(pack, (sd1_model, bed[1], bed[2]), save_name="flux_on_sd1")
     odd = torch.rand(1, 64, 90, 4)  # not square, RGBA, the long side no multiple of 8: cropped
     chain, filename, _ = train(pack, bed, images=odd, steps=1, save_name="flux_odd")

@@ -182,7 +182,7 @@ def test_a_missing_activations_shape_is_a_clear_error(pack, loaded):
     group = g.GuidedRows(spec, spec.conds[0][1], (0,), None, [0], [1.0])
     q, k = torch.randn(1, 80, 64), torch.randn(1, 77, 64)
     with pytest.raises(pack.cones2_core.errors.Cones2Error, match="no 'activations_shape'"):
-        pack.nodes.unet.Cones2CrossAttention([spec])(q, k, k, {"n_heads": 2, g.CALL_KEY: [group]})
+        pack.nodes.architectures.unet.Cones2CrossAttention([spec])(q, k, k, {"n_heads": 2, g.CALL_KEY: [group]})
 
 
 def test_self_recurrence_only_in_runs_of_the_guided_prompt(pack, loaded):
@@ -320,7 +320,7 @@ class ImageTermPatch:
 
 def with_image_term(pack, model, patch):
     m = model.clone()
-    for block, index, tindex in pack.nodes.unet.cross_attention_blocks(m):
+    for block, index, tindex in pack.nodes.architectures.unet.cross_attention_blocks(m):
         m.set_model_attn2_replace(patch, block, index, tindex)
     return m
 
@@ -424,7 +424,7 @@ def test_maps_are_recorded_only_when_asked(pack, loaded, monkeypatch):
         asked.append(token_mass is not None)
         return real(*args, token_mass=token_mass, **kw)
 
-    monkeypatch.setattr(pack.nodes.unet, "guided_attention", spy)
+    monkeypatch.setattr(pack.nodes.architectures.unet, "guided_attention", spy)
     on, on_pos = guide(pack, model, pos, record_maps=True)
     off, off_pos = guide(pack, model, pos, record_maps=False)
     with_maps = sample(on, on_pos, neg, steps=2, batch=2)  # two guided rows per call
@@ -510,7 +510,7 @@ def test_a_phrase_binds_its_contiguous_tokens_only(pack, loaded):
     subject_positions = pack.nodes.layout_node.subject_positions
     model, clip = loaded("sd1")
     record = encode(pack, clip, "a red dog and a red cat")[0][1]["cones2"]
-    assert record["words"]["red"] == [2, 6]
+    assert record.words["red"] == (2, 6)
     assert subject_positions(record, "red dog") == (2, 3)
     assert subject_positions(record, "Red  Cat") == (6, 7)
     with pytest.raises(pack.cones2_core.errors.Cones2Error, match="not in the prompt as one run of words"):
@@ -601,7 +601,7 @@ def test_patched_attention_is_the_float64_formula_at_each_step_sigma(pack, loade
     step; at a soft negative weight, where a wrong sigma, std or weight would show."""
     import comfy.samplers
 
-    g = pack.nodes.unet
+    g = pack.nodes.architectures.unet
     calls = []
     real = g.guided_attention
 

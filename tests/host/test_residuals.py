@@ -90,8 +90,8 @@ def test_residual_added_exactly_at_subject_positions(pack, clips, fam):
     assert changed == rows
     assert torch.equal(out[1]["pooled_output"], base[1]["pooled_output"])  # pooled left as the host made it
     record = out[1]["cones2"]
-    assert record["words"]["dog"] == rows and record["family"] == fam
-    assert record["words"]["photo"] == [2] and record["n_tokens"] == 77
+    assert list(record.words["dog"]) == rows and record.family == fam
+    assert record.words["photo"] == (2,) and record.n_tokens == 77
 
 
 @pytest.mark.parametrize("fam", UNET_FAMILIES)

@@ -249,7 +249,7 @@ def test_same_seed_same_residual(pack, sd1, mode, lr):
 
 
 def test_sd2_v_prediction_paper_mode(pack, sd2, res_dir):
-    assert pack.nodes.unet.prediction_type(sd2[0])[0] == "v"
+    assert pack.nodes.architectures.prediction_type(sd2[0])[0] == "v"
     run = watched_run(pack, sd2, save_name="dog_sd2")
     chain, filename, _ = run["out"]
     res = chain[0]
@@ -581,7 +581,7 @@ def test_checkpointed_unet_saves_memory_and_gives_the_same_gradient(pack, family
                 storages.append(t.untyped_storage().data_ptr())
                 return t
 
-            with pack.nodes.unet.FrozenUNet(model, torch.device("cpu"), frozen) as unet:
+            with pack.nodes.architectures.unet.FrozenUNet(model, torch.device("cpu"), frozen) as unet:
                 layers = unet.layers()
                 assert len(layers) >= 6
                 if checkpointing:
@@ -696,12 +696,12 @@ def test_paper_mode_matches_a_naive_full_encoder_loop(pack, sd1, res_dir, monkey
                                 for t in ob.template_prompts(SUBJECT)]
         opt = torch.optim.AdamW(naive.parameters(), lr=lr, weight_decay=ob.WEIGHT_DECAY, foreach=False)
         latents = train_images.encode_latents(vae, model, images, 64)
-        prediction, sigma_data, ms = pack.nodes.unet.prediction_type(model)
+        prediction, sigma_data, ms = pack.nodes.architectures.prediction_type(model)
         sigmas = ms.sigmas.detach().float().cpu()
         rows = train_encoder.subject_rows(clip, SUBJECT, SUBJECT)
         gen = torch.Generator().manual_seed(seed)
         frozen = gr.GradientFreeWeights()
-        with pack.nodes.unet.FrozenUNet(model, mm.get_torch_device(), frozen) as unet:
+        with pack.nodes.architectures.unet.FrozenUNet(model, mm.get_torch_device(), frozen) as unet:
             for _ in range(steps):
                 x0 = ob.latent_batch(latents, 8, 1, gen)
                 noise = torch.randn(x0.shape, generator=gen)

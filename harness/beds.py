@@ -1,0 +1,70 @@
+"""One test bed per model family (development only): what the shared tests (tests/host/test_beds.py) need to know
+about a family to run the whole contract on it. Adding a family = its record in cones2_core/families.py, its
+architecture module (nodes/architectures/), and a ``Bed`` here with a builder of small random-weight files the
+host's own loaders detect (harness/tiny_checkpoints.py, harness/tiny_flux.py).
+
+A bed declares how its files are loaded (``load``), the latent channels, the CFG its models sample at, and what the
+pack supports on it (``supports``); the tests parametrised over ``BEDS`` skip what a bed does not support and say so.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+FEATURES = frozenset({"residuals", "guidance", "maps", "train_fast", "train_paper", "self_recurrence"})
+
+
+@dataclass(frozen=True)
+class Bed:
+    family: str  # the key of its record in cones2_core.families.FAMILIES
+    builder: str  # the harness module whose build gives its files: "tiny_checkpoints" or "tiny_flux"
+    latent_channels: int
+    cfg: float  # the CFG its models sample at (Flux: 1, its guidance is distilled)
+    supports: frozenset = FEATURES
+    prompt: str = "a photo of a dog and a cat"
+
+    @property
+    def id(self) -> str:
+        return self.family
+
+    def load(self, files):
+        """(MODEL, CLIP, VAE) through the host's own loaders; ``files``: the builder's {kind: path}."""
+        if self.builder == "tiny_flux":
+            from harness import tiny_flux
+            from harness.test_helpers import short_clip
+
+            model, clip, vae = tiny_flux.load(files)
+            return model, short_clip(clip), vae  # a short T5 keeps the full-width forward quick
+        import comfy.sd
+        import torch
+
+        with torch.inference_mode():
+            model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(files[self.family])
+            for key in ("clip_l", "clip_h", "clip_g"):  # full-size encoders cut to 2 layers for speed
+                sub = getattr(clip.cond_stage_model, key, None)
+                if sub is not None:
+                    del sub.transformer.text_model.encoder.layers[2:]
+        return model, clip, vae
+
+
+BEDS: dict[str, Bed] = {b.family: b for b in (
+    Bed("sd1", "tiny_checkpoints", 4, 5.0),
+    Bed("sd2", "tiny_checkpoints", 4, 5.0),
+    Bed("sdxl", "tiny_checkpoints", 4, 5.0),
+    Bed("flux", "tiny_flux", 16, 1.0, supports=FEATURES - {"train_paper", "self_recurrence"}),
+)}
+
+
+def independent_rows(clip, text: str, word: str, key: str) -> list[int]:
+    """The rows of ``word``'s tokens in ``text``'s encoder ``key``, found by the host's tokenizer alone (not by the
+    pack): every position where the word's own tokens (without start/end/padding) appear in a chunk, as flat rows
+    (chunk index x chunk length + position)."""
+    chunks = clip.tokenize(text)[key]
+    pattern = [t for t, _w, wid in clip.tokenize(word, return_word_ids=True)[key][0] if wid != 0]
+    rows = []
+    for c, chunk in enumerate(chunks):
+        ids = [t for t, _w in chunk]
+        for i in range(len(ids) - len(pattern) + 1):
+            if ids[i:i + len(pattern)] == pattern:
+                rows += [c * len(chunk) + i + j for j in range(len(pattern))]
+    return rows
