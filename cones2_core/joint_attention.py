@@ -287,7 +287,8 @@ def guided_joint_attention(q, k, v, txt_len: int, img_len: int, weight_map, sigm
     :func:`joint_bias`; the std of Q_img K_txt^T is :func:`image_text_std`'s. ``host_mask``: the host's additive
     (or boolean) mask, any shape the host's attention takes (Chroma's text padding); it is added to every row as
     the host would. ``attend(q, k, v, mask) -> (out, lse)``: plain attention with its float32 log-sum-exp
-    [B, heads, Lq] (default :func:`sdpa_lse`). ``inplace``: permute the rows of k and v in place during the call
+    [B, heads, Lq] (default :func:`sdpa_lse`; under autograd :func:`attention_lse_math`, because the fused kernels'
+    backward ignores the log-sum-exp: a custom ``attend`` used with gradients must differentiate it). ``inplace``: permute the rows of k and v in place during the call
     (restored before returning) so the kernel reads a view; None: whenever that is safe (:func:`_can_swap`).
     ``chunk_size``: query rows per chunk of the std and the merge (default: 4 MiB of float32 per chunk).
 
@@ -306,7 +307,9 @@ def guided_joint_attention(q, k, v, txt_len: int, img_len: int, weight_map, sigm
     cols = cols.to(q.device) if cols.cols.device != q.device else cols
     if cols.weights.shape[0] not in (1, q.shape[0]):
         raise Cones2Error(f"the layout weights are for {cols.weights.shape[0]} samples, the batch has {q.shape[0]}")
-    attend = sdpa_lse if attend is None else attend
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    if attend is None:  # torch's fused kernels give no gradient through their log-sum-exp: the math path under grad
+        attend = attention_lse_math if grad else sdpa_lse
     b, heads, length, d = q.shape
     m, n, t0 = cols.m, img_len, txt_len
     scale_f = d**-0.5 if scale is None else float(scale)
@@ -345,6 +348,7 @@ def guided_joint_attention(q, k, v, txt_len: int, img_len: int, weight_map, sigm
         out = out.to(q.dtype).reshape(b, heads, length, v.shape[-1])
 
     mass = torch.zeros(m, n, dtype=torch.float32, device=q.device) if return_mass else None
+    pieces = []  # under autograd the merge is out of place (the kernel's backward keeps its output)
     kct = kc.transpose(-1, -2)
     for start in range(0, length, chunk):
         stop = min(start + chunk, length)
@@ -352,23 +356,29 @@ def guided_joint_attention(q, k, v, txt_len: int, img_len: int, weight_map, sigm
         if mask_c is not None:
             s = s + (mask_c[:, :, start:stop] if mask_c.shape[2] > 1 else mask_c).float()
         lo, hi = max(start, t0), min(stop, t0 + n)  # image rows of this chunk
-        if bias is not None and lo < hi:
+        if bias is not None and lo < hi:  # (s is this chunk's own tensor: in place is autograd-safe)
             s[:, :, lo - start:hi - start] += bias[:, lo - t0:hi - t0].unsqueeze(1)
         lse_part = lse_r[:, :, start:stop]
         total = torch.logaddexp(lse_part, torch.logsumexp(s, dim=-1))
         p = torch.exp(s - total.unsqueeze(-1))
         merged = torch.exp(lse_part - total).unsqueeze(-1) * out[:, :, start:stop].float()
-        out[:, :, start:stop] = merged.add_(p @ vc).to(out.dtype)
+        merged = merged + p @ vc if grad else merged.add_(p @ vc)
+        if grad:
+            pieces.append(merged.to(out.dtype))
+        else:
+            out[:, :, start:stop] = merged.to(out.dtype)
         if mass is not None and lo < hi:
             mass[:, lo - t0:hi - t0] += p[:, :, lo - start:hi - start].sum(dim=(0, 1)).transpose(0, 1)
 
+    if grad:
+        out = torch.cat(pieces, dim=2)
     if text_queries and bias is not None:  # the subject's text rows: biased on the image columns, m rows explicitly
         rows = cols.cols
         s = (q.index_select(2, rows).float() @ k.float().transpose(-1, -2)) * scale_f  # [B, heads, m, L]
         if mask is not None:
             s = s + (mask.index_select(2, rows) if mask.shape[2] > 1 else mask).float()
         s[:, :, :, t0:t0 + n] += bias.transpose(1, 2).unsqueeze(1)
-        out.index_copy_(2, rows, (torch.softmax(s, dim=-1) @ v.float()).to(out.dtype))
+        out = out.index_copy(2, rows, (torch.softmax(s, dim=-1) @ v.float()).to(out.dtype))
     return (out, mass) if return_mass else out
 
 
