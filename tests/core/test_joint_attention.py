@@ -308,3 +308,20 @@ def test_under_autograd_the_copy_path_gives_todays_gradients():
     (today * v).sum().backward()
     for a, b in zip(grads, (t.grad for t in leaves2), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_gram_std_equals_the_direct_statistic():
+    from cones2_core.joint_attention import image_text_std_gram
+
+    q, k, _v, _wm, txt, n = _inputs(b=3)
+    ref = torch.stack([(q[i, :, txt:txt + n].double() @ k[i, :, :txt].double().transpose(-1, -2)).std()
+                       for i in range(3)])
+    for chunk in (None, 1, 7):
+        torch.testing.assert_close(image_text_std_gram(q, k, txt, n, chunk), ref, rtol=1e-6, atol=0)
+    torch.testing.assert_close(image_text_std(q, k, txt, n), ref, rtol=1e-6, atol=0)
+    shifted = q + 3.0  # a mean far from 0 (|mean| / std ~ 3): float32 Gram matrices, the difference in float64
+    ref2 = torch.stack([(shifted[i, :, txt:txt + n].double() @ k[i, :, :txt].double().transpose(-1, -2)).std()
+                        for i in range(3)])
+    torch.testing.assert_close(image_text_std_gram(shifted, k, txt, n), ref2, rtol=1e-6, atol=0)
+    torch.testing.assert_close(image_text_std_gram(shifted.bfloat16(), k.bfloat16(), txt, n),
+                               image_text_std(shifted.bfloat16(), k.bfloat16(), txt, n), rtol=1e-6, atol=0)
