@@ -86,24 +86,20 @@ def image_text_std_gram(q, k, txt_len: int, img_len: int, chunk_size: int | None
     """:func:`image_text_std` without forming S = Q_img K_txt^T: per head, sum(S) = (sum_i q_i) . (sum_j k_j) and
     sum(S^2) = <Q^T Q, K^T K> (the Frobenius product of the two [d, d] Gram matrices, float32 products summed in
     float64); var = (sum(S^2) - sum(S)^2 / n) / (n - 1). O((N + T) d^2) instead of O(N T d) and no [N, T] block (the
-    direct statistic's float64 sums of S cost about as much as the attention itself at Flux's size). Float32 inputs
-    take one matmul on a view; others are upcast ``chunk_size`` rows at a time. The same value up to float32
+    direct statistic's float64 sums of S cost about as much as the attention itself at Flux's size), ``chunk_size``
+    image rows at a time (default: 4 MiB of float32). The same value up to float32
     rounding of the Gram matrices (~1e-6 relative; more only where |mean(S)| >> std(S))."""
     b, heads, _, d = q.shape
     kt = k[:, :, :txt_len].float()
     gram_k = (kt.transpose(-1, -2) @ kt).double()  # [B, heads, d, d]
     sum_k = kt.sum(dim=2, dtype=torch.float64)  # [B, heads, d]
     qi = q[:, :, txt_len:txt_len + img_len]
-    if qi.dtype == torch.float32 and chunk_size is None:
-        gram_q = (qi.transpose(-1, -2) @ qi).double()
-        sum_q = qi.sum(dim=2, dtype=torch.float64)
-    else:
-        gram_q, sum_q = torch.zeros_like(gram_k), torch.zeros_like(sum_k)
-        chunk = chunk_size or max(1, MERGE_CHUNK_ELEMENTS // max(1, b * heads * d))
-        for start in range(0, img_len, chunk):
-            qc = qi[:, :, start:start + chunk].float()
-            gram_q += (qc.transpose(-1, -2) @ qc).double()
-            sum_q += qc.sum(dim=2, dtype=torch.float64)
+    gram_q, sum_q = torch.zeros_like(gram_k), torch.zeros_like(sum_k)
+    chunk = chunk_size or max(1, MERGE_CHUNK_ELEMENTS // max(1, b * heads * d))
+    for start in range(0, img_len, chunk):  # (a matmul of the whole strided slice would copy it: chunks bound that)
+        qc = qi[:, :, start:start + chunk].float()
+        gram_q += (qc.transpose(-1, -2) @ qc).double()
+        sum_q += qc.sum(dim=2, dtype=torch.float64)
     n = heads * img_len * txt_len
     total = (sum_q * sum_k).sum(dim=(1, 2))
     squares = (gram_q * gram_k).sum(dim=(1, 2, 3))
