@@ -1,19 +1,27 @@
 // One browser session against the real ComfyUI + frontend, driving the Cones2 layout widget like a user.
-//   node tests/browser/layout_scenario.js <server url> <workflow.json> <screenshot.png> [<maps screenshot.png>
-//     [<flux workflow.json>]]
+//   node tests/browser/layout_scenario.js [--vue-nodes on|off] <server url> <workflow.json> <screenshot.png>
+//     [<maps screenshot.png> [<flux workflow.json>]]
+// --vue-nodes sets the frontend's "Modern Node Design (Nodes 2.0)" (Comfy.VueNodes.Enabled) before the page
+// loads; without it the user's settings stay as they are (frontends before Nodes 2.0 have no such setting).
 // Prints "RESULT {json}" with one entry per step: {ok, ...details}; a failing step stops the run
 // (later steps depend on it) and is reported with its error.
 'use strict';
 const fs = require('fs');
 const { openComfy, gotoComfy, settle, run } = require('./browser_common');
 
-const [url, workflowPath, shotPath, mapsArg, fluxWorkflowPath] = process.argv.slice(2);
+const argv = process.argv.slice(2);
+const settings = {};
+if (argv[0] === '--vue-nodes') {
+  settings['Comfy.VueNodes.Enabled'] = argv[1] === 'on';
+  argv.splice(0, 2);
+}
+const [url, workflowPath, shotPath, mapsArg, fluxWorkflowPath] = argv;
 const mapsShotPath = mapsArg || shotPath.replace(/\.png$/, '') + '_maps.png';
 const NODE = 'Cones2LayoutGuidance';
 
 run(async () => {
   const out = { steps: {}, order: [] };
-  const { browser, page, errors } = await openComfy(url, { viewport: { width: 1400, height: 1200 } });
+  const { browser, page, errors } = await openComfy(url, { viewport: { width: 1400, height: 1200 }, settings });
   try {
     await scenario(out, page, errors);
   } catch (e) {
@@ -51,6 +59,24 @@ async function scenario(out, page, errors) {
     }, [NODE, id, cls]);
   };
   const rect = async () => (await layoutNode()).state.rect;
+  // The layout node's editor is on the page. Undo, redo and loading a workflow replace every node with a new
+  // one (a new editor); the frontend must show the new editor, under either node renderer.
+  const editorShown = (boxes = null) => page.waitForFunction(([type, count]) => {
+    const ed = window.app.graph.nodes.find((x) => x.type === type)?.cones2Layout;
+    return !!ed && ed.state().shown && (count === null || ed.boxes.length === count);
+  }, [NODE, boxes], { timeout: 5000 }).catch(async () => {
+    const st = (await layoutNode())?.state;
+    throw new Error(`the layout editor is not on the page: ${JSON.stringify(st && { shown: st.shown,
+      boxes: st.boxes.length, remounts: st.remounts })}`);
+  });
+  // The layout's text box as the user sees it: the widget's own element (canvas renderer), else the text area
+  // the Vue node renderer draws for it.
+  const layoutTextBox = () => page.evaluateHandle((type) => {
+    const n = window.app.graph.nodes.find((x) => x.type === type);
+    const own = n.widgets.find((w) => w.name === 'layout').element;
+    if (own?.isConnected) return own;
+    return document.querySelector(`[data-node-id="${n.id}"] [data-widget-name="layout"] textarea`);
+  }, NODE);
   const at = (r, fx, fy) => [r.left + fx * r.width, r.top + fy * r.height];
   const drag = async (from, to, steps = 8) => {
     await page.mouse.move(from[0], from[1]);
@@ -102,6 +128,7 @@ async function scenario(out, page, errors) {
       app.canvas.ds.offset = [-n.pos[0] + 80, -n.pos[1] + 60];
       app.canvas.setDirty(true, true);
     }, [wf, NODE]);
+    await editorShown();
     await settle(page, 400);
   };
 
@@ -111,6 +138,12 @@ async function scenario(out, page, errors) {
     assert(n && n.state, 'the layout node has no editor');
     assert(n.state.boxes.length === 2, `expected the example's 2 boxes, got ${JSON.stringify(n.state.boxes)}`);
     assert(Math.abs(n.state.aspect - 1) < 1e-9, `64x64 latent should give aspect 1, got ${n.state.aspect}`);
+    // which frontend and node renderer this run is on: the setting, and whether the node is drawn as a Vue view
+    out.frontend = await page.evaluate((id) => ({
+      version: window.__COMFYUI_FRONTEND_VERSION__ ?? null,
+      vueNodes: window.app.extensionManager.setting.get('Comfy.VueNodes.Enabled') ?? null,
+      vueNodeView: !!document.querySelector(`[data-node-id="${id}"]`),
+    }), n.id);
     return { rect: n.state.rect, boxes: n.state.boxes };
   });
 
@@ -198,15 +231,13 @@ async function scenario(out, page, errors) {
     assert(await page.evaluate(() => window.app.graph.nodes.length) === nodes, 'Delete removed a node');
     // the frontend's undo brings the box back, redo removes it again
     await page.keyboard.press('Control+z');
-    await page.waitForFunction((type) => window.app.graph.nodes.find((x) => x.type === type)
-      ?.cones2Layout?.boxes.length === 3, NODE, { timeout: 5000 });
+    await editorShown(3);
     await settle(page, 100);
     n = await layoutNode();
     const undone = n.state.boxes.length;
     await (await editorSel('canvas')).focus();
     await page.keyboard.press('Control+y');
-    await page.waitForFunction((type) => window.app.graph.nodes.find((x) => x.type === type)
-      ?.cones2Layout?.boxes.length === 2, NODE, { timeout: 5000 });
+    await editorShown(2);
     await settle(page, 100);
     n = await layoutNode();
     assert(n.value === before, 'redo did not restore the two-box layout');
@@ -454,8 +485,8 @@ async function scenario(out, page, errors) {
   });
 
   await step('edit_json_text', async () => {
-    const textarea = await page.evaluateHandle((type) => window.app.graph.nodes.find((n) => n.type === type)
-      .widgets.find((w) => w.name === 'layout').element, NODE);
+    const textarea = await layoutTextBox();
+    assert(await textarea.evaluate((e) => e && e.isConnected && e.tagName === 'TEXTAREA'), 'no layout text box on the page');
     const redraws0 = (await layoutNode()).state.redraws;
     const bg = await pixel(0.9, 0.1);
     const text = '{"version": 1, "boxes": [\n  {"subject": "dog", "x": 0.1, "y": 0.2, "w": 0.3, "h": 0.5},\n'
