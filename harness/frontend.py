@@ -58,6 +58,7 @@ def install(version: str = NEWEST_FRONTEND, target: str | None = None, python: s
     except (OSError, subprocess.TimeoutExpired) as e:
         raise FrontendInstallFailed(f"{' '.join(cmd)}: {e}") from e
     if res.returncode != 0 or not os.path.isfile(os.path.join(static_dir(partial), "index.html")):
+        shutil.rmtree(partial, ignore_errors=True)
         raise FrontendInstallFailed(f"{' '.join(cmd)} exited with {res.returncode}:\n"
                                     f"{(res.stderr or res.stdout).strip()[-3000:]}")
     os.replace(partial, target)

@@ -18,6 +18,7 @@ if (argv[0] === '--vue-nodes') {
 const [url, workflowPath, shotPath, mapsArg, fluxWorkflowPath] = argv;
 const mapsShotPath = mapsArg || shotPath.replace(/\.png$/, '') + '_maps.png';
 const NODE = 'Cones2LayoutGuidance';
+const ROOMY = [460, 1000];   // the layout node's size for the mouse steps
 
 run(async () => {
   const out = { steps: {}, order: [] };
@@ -116,23 +117,28 @@ async function scenario(out, page, errors) {
   }, detail);
 
   const workflow = JSON.parse(fs.readFileSync(workflowPath, 'utf8'));
-  const loadWorkflow = async (wf) => {
-    await page.evaluate(async ([wf, type]) => {
+  // loads a workflow and puts the layout node at zoom 1, in view at the top left; `size` (null: as saved)
+  const loadWorkflow = async (wf, size = ROOMY) => {
+    await page.evaluate(async ([wf, type, size]) => {
       const app = window.app;
       await app.extensionManager.setting.set('Comfy.Minimap.Visible', false);
       await app.loadGraphData(wf);
-      // a roomy editor at zoom 1, in view at the top left
       const n = app.graph.nodes.find((x) => x.type === type);
-      n.setSize([460, 1000]);
+      if (size) n.setSize(size);
       app.canvas.ds.scale = 1;
       app.canvas.ds.offset = [-n.pos[0] + 80, -n.pos[1] + 60];
       app.canvas.setDirty(true, true);
-    }, [wf, NODE]);
+    }, [wf, NODE, size]);
     await editorShown();
     await settle(page, 400);
   };
 
   await step('load_workflow', async () => {
+    // at the size the example saves, the drawing has room under either node renderer
+    await loadWorkflow(workflow, null);
+    const atSaved = (await layoutNode()).state.rect;
+    assert(atSaved.width >= 180 && atSaved.height >= 180, `the editor's frame at the node's saved size is too small: `
+      + JSON.stringify(atSaved));
     await loadWorkflow(workflow);
     const n = await layoutNode();
     assert(n && n.state, 'the layout node has no editor');
@@ -144,7 +150,7 @@ async function scenario(out, page, errors) {
       vueNodes: window.app.extensionManager.setting.get('Comfy.VueNodes.Enabled') ?? null,
       vueNodeView: !!document.querySelector(`[data-node-id="${id}"]`),
     }), n.id);
-    return { rect: n.state.rect, boxes: n.state.boxes };
+    return { rect: n.state.rect, rectAtSavedSize: atSaved, boxes: n.state.boxes };
   });
 
   const expected = {};
