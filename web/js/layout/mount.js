@@ -15,20 +15,27 @@ const vacated = new Map();   // "graph id:node id" -> {parent, until}
 const VACATED_MS = 3000;     // how long an empty place waits for its node's next editor
 const MISSING_FRAMES = 3;    // frames an editor's element must be off the page before it takes a place
 const DRAWN_MS = 100;        // the canvas drew the node this recently: its onDraw keeps the editor in step
+const WATCH_MS = 100;        // otherwise the watch does, this often
 
-const slotKey = (node) => `${node.graph?.rootGraph?.id ?? node.graph?.id ?? ""}:${node.id}`;
+// node ids are unique within one graph (the root graph or a subgraph), and kept when a graph is loaded again
+const slotKey = (node) => `${node.graph?.id ?? ""}:${node.id}`;
+
+function sweep(now) {
+  for (const [key, v] of vacated) if (v.until < now || !v.parent.isConnected) vacated.delete(key);
+}
 
 /** Removes the editor's element from the page, noting its place for the node's next editor. */
 export function vacate(ed) {
   const parent = ed.root.parentElement;
   ed.root.remove();
+  sweep(performance.now());
   if (parent?.isConnected && ed.node.id != null && ed.node.id !== -1) {
     vacated.set(slotKey(ed.node), { parent, until: performance.now() + VACATED_MS });
   }
 }
 
 function reclaim(ed, now) {
-  for (const [key, v] of vacated) if (v.until < now || !v.parent.isConnected) vacated.delete(key);
+  sweep(now);
   const key = slotKey(ed.node);
   const place = vacated.get(key);
   if (!place || place.parent.childElementCount) return false;
@@ -40,7 +47,7 @@ function reclaim(ed, now) {
 
 /** Starts the editor's frame watch; returns the function that stops it. */
 export function watch(ed) {
-  let frame = 0, missing = 0;
+  let frame = 0, missing = 0, watched = -Infinity;
   const tick = (now) => {
     frame = requestAnimationFrame(tick);
     if (!ed.root.isConnected) {
@@ -49,7 +56,10 @@ export function watch(ed) {
       return;
     }
     missing = 0;
-    if (now - ed.lastDrawn > DRAWN_MS) ed.onFrame();
+    if (now - ed.lastDrawn > DRAWN_MS && now - watched >= WATCH_MS) {
+      watched = now;
+      ed.onFrame();
+    }
   };
   frame = requestAnimationFrame(tick);
   return () => cancelAnimationFrame(frame);
