@@ -29,8 +29,9 @@ class FrontendInstallFailed(RuntimeError):
 
 
 def default_cache_dir(version: str = NEWEST_FRONTEND) -> str:
-    root = os.environ.get("CONES2_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "comfyui-cones2")
-    return os.path.join(root, f"frontend-{version}")
+    """~/.cache/comfyui-cones2/frontend-<version>; CONES2_FRONTEND_DIR overrides it."""
+    return os.environ.get("CONES2_FRONTEND_DIR") or os.path.join(
+        os.path.expanduser("~"), ".cache", "comfyui-cones2", f"frontend-{version}")
 
 
 def static_dir(target: str) -> str:

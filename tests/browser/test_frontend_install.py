@@ -36,5 +36,6 @@ def test_an_unfinished_install_is_redone_and_a_failed_pip_says_what_ran(tmp_path
     assert not os.path.exists(target) and not os.path.exists(target + ".part")
 
 
-def test_the_pinned_version_names_the_cache_folder():
+def test_the_pinned_version_names_the_cache_folder(monkeypatch):
+    monkeypatch.delenv("CONES2_FRONTEND_DIR", raising=False)
     assert frontend.default_cache_dir().endswith(f"frontend-{frontend.NEWEST_FRONTEND}")
