@@ -597,4 +597,32 @@ async function scenario(out, page, errors) {
     });
   }
 
+  // Switching the node renderer while a workflow is open: the editor moves between the canvas's DOM widget layer
+  // and the Vue node view, and keeps drawing its boxes in both.
+  if ('Comfy.VueNodes.Enabled' in settings) {
+    await step('switch_renderer', async () => {
+      const seen = [];
+      for (const on of [!settings['Comfy.VueNodes.Enabled'], settings['Comfy.VueNodes.Enabled']]) {
+        await page.evaluate((v) => window.app.extensionManager.setting.set('Comfy.VueNodes.Enabled', v), on);
+        await settle(page, 600);
+        await editorShown(2);
+        const n = await layoutNode();
+        const r = n.state.rect;
+        const vueView = await page.evaluate((id) => !!document.querySelector(`[data-node-id="${id}"]`), n.id);
+        const renderer = on ? 'Vue' : 'canvas';
+        assert(vueView === on, `renderer ${renderer}: the node's view is ${vueView ? 'Vue' : 'canvas'}`);
+        assert(r.width > 100 && r.height > 100, `renderer ${renderer}: frame ${JSON.stringify(r)}`);
+        // a click in each box selects it, a click on empty space deselects: the mouse reaches the drawing
+        const picked = [];
+        for (const b of n.state.boxes) {
+          await page.mouse.click(...at(r, b.x + b.w / 2, b.y + b.h / 2));
+          await settle(page, 50);
+          picked.push((await layoutNode()).state.selected);
+        }
+        assert(JSON.stringify(picked) === '[0,1]', `renderer ${renderer}: clicks in the boxes selected ${picked}`);
+        seen.push({ vueNodes: on, vueView, rect: r, picked });
+      }
+      return { seen };
+    });
+  }
 }

@@ -197,6 +197,15 @@ def test_flux_prompt_words_through_flux_guidance(scenario):
     assert {"dog", "cat", "sitting", "red", "sofa"} <= set(step["words"]), f"prompt words offered: {step['words']}"
 
 
+def test_switching_the_node_renderer_keeps_the_editor(scenario):
+    """On the newest frontend, turning Nodes 2.0 off and on again (or on and off) with the workflow open: the
+    editor is on the page in each renderer, with room, and takes clicks."""
+    if scenario["ui"]["vue_nodes"] is None:
+        pytest.skip("the host's frontend: the scenario leaves the node renderer as it is")
+    step = check(scenario, "switch_renderer")
+    assert [s["vueView"] for s in step["seen"]] == [not scenario["ui"]["vue_nodes"], scenario["ui"]["vue_nodes"]]
+
+
 def test_no_errors_from_the_widget_in_the_page(scenario):
     assert not scenario.get("failed"), scenario.get("failed")
     assert scenario["errors"] == [], "\n".join(scenario["errors"])
