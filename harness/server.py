@@ -33,11 +33,12 @@ class ComfyServer:
     """A running ComfyUI (``main.py --cpu``) whose base directory is a fresh temp folder holding
     custom_nodes/comfyui-cones2 (a link to this pack), models/checkpoints (links to the given files),
     input/, output/ and user/. ``dev_nodes``: also link harness/dev_nodes (the tiny Flux bed's CLIP loader)
-    into custom_nodes/, next to the pack."""
+    into custom_nodes/, next to the pack. ``front_end_root``: serve the frontend from that folder (a
+    comfyui-frontend-package's ``static`` folder, see harness/frontend.py) instead of the host's own."""
 
     def __init__(self, checkpoints: dict[str, str] | None = None, base_dir: str | None = None,
                  host: str | None = None, python: str | None = None, extra_args: list[str] | None = None,
-                 extra_model_paths: str | None = None, dev_nodes: bool = False):
+                 extra_model_paths: str | None = None, dev_nodes: bool = False, front_end_root: str | None = None):
         self.host = host or find_host()
         self.python = python or sys.executable
         self.own_base = base_dir is None
@@ -48,6 +49,7 @@ class ComfyServer:
         self.log_path = os.path.join(self.base, "comfyui.log")
         self.extra_args = extra_args or []
         self.extra_model_paths = extra_model_paths
+        self.front_end_root = front_end_root
         for sub in ("custom_nodes", "models/checkpoints", "input", "output", "user", "temp"):
             os.makedirs(os.path.join(self.base, sub), exist_ok=True)
         link = os.path.join(self.base, "custom_nodes", PACK_LINK_NAME)
@@ -81,6 +83,10 @@ class ComfyServer:
                "--database-url", f"sqlite:///{os.path.join(self.base, 'user', 'comfyui.db')}", *self.extra_args]
         if self.extra_model_paths:
             cmd += ["--extra-model-paths-config", self.extra_model_paths]
+        if self.front_end_root:
+            if not os.path.isfile(os.path.join(self.front_end_root, "index.html")):
+                raise RuntimeError(f"front_end_root {self.front_end_root} holds no frontend (no index.html)")
+            cmd += ["--front-end-root", self.front_end_root]
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         self._log = open(self.log_path, "w")
         self.proc = subprocess.Popen(cmd, cwd=self.host, stdout=self._log, stderr=subprocess.STDOUT, env=env)

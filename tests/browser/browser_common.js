@@ -13,7 +13,9 @@ async function settle(page, ms = 150) {
   await page.waitForTimeout(ms);
 }
 
-async function openComfy(url, { viewport = { width: 1400, height: 1000 } } = {}) {
+/** Opens ComfyUI at `url`; `settings` ({id: value}) are written to the user's settings before the page loads,
+ * as the settings dialog would (e.g. {'Comfy.VueNodes.Enabled': true} for the Vue node renderer). */
+async function openComfy(url, { viewport = { width: 1400, height: 1000 }, settings = {} } = {}) {
   const browser = await chromium.launch({
     executablePath: process.env.CONES2_CHROMIUM || '/usr/bin/chromium', headless: true, args: ARGS,
   });
@@ -31,7 +33,10 @@ async function openComfy(url, { viewport = { width: 1400, height: 1000 } } = {})
     if (m.type() === 'error' && /cones2/i.test(m.text())) errors.push(m.text());
   });
   // first-run template dialog off
-  await page.request.post(`${url}/settings/Comfy.TutorialCompleted`, { data: true });
+  for (const [id, value] of Object.entries({ 'Comfy.TutorialCompleted': true, ...settings })) {
+    const res = await page.request.post(`${url}/settings/${encodeURIComponent(id)}`, { data: value });
+    if (!res.ok()) throw new Error(`could not set ${id}: HTTP ${res.status()}`);
+  }
   await gotoComfy(page, url);
   return { browser, context, page, errors };
 }

@@ -1,6 +1,9 @@
-"""Browser fixtures: Debian's Chromium + npm's playwright-core, set up by scripts/setup_browser.sh.
+"""Browser fixtures: Debian's Chromium + npm's playwright-core, set up by scripts/setup_browser.sh, and the
+newest ComfyUI frontend (harness/frontend.py, installed once with pip into ~/.cache/comfyui-cones2/) served by a
+second server next to the host's own frontend.
 
-Without them the browser tests skip, except under CI=true, where a browser that cannot be set up fails.
+Without them the browser tests skip, except under CI=true, where a browser or a frontend that cannot be set up
+fails.
 """
 
 from __future__ import annotations
@@ -10,6 +13,8 @@ import shutil
 import subprocess
 
 import pytest
+
+from harness import frontend, tiny_extras
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -34,3 +39,27 @@ def browser_env() -> str:
             pytest.fail(f"CI=true and the browser could not be set up:\n{problem}")
         pytest.skip(f"no browser for the widget tests: {problem}")
     return node
+
+
+@pytest.fixture(scope="session")
+def newest_frontend() -> str:
+    """harness.frontend.NEWEST_FRONTEND installed into its cache folder (once); returns its static folder."""
+    try:
+        return frontend.install()
+    except frontend.FrontendInstallFailed as e:
+        if IN_CI:
+            pytest.fail(f"CI=true and the newest frontend could not be installed:\n{e}")
+        pytest.skip(f"no newest frontend for the widget tests: {e}")
+
+
+@pytest.fixture(scope="session")
+def newest_server(host_dir, tiny_ckpts, extras_files, newest_frontend, tmp_path_factory):
+    """The same server as ``server`` (the tiny checkpoints and extras), serving the newest frontend."""
+    from harness.server import ComfyServer
+
+    srv = ComfyServer(checkpoints=tiny_ckpts, base_dir=str(tmp_path_factory.mktemp("comfy-newest-frontend")),
+                      host=host_dir, front_end_root=newest_frontend)
+    tiny_extras.install(extras_files, srv)
+    srv.start()
+    yield srv
+    srv.stop()

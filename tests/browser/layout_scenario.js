@@ -1,19 +1,28 @@
 // One browser session against the real ComfyUI + frontend, driving the Cones2 layout widget like a user.
-//   node tests/browser/layout_scenario.js <server url> <workflow.json> <screenshot.png> [<maps screenshot.png>
-//     [<flux workflow.json>]]
+//   node tests/browser/layout_scenario.js [--vue-nodes on|off] <server url> <workflow.json> <screenshot.png>
+//     [<maps screenshot.png> [<flux workflow.json>]]
+// --vue-nodes sets the frontend's "Modern Node Design (Nodes 2.0)" (Comfy.VueNodes.Enabled) before the page
+// loads; without it the user's settings stay as they are (frontends before Nodes 2.0 have no such setting).
 // Prints "RESULT {json}" with one entry per step: {ok, ...details}; a failing step stops the run
 // (later steps depend on it) and is reported with its error.
 'use strict';
 const fs = require('fs');
 const { openComfy, gotoComfy, settle, run } = require('./browser_common');
 
-const [url, workflowPath, shotPath, mapsArg, fluxWorkflowPath] = process.argv.slice(2);
+const argv = process.argv.slice(2);
+const settings = {};
+if (argv[0] === '--vue-nodes') {
+  settings['Comfy.VueNodes.Enabled'] = argv[1] === 'on';
+  argv.splice(0, 2);
+}
+const [url, workflowPath, shotPath, mapsArg, fluxWorkflowPath] = argv;
 const mapsShotPath = mapsArg || shotPath.replace(/\.png$/, '') + '_maps.png';
 const NODE = 'Cones2LayoutGuidance';
+const ROOMY = [460, 1000];   // the layout node's size for the mouse steps
 
 run(async () => {
   const out = { steps: {}, order: [] };
-  const { browser, page, errors } = await openComfy(url, { viewport: { width: 1400, height: 1200 } });
+  const { browser, page, errors } = await openComfy(url, { viewport: { width: 1400, height: 1200 }, settings });
   try {
     await scenario(out, page, errors);
   } catch (e) {
@@ -51,6 +60,24 @@ async function scenario(out, page, errors) {
     }, [NODE, id, cls]);
   };
   const rect = async () => (await layoutNode()).state.rect;
+  // The layout node's editor is on the page. Undo, redo and loading a workflow replace every node with a new
+  // one (a new editor); the frontend must show the new editor, under either node renderer.
+  const editorShown = (boxes = null) => page.waitForFunction(([type, count]) => {
+    const ed = window.app.graph.nodes.find((x) => x.type === type)?.cones2Layout;
+    return !!ed && ed.state().shown && (count === null || ed.boxes.length === count);
+  }, [NODE, boxes], { timeout: 5000 }).catch(async () => {
+    const st = (await layoutNode())?.state;
+    throw new Error(`the layout editor is not on the page: ${JSON.stringify(st && { shown: st.shown,
+      boxes: st.boxes.length, remounts: st.remounts })}`);
+  });
+  // The layout's text box as the user sees it: the widget's own element (canvas renderer), else the text area
+  // the Vue node renderer draws for it.
+  const layoutTextBox = () => page.evaluateHandle((type) => {
+    const n = window.app.graph.nodes.find((x) => x.type === type);
+    const own = n.widgets.find((w) => w.name === 'layout').element;
+    if (own?.isConnected) return own;
+    return document.querySelector(`[data-node-id="${n.id}"] [data-widget-name="layout"] textarea`);
+  }, NODE);
   const at = (r, fx, fy) => [r.left + fx * r.width, r.top + fy * r.height];
   const drag = async (from, to, steps = 8) => {
     await page.mouse.move(from[0], from[1]);
@@ -90,28 +117,40 @@ async function scenario(out, page, errors) {
   }, detail);
 
   const workflow = JSON.parse(fs.readFileSync(workflowPath, 'utf8'));
-  const loadWorkflow = async (wf) => {
-    await page.evaluate(async ([wf, type]) => {
+  // loads a workflow and puts the layout node at zoom 1, in view at the top left; `size` (null: as saved)
+  const loadWorkflow = async (wf, size = ROOMY) => {
+    await page.evaluate(async ([wf, type, size]) => {
       const app = window.app;
       await app.extensionManager.setting.set('Comfy.Minimap.Visible', false);
       await app.loadGraphData(wf);
-      // a roomy editor at zoom 1, in view at the top left
       const n = app.graph.nodes.find((x) => x.type === type);
-      n.setSize([460, 1000]);
+      if (size) n.setSize(size);
       app.canvas.ds.scale = 1;
       app.canvas.ds.offset = [-n.pos[0] + 80, -n.pos[1] + 60];
       app.canvas.setDirty(true, true);
-    }, [wf, NODE]);
+    }, [wf, NODE, size]);
+    await editorShown();
     await settle(page, 400);
   };
 
   await step('load_workflow', async () => {
+    // at the size the example saves, the drawing has room under either node renderer
+    await loadWorkflow(workflow, null);
+    const atSaved = (await layoutNode()).state.rect;
+    assert(atSaved.width >= 180 && atSaved.height >= 180, `the editor's frame at the node's saved size is too small: `
+      + JSON.stringify(atSaved));
     await loadWorkflow(workflow);
     const n = await layoutNode();
     assert(n && n.state, 'the layout node has no editor');
     assert(n.state.boxes.length === 2, `expected the example's 2 boxes, got ${JSON.stringify(n.state.boxes)}`);
     assert(Math.abs(n.state.aspect - 1) < 1e-9, `64x64 latent should give aspect 1, got ${n.state.aspect}`);
-    return { rect: n.state.rect, boxes: n.state.boxes };
+    // which frontend and node renderer this run is on: the setting, and whether the node is drawn as a Vue view
+    out.frontend = await page.evaluate((id) => ({
+      version: window.__COMFYUI_FRONTEND_VERSION__ ?? null,
+      vueNodes: window.app.extensionManager.setting.get('Comfy.VueNodes.Enabled') ?? null,
+      vueNodeView: !!document.querySelector(`[data-node-id="${id}"]`),
+    }), n.id);
+    return { rect: n.state.rect, rectAtSavedSize: atSaved, boxes: n.state.boxes };
   });
 
   const expected = {};
@@ -198,15 +237,13 @@ async function scenario(out, page, errors) {
     assert(await page.evaluate(() => window.app.graph.nodes.length) === nodes, 'Delete removed a node');
     // the frontend's undo brings the box back, redo removes it again
     await page.keyboard.press('Control+z');
-    await page.waitForFunction((type) => window.app.graph.nodes.find((x) => x.type === type)
-      ?.cones2Layout?.boxes.length === 3, NODE, { timeout: 5000 });
+    await editorShown(3);
     await settle(page, 100);
     n = await layoutNode();
     const undone = n.state.boxes.length;
     await (await editorSel('canvas')).focus();
     await page.keyboard.press('Control+y');
-    await page.waitForFunction((type) => window.app.graph.nodes.find((x) => x.type === type)
-      ?.cones2Layout?.boxes.length === 2, NODE, { timeout: 5000 });
+    await editorShown(2);
     await settle(page, 100);
     n = await layoutNode();
     assert(n.value === before, 'redo did not restore the two-box layout');
@@ -409,7 +446,8 @@ async function scenario(out, page, errors) {
     const text = JSON.stringify(saved);
     assert(!/data:image/.test(text), 'an image was embedded in the workflow');
     await gotoComfy(page, url);
-    await loadWorkflow(saved);
+    // the saved workflow under another graph id: its layout node has the id of the one the page restored
+    await loadWorkflow({ ...saved, id: '1c0e55e2-0000-4000-8000-00000000c0e5' });
     const after = await layoutNode();
     assert(after.value === before.value, 'layout text changed through save/load');
     const round = (bs) => bs.map(({ subject, x, y, w, h, weight }) =>
@@ -454,8 +492,8 @@ async function scenario(out, page, errors) {
   });
 
   await step('edit_json_text', async () => {
-    const textarea = await page.evaluateHandle((type) => window.app.graph.nodes.find((n) => n.type === type)
-      .widgets.find((w) => w.name === 'layout').element, NODE);
+    const textarea = await layoutTextBox();
+    assert(await textarea.evaluate((e) => e && e.isConnected && e.tagName === 'TEXTAREA'), 'no layout text box on the page');
     const redraws0 = (await layoutNode()).state.redraws;
     const bg = await pixel(0.9, 0.1);
     const text = '{"version": 1, "boxes": [\n  {"subject": "dog", "x": 0.1, "y": 0.2, "w": 0.3, "h": 0.5},\n'
@@ -559,4 +597,32 @@ async function scenario(out, page, errors) {
     });
   }
 
+  // Switching the node renderer while a workflow is open: the editor moves between the canvas's DOM widget layer
+  // and the Vue node view, and keeps drawing its boxes in both.
+  if ('Comfy.VueNodes.Enabled' in settings) {
+    await step('switch_renderer', async () => {
+      const seen = [];
+      for (const on of [!settings['Comfy.VueNodes.Enabled'], settings['Comfy.VueNodes.Enabled']]) {
+        await page.evaluate((v) => window.app.extensionManager.setting.set('Comfy.VueNodes.Enabled', v), on);
+        await settle(page, 600);
+        await editorShown(2);
+        const n = await layoutNode();
+        const r = n.state.rect;
+        const vueView = await page.evaluate((id) => !!document.querySelector(`[data-node-id="${id}"]`), n.id);
+        const renderer = on ? 'Vue' : 'canvas';
+        assert(vueView === on, `renderer ${renderer}: the node's view is ${vueView ? 'Vue' : 'canvas'}`);
+        assert(r.width > 100 && r.height > 100, `renderer ${renderer}: frame ${JSON.stringify(r)}`);
+        // a click in each box selects it, a click on empty space deselects: the mouse reaches the drawing
+        const picked = [];
+        for (const b of n.state.boxes) {
+          await page.mouse.click(...at(r, b.x + b.w / 2, b.y + b.h / 2));
+          await settle(page, 50);
+          picked.push((await layoutNode()).state.selected);
+        }
+        assert(JSON.stringify(picked) === '[0,1]', `renderer ${renderer}: clicks in the boxes selected ${picked}`);
+        seen.push({ vueNodes: on, vueView, rect: r, picked });
+      }
+      return { seen };
+    });
+  }
 }

@@ -2,10 +2,15 @@
 
 One scenario (tests/browser/layout_scenario.js) drives the editor like a user, step by step; each test
 below checks one step. A failed step stops the scenario, so the tests after it fail pointing at it.
+
+The scenario runs three times (the tests' ids say which): on the frontend the host pins (``host-frontend``),
+and on the newest frontend (harness/frontend.py) in classic canvas mode (``newest-classic``) and with the Vue
+node renderer, "Modern Node Design (Nodes 2.0)", on (``newest-nodes2``).
 """
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import math
 import os
@@ -15,26 +20,48 @@ import subprocess
 import pytest
 
 from cones2_core.layout import parse_layout
+from harness.frontend import NEWEST_FRONTEND
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
 WORKFLOW = os.path.join(REPO, "workflows", "two_subjects_layout.json")
 FLUX_WORKFLOW = os.path.join(REPO, "workflows", "flux_two_subjects_layout.json")
-SCREENSHOT = os.path.join(HERE, "artifacts", "layout_widget.png")
-SCREENSHOT_COPY = "/tmp/cones2_layout_widget.png"
-MAPS_SCREENSHOT = os.path.join(HERE, "artifacts", "layout_widget_maps.png")
-MAPS_SCREENSHOT_COPY = "/tmp/cones2_layout_widget_maps.png"
 NODE = "Cones2LayoutGuidance"
+# (frontend, node renderer): which server serves it, and Comfy.VueNodes.Enabled (None: left as it is)
+FRONTENDS = {
+    "host-frontend": ("server", None),
+    "newest-classic": ("newest_server", False),
+    "newest-nodes2": ("newest_server", True),
+}
+
+
+def shot_paths(ui_id: str) -> tuple[str, str, str, str]:
+    """(node screenshot, its /tmp copy, maps screenshot, its /tmp copy) of one run."""
+    tag = "" if ui_id == "host-frontend" else f"_{ui_id.replace('-', '_')}"
+    return (os.path.join(HERE, "artifacts", f"layout_widget{tag}.png"), f"/tmp/cones2_layout_widget{tag}.png",
+            os.path.join(HERE, "artifacts", f"layout_widget{tag}_maps.png"), f"/tmp/cones2_layout_widget{tag}_maps.png")
+
+
+@pytest.fixture(scope="module", params=list(FRONTENDS))
+def ui(request):
+    """One run's frontend and renderer: {id, server, vue_nodes}; the newest frontend's server starts only for
+    the runs that use it."""
+    server_fixture, vue_nodes = FRONTENDS[request.param]
+    return {"id": request.param, "server": request.getfixturevalue(server_fixture), "vue_nodes": vue_nodes}
 
 
 @pytest.fixture(scope="module")
-def scenario(browser_env, server):
-    os.makedirs(os.path.dirname(SCREENSHOT), exist_ok=True)
-    for path in (SCREENSHOT, MAPS_SCREENSHOT):
+def scenario(browser_env, ui):
+    server = ui["server"]
+    shot, shot_copy, maps_shot, maps_copy = shot_paths(ui["id"])
+    os.makedirs(os.path.dirname(shot), exist_ok=True)
+    for path in (shot, maps_shot):
         if os.path.exists(path):
             os.remove(path)
-    cmd = [browser_env, os.path.join(HERE, "layout_scenario.js"), server.url, WORKFLOW, SCREENSHOT, MAPS_SCREENSHOT,
-           FLUX_WORKFLOW]
+    cmd = [browser_env, os.path.join(HERE, "layout_scenario.js")]
+    if ui["vue_nodes"] is not None:
+        cmd += ["--vue-nodes", "on" if ui["vue_nodes"] else "off"]
+    cmd += [server.url, WORKFLOW, shot, maps_shot, FLUX_WORKFLOW]
     try:
         res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     except subprocess.TimeoutExpired as e:
@@ -43,10 +70,12 @@ def scenario(browser_env, server):
     assert lines, f"the scenario printed no result (rc {res.returncode}):\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
     out = json.loads(lines[-1][len("RESULT "):])
     assert "fatal" not in out, f"the scenario could not run:\n{out['fatal']}\n{res.stderr[-2000:]}"
-    for path, copy in ((SCREENSHOT, SCREENSHOT_COPY), (MAPS_SCREENSHOT, MAPS_SCREENSHOT_COPY)):
+    for path, copy in ((shot, shot_copy), (maps_shot, maps_copy)):
         if os.path.exists(path):
             shutil.copyfile(path, copy)
     out["server_log"] = server.log_tail(40)
+    out["ui"] = ui
+    out["shots"] = {"node": shot, "maps": maps_shot}
     return out
 
 
@@ -71,6 +100,19 @@ def test_example_workflow_matches_the_nodes(client):
     assert layout.subjects() == ["dog", "cat"]
     ckpt = next(n for n in wf["nodes"] if n["type"] == "CheckpointLoaderSimple")
     assert ckpt["widgets_values"][0] == "cones2_tiny_sd15.safetensors"
+
+
+def test_runs_on_the_frontend_and_renderer_it_names(scenario):
+    """Each run is on the frontend and node renderer its id names: the host's pinned frontend, or the newest one
+    with the Vue node renderer off or on (the layout node drawn as a Vue component, or on the canvas)."""
+    ui = scenario["ui"]
+    seen = scenario.get("frontend") or {}
+    if ui["id"] == "host-frontend":
+        assert seen.get("version") == importlib.metadata.version("comfyui-frontend-package"), seen
+    else:
+        assert seen.get("version") == NEWEST_FRONTEND, seen
+        assert seen.get("vueNodes") is ui["vue_nodes"], seen
+        assert seen.get("vueNodeView") is ui["vue_nodes"], seen
 
 
 def test_loads_the_example_with_its_boxes(scenario):
@@ -98,7 +140,8 @@ def test_numeric_editing_stays_inside_the_frame(scenario):
     check(scenario, "numeric_edit")
 
 
-def test_queued_prompt_carries_the_layout_and_runs(scenario, server):
+def test_queued_prompt_carries_the_layout_and_runs(scenario):
+    server = scenario["ui"]["server"]
     step = check(scenario, "queue_prompt")
     layout = parse_layout(step["layout"])
     assert layout.subjects() == ["dog", "cat"]
@@ -114,8 +157,8 @@ def test_attention_maps_toggle_shows_the_last_run(scenario):
     for m in step["payload"]:
         assert any(label.startswith(m["subject"]) and label.endswith(f" {math.floor(m['share'] * 100 + 0.5)}%")
                    for label in step["labels"]), step["labels"]
-    assert os.path.getsize(MAPS_SCREENSHOT) > 10_000
-    with open(MAPS_SCREENSHOT, "rb") as f:
+    assert os.path.getsize(scenario["shots"]["maps"]) > 10_000
+    with open(scenario["shots"]["maps"], "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
@@ -139,8 +182,8 @@ def test_frame_follows_the_latent_aspect(scenario):
 
 def test_screenshot_of_the_node(scenario):
     check(scenario, "screenshot")
-    assert os.path.getsize(SCREENSHOT) > 10_000
-    with open(SCREENSHOT, "rb") as f:
+    assert os.path.getsize(scenario["shots"]["node"]) > 10_000
+    with open(scenario["shots"]["node"], "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
@@ -152,6 +195,15 @@ def test_flux_prompt_words_through_flux_guidance(scenario):
         text = next(n for n in json.load(f)["nodes"] if n["type"] == "Cones2ApplyResiduals")["widgets_values"][0]
     assert step["chain"]["text"] == text
     assert {"dog", "cat", "sitting", "red", "sofa"} <= set(step["words"]), f"prompt words offered: {step['words']}"
+
+
+def test_switching_the_node_renderer_keeps_the_editor(scenario):
+    """On the newest frontend, turning Nodes 2.0 off and on again (or on and off) with the workflow open: the
+    editor is on the page in each renderer, with room, and takes clicks."""
+    if scenario["ui"]["vue_nodes"] is None:
+        pytest.skip("the host's frontend: the scenario leaves the node renderer as it is")
+    step = check(scenario, "switch_renderer")
+    assert [s["vueView"] for s in step["seen"]] == [not scenario["ui"]["vue_nodes"], scenario["ui"]["vue_nodes"]]
 
 
 def test_no_errors_from_the_widget_in_the_page(scenario):

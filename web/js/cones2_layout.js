@@ -6,6 +6,7 @@
 //   panel.js   the editor's DOM and style sheet
 //   events.js  mouse, keys, controls, text box and websocket events
 //   editor.js  LayoutEditor, one node's state kept in step with its `layout` text
+//   mount.js   keeping an editor on the page and in step under both node renderers (canvas and Vue nodes)
 //   comfy.js   the frontend's app and api objects
 //
 // The node's `layout` STRING widget holds the layout JSON and stays the single source of truth. The editor
@@ -20,6 +21,7 @@ import { comfyApp } from "./layout/comfy.js";
 import { LayoutEditor } from "./layout/editor.js";
 import { widgetByName } from "./layout/graph.js";
 import { EDITOR_WIDGET, LAYOUT_WIDGET, NODE_TYPE } from "./layout/model.js";
+import { MIN_HEIGHT } from "./layout/panel.js";
 
 comfyApp().registerExtension({
   name: "cones2.layout",
@@ -39,10 +41,10 @@ comfyApp().registerExtension({
     const widget = node.addDOMWidget(EDITOR_WIDGET, "cones2-layout", editor.root, {
       serialize: false,
       hideOnZoom: true,
-      getMinHeight: () => 300,
+      getMinHeight: () => MIN_HEIGHT,
       getValue: () => undefined,
       setValue: () => {},
-      onDraw: () => editor.onFrame(),
+      onDraw: () => editor.onDraw(),
     });
     widget.serialize = false;
     node.cones2Layout = editor;   // the one hook for tests: node.cones2Layout.state()

@@ -6,6 +6,7 @@
 import { attachEvents } from "./events.js";
 import { checkState, latentSize, mapsSource, pixelRatio, promptWords } from "./graph.js";
 import { MAPS_UI_KEY, formatLayout, isNum, nextSubject, parseLayoutText, readMaps, round } from "./model.js";
+import { vacate, watch } from "./mount.js";
 import { buildPanel, el } from "./panel.js";
 import { drawLayout } from "./render.js";
 
@@ -35,9 +36,12 @@ export class LayoutEditor {
     this.mapImages = new Map();
     this.mapEvents = 0;
     this.labels = [];
+    this.lastDrawn = -Infinity;   // when the canvas last drew the node (classic mode; never under Vue nodes)
+    this.remounts = 0;            // places taken over from the node's previous editor (see mount.js)
     Object.assign(this, buildPanel());
     this.ctx = this.canvas.getContext("2d");
     attachEvents(this);
+    this.cleanups.push(watch(this));
     this.syncFromText(true);
   }
 
@@ -186,7 +190,13 @@ export class LayoutEditor {
     this.redraws++;
   }
 
-  /** Called while the node is drawn: catches value changes made without a callback, and graph changes. */
+  /** Called while the node is drawn (the DOM widget's onDraw). */
+  onDraw() {
+    this.lastDrawn = performance.now();
+    this.onFrame();
+  }
+
+  /** Each frame the editor is shown: catches value changes made without a callback, and graph changes. */
   onFrame() {
     if (this.text !== this.lastText) this.syncFromText();
     this.updateAspect();
@@ -217,7 +227,7 @@ export class LayoutEditor {
     return {
       boxes: this.boxes.map(({ subject, x, y, w, h, weight }) => ({ subject, x, y, w, h, weight })),
       selected: this.selected, error: this.error, refusal: this.refusal, aspect: this.aspect, snap: this.snap,
-      redraws: this.redraws, rect: { left: r.left, top: r.top, width: r.width, height: r.height },
+      redraws: this.redraws, shown: this.root.isConnected, remounts: this.remounts, rect: { left: r.left, top: r.top, width: r.width, height: r.height },
       showMaps: this.showMaps, mapsShown: this.mapsShown(), mapEvents: this.mapEvents, labels: [...this.labels],
       maps: this.maps && { node: this.maps.node, prompt: this.maps.prompt,
         subjects: this.maps.subjects.map(({ subject, h, w, share }) => ({ subject, h, w, share })) },
@@ -230,6 +240,6 @@ export class LayoutEditor {
     }
     this.maps = null;
     this.mapImages.clear();
-    this.root.remove();
+    vacate(this);
   }
 }

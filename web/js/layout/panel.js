@@ -2,9 +2,13 @@
 // Only exports (see model.js); the style sheet is added when the first editor is built.
 import { GRID_STEPS } from "./model.js";
 
+/** The editor's least height: the canvas renderer asks the widget (getMinHeight), the Vue node renderer sizes
+ * the element by its content and style. */
+export const MIN_HEIGHT = 320;
+
 const CSS = `
 .cones2-layout { display: flex; flex-direction: column; gap: 4px; box-sizing: border-box; font: 12px sans-serif;
-  color: var(--input-text, #ddd); overflow: hidden; }
+  color: var(--input-text, #ddd); overflow: hidden; min-height: ${MIN_HEIGHT}px; }
 .cones2-layout .c2-row { display: flex; gap: 4px; align-items: center; flex-wrap: wrap; min-height: 22px; }
 .cones2-layout .c2-stage { position: relative; flex: 1 1 auto; min-height: 60px; background: rgba(0,0,0,0.25);
   border-radius: 4px; overflow: hidden; }
