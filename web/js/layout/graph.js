@@ -1,7 +1,7 @@
 // Questions the editor asks the workflow graph: widgets and input slots, the generation size, the prompt's
 // words, the source of an attention-maps event. Only exports (see model.js).
 import { comfyApp } from "./comfy.js";
-import { MAPS_NODE_TYPE, isNum, suggestions } from "./model.js";
+import { MAPS_NODE_TYPE, isNum, promptWordList, suggestions } from "./model.js";
 
 export function widgetByName(node, name) {
   return node?.widgets?.find((w) => w.name === name);
@@ -57,7 +57,7 @@ export function promptWords(node) {
       n = n.getInputNode(slot);
       const text = widgetByName(n, "text")?.value;
       if (typeof text === "string") {
-        words.push(...(text.match(/[\p{L}][\p{L}\p{N}_'-]*/gu) ?? []));
+        words.push(...promptWordList(text));
         break;
       }
     }

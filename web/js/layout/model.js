@@ -158,6 +158,14 @@ export function cursorFor(hit) {
   return l || r ? "ew-resize" : "ns-resize";
 }
 
+/** The plain words of a prompt as the node finds them (cones2_core/prompt.py's rule, tested against the same
+ * fixture: tests/fixtures/prompt_words.json): weight syntax "(dog:1.2)" removed, runs of letters and digits joined
+ * by an apostrophe or a hyphen, lower-cased, in order, each once. */
+export function promptWordList(text) {
+  const cleaned = String(text ?? "").replace(/:\s*-?[0-9.]+\s*\)/g, " ").toLowerCase();
+  return [...new Set(cleaned.match(/[\p{L}\p{N}]+(?:['-][\p{L}\p{N}]+)*/gu) ?? [])];
+}
+
 /** Subject suggestions from raw words: no stopwords, no repeats (case-insensitive), first spelling kept. */
 export function suggestions(words) {
   const seen = new Set();
