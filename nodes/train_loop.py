@@ -200,10 +200,9 @@ class Trainer:
                 pending, size = [], 0
 
     def run(self, pbar=None, eval_every: int = 0):
-        import comfy.model_management as mm
-
+        """The whole run: setup (the private encoder, its frozen outputs, the optimiser), the loop, the extraction
+        of the residual. Returns (residual delta [rows, width] on CPU, training losses, [(step, eval loss)])."""
         s = self.s
-        gen = torch.Generator().manual_seed(s.seed)
         paper = s.mode == "paper"
         ids = [t[0] for chunks in self.instance_tokens.values() for chunk in chunks for t in chunk
                if isinstance(t[0], int)]
@@ -215,89 +214,117 @@ class Trainer:
                 frozen_ctx, pooled = self._encode(enc, self.instance_tokens)
                 frozen_templates = self._encode_templates(enc) if paper else None
             y = self.arch.training_conds(self.model, pooled, s, max(s.batch_size, EVAL_SAMPLES), self.device)
-            if paper:
-                fused = self.device.type in ("cpu", "cuda")
-                self.low_rank = [(m.weight, m.lowrank_sink) for m in enc.modules() if hasattr(m, "lowrank_sink")]
-                factored = {id(w) for w, _ in self.low_rank}
-                self.low_rank_opt = torch.optim.AdamW([w for w, _ in self.low_rank], lr=s.learning_rate,
-                                                      weight_decay=WEIGHT_DECAY, fused=fused) if self.low_rank else None
-                params = [p for p in enc.parameters() if p.requires_grad and id(p) not in factored]
-                opt = torch.optim.AdamW(params, lr=s.learning_rate, weight_decay=WEIGHT_DECAY, fused=fused)
-                residual = None
-            else:  # the frozen outputs above are all fast mode needs
-                residual = torch.zeros(len(self.instance_rows), frozen_ctx.shape[-1], device=self.device,
-                                       requires_grad=True)
-                params = [residual]
-                opt = torch.optim.AdamW(params, lr=s.learning_rate, weight_decay=0.0)
+            opt, params, residual = self._optimiser(enc, frozen_ctx)
 
             def context():
                 if residual is not None:
                     return add_at_rows(frozen_ctx, self.instance_rows, residual)
                 return self._encode(enc, self.instance_tokens)[0]
 
-            losses: list[float] = []
-            eval_points: list[tuple[int, float]] = []
-            with self.arch.frozen_model(self.model, self.device, self.frozen) as frozen_model:
-                mp = frozen_model.mp
-                eval_set = self._eval_set()
-                with torch.no_grad():
-                    eval_points.append((0, self._eval_loss(mp, context(), y, eval_set)))
-                every = max(1, s.steps // PREVIEW_UPDATES)
-                for step in range(s.steps):
-                    mm.throw_exception_if_processing_interrupted()
-                    x0 = latent_batch(self.latents, self.size, s.batch_size, gen)
-                    noise = torch.randn(x0.shape, generator=gen).to(self.device)
-                    sigma = sample_sigmas(self.sigmas, s.batch_size, gen).to(self.device)
-                    for _attempt in range(2):
-                        try:
-                            loss = self._step(mp, opt, params, context, frozen_ctx, x0, noise, sigma, y, paper)
-                            break
-                        except torch.OutOfMemoryError as e:
-                            if frozen_model.checkpointing:
-                                raise Cones2Error(
-                                    f"out of {self.device.type.upper()} memory at training step {step + 1}, even "
-                                    "with gradient checkpointing; lower the resolution or batch_size"
-                                    + (", or use mode 'fast'" if paper else "")) from e
-                            oom = str(e).splitlines()[0] if str(e) else "out of memory"
-                        # here, outside the except block, its frames (and their activations) are already freed;
-                        # drop the failed backward's partial gradients too before the allocator gives memory back
-                        opt.zero_grad(set_to_none=True)
-                        if self.cuda:
-                            torch.cuda.empty_cache()
-                        log.warning("out of memory at training step %d (%s); switching on gradient checkpointing "
-                                    "of the model (slower, much less memory) and redoing the step", step + 1, oom)
-                        frozen_model.checkpoint_layers()
-                    value = float(loss)
-                    if not math.isfinite(value):
-                        raise Cones2Error(f"the training loss became {value} at step {step + 1}; lower the "
-                                          "learning_rate")
-                    losses.append(value)
-                    if eval_every and (step + 1) % eval_every == 0 and step + 1 < s.steps:
-                        with torch.no_grad():
-                            eval_points.append((step + 1, self._eval_loss(mp, context(), y, eval_set)))
-                    if pbar is not None:
-                        preview = None
-                        if (step + 1) % every == 0 or step + 1 == s.steps:
-                            from PIL import Image
-
-                            pic = draw_loss_curve(losses, eval_points, title=f"loss {value:.4g}")
-                            preview = ("JPEG", Image.fromarray((pic * 255).astype(np.uint8)), 512)
-                        pbar.update_absolute(step + 1, s.steps, preview)
-                with torch.no_grad():
-                    eval_points.append((s.steps, self._eval_loss(mp, context(), y, eval_set)))
-            with torch.no_grad():
-                if residual is not None:
-                    delta = residual.detach().float().cpu()
-                else:
-                    # the optimiser state (two moments per trainable weight) is done with: free it before the
-                    # template pass, so that pass reuses its memory instead of adding to the peak
-                    opt = params = None
-                    self.low_rank, self.low_rank_opt = [], None
-                    tuned = self._encode_templates(enc)
-                    delta = residual_from_templates(tuned, frozen_templates, self.template_rows)
-            return delta, losses, eval_points
+            losses, eval_points = self._loop(opt, params, context, frozen_ctx, y, paper, pbar, eval_every)
+            if not paper:
+                return residual.detach().float().cpu(), losses, eval_points
+            # the optimiser state (two moments per trainable weight) is done with: free it before the template
+            # pass, so that pass reuses its memory instead of adding to the peak
+            opt = params = None
+            self.low_rank, self.low_rank_opt = [], None
+            return self._extract(enc, frozen_templates), losses, eval_points
         finally:
             enc = opt = None  # drop the private encoder and optimiser state now
             self.low_rank, self.low_rank_opt = [], None
             if self.cuda:
                 torch.cuda.empty_cache()
+
+    # ---- setup ------------------------------------------------------------------------------------------------
+
+    def _optimiser(self, enc, frozen_ctx):
+        """(optimiser, its parameters, the fast-mode residual or None): paper mode trains the private encoder
+        ``enc`` (its low-rank Linears under their own AdamW, see _clip_gradients_and_step), fast mode a zero
+        residual at the subject's rows of the frozen output ``frozen_ctx``."""
+        s = self.s
+        if enc is not None:
+            fused = self.device.type in ("cpu", "cuda")
+            self.low_rank = [(m.weight, m.lowrank_sink) for m in enc.modules() if hasattr(m, "lowrank_sink")]
+            factored = {id(w) for w, _ in self.low_rank}
+            self.low_rank_opt = torch.optim.AdamW([w for w, _ in self.low_rank], lr=s.learning_rate,
+                                                  weight_decay=WEIGHT_DECAY, fused=fused) if self.low_rank else None
+            params = [p for p in enc.parameters() if p.requires_grad and id(p) not in factored]
+            return torch.optim.AdamW(params, lr=s.learning_rate, weight_decay=WEIGHT_DECAY, fused=fused), params, None
+        # the frozen outputs are all fast mode needs
+        residual = torch.zeros(len(self.instance_rows), frozen_ctx.shape[-1], device=self.device, requires_grad=True)
+        return torch.optim.AdamW([residual], lr=s.learning_rate, weight_decay=0.0), [residual], residual
+
+    # ---- the loop -------------------------------------------------------------------------------------------
+
+    def _loop(self, opt, params, context, frozen_ctx, y, paper: bool, pbar, eval_every: int):
+        """The optimisation steps through the frozen model, with the evaluation loss before, every ``eval_every``
+        steps and after, and the progress bar's preview. Returns (losses, eval points)."""
+        import comfy.model_management as mm
+
+        s = self.s
+        gen = torch.Generator().manual_seed(s.seed)
+        losses: list[float] = []
+        eval_points: list[tuple[int, float]] = []
+        with self.arch.frozen_model(self.model, self.device, self.frozen) as frozen_model:
+            mp = frozen_model.mp
+            eval_set = self._eval_set()
+            with torch.no_grad():
+                eval_points.append((0, self._eval_loss(mp, context(), y, eval_set)))
+            every = max(1, s.steps // PREVIEW_UPDATES)
+            for step in range(s.steps):
+                mm.throw_exception_if_processing_interrupted()
+                x0 = latent_batch(self.latents, self.size, s.batch_size, gen)
+                noise = torch.randn(x0.shape, generator=gen).to(self.device)
+                sigma = sample_sigmas(self.sigmas, s.batch_size, gen).to(self.device)
+                loss = self._step_or_checkpoint(frozen_model, opt, params, context, frozen_ctx, x0, noise, sigma,
+                                                y, paper, step)
+                value = float(loss)
+                if not math.isfinite(value):
+                    raise Cones2Error(f"the training loss became {value} at step {step + 1}; lower the "
+                                      "learning_rate")
+                losses.append(value)
+                if eval_every and (step + 1) % eval_every == 0 and step + 1 < s.steps:
+                    with torch.no_grad():
+                        eval_points.append((step + 1, self._eval_loss(mp, context(), y, eval_set)))
+                if pbar is not None:
+                    preview = None
+                    if (step + 1) % every == 0 or step + 1 == s.steps:
+                        from PIL import Image
+
+                        pic = draw_loss_curve(losses, eval_points, title=f"loss {value:.4g}")
+                        preview = ("JPEG", Image.fromarray((pic * 255).astype(np.uint8)), 512)
+                    pbar.update_absolute(step + 1, s.steps, preview)
+            with torch.no_grad():
+                eval_points.append((s.steps, self._eval_loss(mp, context(), y, eval_set)))
+        return losses, eval_points
+
+    def _step_or_checkpoint(self, frozen_model, opt, params, context, frozen_ctx, x0, noise, sigma, y, paper, step):
+        """One step; on running out of memory, gradient checkpointing of the model is switched on and the step
+        redone (once); out of memory with checkpointing on is an error saying what to lower."""
+        for _attempt in range(2):
+            try:
+                return self._step(frozen_model.mp, opt, params, context, frozen_ctx, x0, noise, sigma, y, paper)
+            except torch.OutOfMemoryError as e:
+                if frozen_model.checkpointing:
+                    raise Cones2Error(
+                        f"out of {self.device.type.upper()} memory at training step {step + 1}, even "
+                        "with gradient checkpointing; lower the resolution or batch_size"
+                        + (", or use mode 'fast'" if paper else "")) from e
+                oom = str(e).splitlines()[0] if str(e) else "out of memory"
+            # here, outside the except block, its frames (and their activations) are already freed;
+            # drop the failed backward's partial gradients too before the allocator gives memory back
+            opt.zero_grad(set_to_none=True)
+            if self.cuda:
+                torch.cuda.empty_cache()
+            log.warning("out of memory at training step %d (%s); switching on gradient checkpointing "
+                        "of the model (slower, much less memory) and redoing the step", step + 1, oom)
+            frozen_model.checkpoint_layers()
+        raise AssertionError("unreachable: the second attempt runs with checkpointing on")
+
+    # ---- extraction ------------------------------------------------------------------------------------------
+
+    def _extract(self, enc, frozen_templates) -> torch.Tensor:
+        """Paper mode's residual: the mean over the templates of (tuned - frozen) output at the subject's rows."""
+        with torch.no_grad():
+            tuned = self._encode_templates(enc)
+            return residual_from_templates(tuned, frozen_templates, self.template_rows)
