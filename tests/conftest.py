@@ -16,6 +16,22 @@ from harness import tiny_flux as flux_bed
 from harness.host import BuildFailed, HostNotFound, build, find_host
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+TESTS = os.path.dirname(os.path.abspath(__file__))
+# The tier of each folder under tests/ (docs/testing.md); `pytest tests -m core` runs one tier.
+TIERS = {"core": ("core",), "js": ("core", "js"), "host": ("host",), "browser": ("browser",)}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Applies the tiers declared in pytest.ini: by folder (TIERS), ``toy`` to every test that uses the toy world
+    (fixture toy_ckpt). ``slow`` is set on the tests themselves (over 60 s each, measured)."""
+    for item in items:
+        folder = os.path.relpath(str(item.path), TESTS).split(os.sep)[0]
+        if folder not in TIERS:
+            raise pytest.UsageError(f"{item.nodeid}: tests/{folder}/ has no tier; add it to TIERS in tests/conftest.py")
+        for tier in TIERS[folder]:
+            item.add_marker(tier)
+        if "toy_ckpt" in item.fixturenames:
+            item.add_marker("toy")
 
 
 def _build(builder, host_dir: str, **kw) -> dict[str, str]:
