@@ -13,12 +13,22 @@ import pytest
 
 from harness import tiny_checkpoints, tiny_extras, toy_world
 from harness import tiny_flux as flux_bed
-from harness.host import BuildFailed, HostNotFound, build, find_host
+from harness.host import PACK_NAME, BuildFailed, HostNotFound, build, find_host, pack_package
+
+# One name for the pack: tests import its maths as comfyui_cones2.cones2_core (no host needed), the same modules that
+# the ``pack`` fixture's nodes use, so Cones2Error and the family records are one class each.
+pack_package()
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 TESTS = os.path.dirname(os.path.abspath(__file__))
 # The tier of each folder under tests/ (docs/testing.md); `pytest tests -m core` runs one tier.
 TIERS = {"core": ("core",), "js": ("core", "js"), "host": ("host",), "browser": ("browser",)}
+
+
+def pytest_collection_finish(session):
+    if "cones2_core" in sys.modules:  # the repo root is on sys.path (pythonpath = ..), so this would import
+        raise pytest.UsageError(f"a test imported the top-level cones2_core, a second copy of the pack's classes; "
+                                f"import {PACK_NAME}.cones2_core instead")
 
 
 def pytest_collection_modifyitems(config, items):

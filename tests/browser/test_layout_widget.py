@@ -14,7 +14,7 @@ import subprocess
 
 import pytest
 
-from cones2_core.layout import parse_layout
+from comfyui_cones2.cones2_core.layout import parse_layout
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))

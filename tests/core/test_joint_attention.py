@@ -5,9 +5,15 @@ import math
 import pytest
 import torch
 
-from cones2_core.errors import Cones2Error
-from cones2_core.joint_attention import FLOW_SIGMA_CAP, flow_sigma, image_text_std, joint_bias, token_mass
-from cones2_core.layout import build_weight_map
+from comfyui_cones2.cones2_core.errors import Cones2Error
+from comfyui_cones2.cones2_core.joint_attention import (
+    FLOW_SIGMA_CAP,
+    flow_sigma,
+    image_text_std,
+    joint_bias,
+    token_mass,
+)
+from comfyui_cones2.cones2_core.layout import build_weight_map
 
 
 def _inputs(b=2, heads=3, txt=7, h=4, w=5, extra=3, d=16, seed=0):

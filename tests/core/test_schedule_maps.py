@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from cones2_core.figures import colourise, outline, render_panel, share_inside
-from cones2_core.schedule import in_window, recurrence_plan, renoise_scale
+from comfyui_cones2.cones2_core.figures import colourise, outline, render_panel, share_inside
+from comfyui_cones2.cones2_core.schedule import in_window, recurrence_plan, renoise_scale
 
 
 def test_recurrence_plan_doubles_guided_steps_only():

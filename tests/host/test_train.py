@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+from comfyui_cones2.cones2_core.errors import Cones2Error
 from harness import tiny_checkpoints
 from harness.test_helpers import blob_images
 
@@ -312,7 +313,6 @@ def test_an_existing_residual_is_never_overwritten(pack, sd1, res_dir):
 
 
 def test_destination_is_checked_before_training(pack, sd1, res_dir, monkeypatch):
-    Cones2Error = pack.cones2_core.errors.Cones2Error
     train_node = pack.nodes.train_node
 
     def no_training(*a, **k):
@@ -331,7 +331,6 @@ def test_destination_is_checked_before_training(pack, sd1, res_dir, monkeypatch)
 
 
 def test_a_failed_final_write_keeps_the_trained_residual(pack, sd1, res_dir, monkeypatch, caplog):
-    Cones2Error = pack.cones2_core.errors.Cones2Error
     train_node = pack.nodes.train_node
 
     def disk_full(residual, path):
@@ -364,7 +363,6 @@ class _OtherClip:
 
 
 def test_clear_errors(pack, sd1, res_dir):
-    Cones2Error = pack.cones2_core.errors.Cones2Error
     with pytest.raises(Cones2Error, match="no training images"):
         train(pack, sd1, images=None)
     with pytest.raises(Cones2Error, match="the subject is empty"):
@@ -402,7 +400,7 @@ def test_image_folder_any_size_rgba_grey(pack, tmp_path, monkeypatch):
     assert torch.allclose(imgs[1], torch.ones(50, 80, 3))
     assert torch.allclose(imgs[2], torch.full((90, 40, 3), 64 / 255))
     assert float(imgs[3][..., 2].mean()) > 0.9
-    with pytest.raises(pack.cones2_core.errors.Cones2Error, match="holds no images"):
+    with pytest.raises(Cones2Error, match="holds no images"):
         pack.nodes.train_images.collect_images(None, "empty")
     resized = pack.nodes.train_images._resize_for_training(imgs[2], 64)
     assert resized.shape == (128, 64, 3)  # short side 64, long side capped at 2x, multiples of 8
