@@ -344,7 +344,7 @@ def guided_joint_attention(q, k, v, txt_len: int, img_len: int, weight_map, sigm
     per_row = b * heads * max(d, m)
     chunk = chunk_size or max(1, MERGE_CHUNK_ELEMENTS // per_row)
     if guidance_weight != 0:
-        coef = _coefficient(image_text_std_gram(q, k, txt_len, img_len, chunk_size), sigma, guidance_weight)
+        coef = bias_coefficient(image_text_std_gram(q, k, txt_len, img_len, chunk_size), sigma, guidance_weight)
         bias = (scale_f * coef).view(-1, 1, 1) * cols.weights  # [B, N, m] float32, the dense block's columns
     else:
         bias = None

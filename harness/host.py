@@ -48,8 +48,14 @@ def import_host(host: str | None = None) -> str:
     return host
 
 
-def load_pack(name: str = "comfyui_cones2"):
-    """Import this pack as a package, the way ComfyUI's loader does (relative imports inside)."""
+PACK_NAME = "comfyui_cones2"
+
+
+def pack_package(name: str = PACK_NAME):
+    """This pack registered as the package ``name`` without running its __init__.py (which needs the host), so that
+    ``name.cones2_core`` (no host imports) can be imported anywhere, the host's tests and the core tests alike;
+    load_pack runs the __init__ later on the same module. One name for the pack in a process: its classes
+    (Cones2Error, the family records) are then the same objects in every test."""
     import importlib.util
 
     if name in sys.modules:
@@ -59,9 +65,17 @@ def load_pack(name: str = "comfyui_cones2"):
     )
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
-    spec.loader.exec_module(module)
+    return module
+
+
+def load_pack(name: str = PACK_NAME):
+    """Import this pack as a package, the way ComfyUI's loader does (relative imports inside)."""
+    import importlib
     import pkgutil
 
+    module = pack_package(name)
+    if "comfy_entrypoint" not in vars(module):  # its __init__.py has not run yet
+        module.__spec__.loader.exec_module(module)
     for sub in ("cones2_core", "nodes"):  # import every submodule, so tests can reach them as attributes
         pkg = importlib.import_module(f"{name}.{sub}")
         for info in pkgutil.iter_modules(pkg.__path__):

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Sets everything up on a fresh machine (host, venv, tiny checkpoints, the toy world) and runs the whole test suite:
 # ruff, then pytest (core tests on tiny tensors + host tests through the real ComfyUI).
-# Extra arguments go to pytest, e.g.  bash scripts/test.sh -k residual
+# Extra arguments go to pytest, e.g.  bash scripts/test.sh -k residual,  or one tier:  bash scripts/test.sh -m core
+# (tiers and their costs: docs/testing.md). Without -m every tier runs.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 env_lines="$(bash scripts/setup_env.sh)"

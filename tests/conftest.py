@@ -13,9 +13,59 @@ import pytest
 
 from harness import tiny_checkpoints, tiny_extras, toy_world
 from harness import tiny_flux as flux_bed
-from harness.host import BuildFailed, HostNotFound, build, find_host
+from harness.host import PACK_NAME, BuildFailed, HostNotFound, build, find_host, pack_package
+
+# One name for the pack: tests import its maths as comfyui_cones2.cones2_core (no host needed), the same modules that
+# the ``pack`` fixture's nodes use, so Cones2Error and the family records are one class each.
+pack_package()
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+TESTS = os.path.dirname(os.path.abspath(__file__))
+# The tier of each folder under tests/ (docs/testing.md); `pytest tests -m core` runs one tier.
+TIERS = {"core": ("core",), "js": ("core", "js"), "host": ("host",), "browser": ("browser",)}
+# Tests that took over 60 s each on the shared two-core machine (pytest --durations, setup included where a test
+# builds its own fixture), by node id without parameters: marked ``slow`` (docs/testing.md has the numbers). Kept
+# here rather than on the tests, so that files can move; an entry that matches nothing in a collected file stops
+# the run, so a renamed test is not silently unmarked.
+SLOW = {  # seconds measured (2 cores, load 5 to 11 from other work), the slowest parameter where there are several
+    "host/test_train.py::test_paper_diffusion_objective_lowers_the_loss_step_by_step": 229,
+    "host/test_train.py::test_a_float16_unet_trains_in_float16_like_the_float32_one": 197,
+    "host/test_train.py::test_fast_mode_lowers_the_loss_like_paper_mode": 110,
+    "host/test_train.py::test_sd2_v_prediction_paper_mode": 87,
+    "host/test_train.py::test_same_seed_same_residual": 66,
+    "host/test_train.py::test_paper_mode_matches_a_naive_full_encoder_loop": 64,
+}
+# Module fixtures over 60 s: every test that uses one is slow (else `-m "not slow"` would still build it).
+SLOW_FIXTURES = {"paper_sd15": 99}  # test_train.py's 8-step paper-mode run
+
+
+def pytest_collection_finish(session):
+    if "cones2_core" in sys.modules:  # the repo root is on sys.path (pythonpath = ..), so this would import
+        raise pytest.UsageError(f"a test imported the top-level cones2_core, a second copy of the pack's classes; "
+                                f"import {PACK_NAME}.cones2_core instead")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Applies the tiers declared in pytest.ini: by folder (TIERS), ``toy`` to every test that uses the toy world
+    (fixture toy_ckpt), ``slow`` to the tests in SLOW and those that use a fixture in SLOW_FIXTURES."""
+    for item in items:
+        folder = os.path.relpath(str(item.path), TESTS).split(os.sep)[0]
+        if folder not in TIERS:
+            raise pytest.UsageError(f"{item.nodeid}: tests/{folder}/ has no tier; add it to TIERS in tests/conftest.py")
+        for tier in TIERS[folder]:
+            item.add_marker(tier)
+        if "toy_ckpt" in item.fixturenames:
+            item.add_marker("toy")
+        base = item.nodeid.split("[")[0]
+        if base in SLOW or SLOW_FIXTURES.keys() & set(item.fixturenames):
+            item.add_marker("slow")
+    if any("::" in arg for arg in config.args):
+        return  # single tests named: their files' other tests are not collected
+    files = {item.nodeid.split("::")[0] for item in items}
+    found = {item.nodeid.split("[")[0] for item in items}
+    stale = sorted(n for n in SLOW if n.split("::")[0] in files and n not in found)
+    if stale:
+        raise pytest.UsageError(f"tests/conftest.py SLOW names tests that do not exist (renamed?): {stale}")
 
 
 def _build(builder, host_dir: str, **kw) -> dict[str, str]:

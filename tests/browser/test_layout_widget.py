@@ -19,7 +19,7 @@ import subprocess
 
 import pytest
 
-from cones2_core.layout import parse_layout
+from comfyui_cones2.cones2_core.layout import parse_layout
 from harness.frontend import NEWEST_FRONTEND
 
 HERE = os.path.dirname(os.path.abspath(__file__))

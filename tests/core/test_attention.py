@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cones2_core.attention import guided_attention
-from cones2_core.errors import Cones2Error
+from comfyui_cones2.cones2_core.attention import guided_attention
+from comfyui_cones2.cones2_core.errors import Cones2Error
 
 T = 77
 
@@ -159,7 +159,7 @@ def test_token_mass_is_the_probabilities_summed_per_subject_without_keeping_them
 
 
 def test_merged_chunk_std_is_exact():
-    from cones2_core.score_stats import combine, moments, unbiased_std
+    from comfyui_cones2.cones2_core.score_stats import combine, moments, unbiased_std
 
     g = torch.Generator().manual_seed(1)
     scores = 1000.0 + torch.randn(2, 3, 50, T, generator=g) * torch.tensor([1.0, 4.0]).view(2, 1, 1, 1)
@@ -174,7 +174,7 @@ def test_merged_chunk_std_is_exact():
 
 
 def test_chunking_by_element_budget(monkeypatch):
-    import cones2_core.attention as attention
+    import comfyui_cones2.cones2_core.attention as attention
 
     q, k, v, w = make_inputs(1, 2, 40)
     expected = guided_attention(q, k, v, 2, w, 3.0, 1.0)

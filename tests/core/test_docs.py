@@ -9,7 +9,7 @@ import re
 
 import pytest
 
-from cones2_core.families import FAMILIES
+from comfyui_cones2.cones2_core.families import FAMILIES
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 README = os.path.join(REPO, "README.md")

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from cones2_core.errors import Cones2Error
-from cones2_core.families import (
+from comfyui_cones2.cones2_core.errors import Cones2Error
+from comfyui_cones2.cones2_core.families import (
     FAMILIES,
     article,
     by_context_width,
@@ -36,26 +36,48 @@ def test_each_record_is_consistent_and_found_by_every_lookup(key):
     assert f.describe().startswith(f.name)
 
 
-def test_known_values():
-    assert FAMILIES["sdxl"].describe() == "SDXL (CLIP-L 768 + CLIP-G 1280)"
-    assert [FAMILIES[k].default_resolution("eps") for k in ("sd1", "sd2", "sdxl")] == [512, 512, 1024]
-    assert FAMILIES["sd2"].default_resolution("v") == 768
-    assert by_reference_width(1024).key == "sd2" and by_reference_width(2048) is None
-    assert by_widths({"g": 1280}) is None and by_encoder_keys({"l", "h"}) is None
+def test_lookups_refuse_what_no_record_has():
+    """Every lookup of a near miss (a width off by one, an encoder more or less, another width) finds nothing,
+    rather than the nearest family."""
+    for f in FAMILIES.values():
+        for enc in f.encoders:
+            assert by_widths({**f.widths, enc.key: enc.width + 1}) is None
+            if len(f.encoders) > 1:  # one encoder of a pair is not this family (SDXL's CLIP-L alone is SD1.5)
+                assert by_widths({enc.key: enc.width}) is not f
+        assert by_widths({**f.widths, "x": 1}) is None
+        assert by_encoder_keys(f.tokenizer_keys | {"x"}) is None
+        if f.pooled_only:  # its conditioning encoders alone are another family or none, never this one
+            assert by_encoder_keys(f.conditioning_keys) is not f
+    widths = {f.width for f in FAMILIES.values()}
+    assert by_context_width(max(widths) + 1) is None and by_context_width(0) is None
+    assert by_reference_width(0) is None
     assert by_encoder_keys({"l", "g", "t5xxl"}) is None  # SD3's tokenizer: no family of ours
-    assert family_name("sd1") == "SD1.5" and family_name("sd9", "another model") == "another model"
-    with pytest.raises(Cones2Error, match="unknown model family 'sd9'; use one of 'sd1' \\(SD1.5\\)"):
+
+
+def test_family_names_and_refusals_come_from_the_table():
+    for f in FAMILIES.values():
+        assert family_name(f.key) == f.name and family_name(f.key, "other") == f.name
+        described = f.describe()  # every encoder with its width, in channel order
+        positions = [described.index(f"{e.name} {e.width}") for e in f.encoders]
+        assert positions == sorted(positions) and described.startswith(f"{f.name} (")
+        assert f.default_resolution("eps") == f.resolution
+        assert f.default_resolution("v") == (f.v_resolution or f.resolution)
+    assert family_name("sd9", "another model") == "another model" and family_name("sd9") == "'sd9'"
+    with pytest.raises(Cones2Error, match="unknown model family 'sd9'; use one of") as err:
         family("sd9")
+    for f in FAMILIES.values():  # the refusal lists every family, by key and name
+        assert f"'{f.key}' ({f.name})" in str(err.value)
+    # the article goes with how the name is read: letter by letter ("an SD1.5", "an SDXL"), else as a word
+    assert [article(n) for n in ("SD1.5", "SD2.x", "SDXL", "Flux", "Apple", "Qwen-Image")] == ["an", "an", "an", "a",
+                                                                                                "an", "a"]
 
 
-def test_flux_record():
-    """Flux: the T5-XXL rows are the whole conditioning; the tokenizer's "l" (CLIP-L) gives only the pooled
-    vector, and {"l"} alone is still SD1.5."""
-    f = FAMILIES["flux"]
-    assert f.describe() == "Flux (T5-XXL 4096)" and f.architecture == "flux"
-    assert f.widths == {"t5xxl": 4096} and f.pooled_only == ("l",) and f.chunk is None
-    assert f.reference_width is None and f.default_resolution("eps") == 512  # 1280 tokens per step instead of 4352 (docs/flux.md)
-    assert by_encoder_keys({"l", "t5xxl"}) is f and by_encoder_keys({"l"}).key == "sd1"
-    assert by_encoder_keys({"t5xxl"}) is None  # a Flux tokenizer always has "l" too
-    assert by_widths({"t5xxl": 4096}) is f and by_context_width(4096) is f
-    assert [article(FAMILIES[k].name) for k in ("sd1", "sd2", "sdxl", "flux")] == ["an", "an", "an", "a"]
+def test_pooled_only_encoders_give_no_rows():
+    """Flux: the tokenizer's "l" (CLIP-L) gives only the pooled vector; the conditioning is the other encoders'
+    rows alone, and {"l"} alone is still SD1.5."""
+    for f in FAMILIES.values():
+        assert not set(f.pooled_only) & set(f.widths)
+        assert f.width == sum(f.widths.values())
+    flux = FAMILIES["flux"]
+    assert flux.pooled_only and by_encoder_keys(flux.tokenizer_keys) is flux
+    assert by_encoder_keys({"l"}) is FAMILIES["sd1"]

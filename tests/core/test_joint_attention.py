@@ -5,9 +5,15 @@ import math
 import pytest
 import torch
 
-from cones2_core.errors import Cones2Error
-from cones2_core.joint_attention import FLOW_SIGMA_CAP, flow_sigma, image_text_std, joint_bias, token_mass
-from cones2_core.layout import build_weight_map
+from comfyui_cones2.cones2_core.errors import Cones2Error
+from comfyui_cones2.cones2_core.joint_attention import (
+    FLOW_SIGMA_CAP,
+    flow_sigma,
+    image_text_std,
+    joint_bias,
+    token_mass,
+)
+from comfyui_cones2.cones2_core.layout import build_weight_map
 
 
 def _inputs(b=2, heads=3, txt=7, h=4, w=5, extra=3, d=16, seed=0):
@@ -135,7 +141,7 @@ def test_text_queries_option_adds_the_transposed_block_only():
 #   (up to ~1 ulp more); today's path also rounds its bias to bfloat16. Measured: both paths within ~1.1 ulps of the
 #   float64 truth. We allow 2 ulps of max|out| against the float64 formula and 3 between the two paths.
 
-from cones2_core.joint_attention import (  # noqa: E402
+from comfyui_cones2.cones2_core.joint_attention import (  # noqa: E402
     SubjectColumns,
     attention_lse_math,
     guided_joint_attention,
@@ -311,7 +317,7 @@ def test_under_autograd_the_copy_path_gives_todays_gradients():
 
 
 def test_gram_std_equals_the_direct_statistic():
-    from cones2_core.joint_attention import image_text_std_gram
+    from comfyui_cones2.cones2_core.joint_attention import image_text_std_gram
 
     q, k, _v, _wm, txt, n = _inputs(b=3)
     ref = torch.stack([(q[i, :, txt:txt + n].double() @ k[i, :, :txt].double().transpose(-1, -2)).std()

@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-from cones2_core.errors import Cones2Error
-from cones2_core.layout import (
+from comfyui_cones2.cones2_core.errors import Cones2Error
+from comfyui_cones2.cones2_core.layout import (
     Box,
     Layout,
     build_weight_map,

@@ -9,8 +9,8 @@ import os
 
 import pytest
 
-from cones2_core.errors import Cones2Error
-from cones2_core.layout import Box, parse_layout
+from comfyui_cones2.cones2_core.errors import Cones2Error
+from comfyui_cones2.cones2_core.layout import Box, parse_layout
 
 FIXTURES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "fixtures", "layouts.json")
 

@@ -7,8 +7,8 @@ import os
 
 import pytest
 
-from cones2_core.errors import Cones2Error
-from cones2_core.prompt import PromptRecord, prompt_words
+from comfyui_cones2.cones2_core.errors import Cones2Error
+from comfyui_cones2.cones2_core.prompt import PromptRecord, prompt_words
 
 FIXTURE = os.path.join(os.path.dirname(os.path.dirname(__file__)), "fixtures", "prompt_words.json")
 CASES = json.load(open(FIXTURE, encoding="utf-8"))["cases"]

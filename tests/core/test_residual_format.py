@@ -11,10 +11,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from cones2_core import residual as rmod
-from cones2_core.errors import Cones2Error
-from cones2_core.families import FAMILIES
-from cones2_core.residual import (
+from comfyui_cones2.cones2_core import residual as rmod
+from comfyui_cones2.cones2_core.errors import Cones2Error
+from comfyui_cones2.cones2_core.families import FAMILIES
+from comfyui_cones2.cones2_core.residual import (
     Residual,
     family_from_widths,
     load_residual,

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from cones2_core.figures import (
+from comfyui_cones2.cones2_core.figures import (
     BOX_COLOUR,
     LABEL_BACKGROUND,
     colourise,
@@ -15,7 +15,7 @@ from cones2_core.figures import (
     render_panel,
     share_inside,
 )
-from cones2_core.schedule import in_window, recurrence_plan, renoise_scale
+from comfyui_cones2.cones2_core.schedule import in_window, recurrence_plan, renoise_scale
 
 
 def test_recurrence_plan_doubles_guided_steps_only():

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from cones2_core.conditioning import bpe_token_bytes, find_spelled, spelled_without_spaces
+from comfyui_cones2.cones2_core.conditioning import bpe_token_bytes, find_spelled, spelled_without_spaces
 
 
 def test_bpe_tokens_spell_their_utf8_bytes():

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from cones2_core import figures
-from cones2_core import gradients as gr
-from cones2_core import objective as ob
-from cones2_core.errors import Cones2Error
+from comfyui_cones2.cones2_core import figures
+from comfyui_cones2.cones2_core import gradients as gr
+from comfyui_cones2.cones2_core import objective as ob
+from comfyui_cones2.cones2_core.errors import Cones2Error
 
 
 def test_templates_are_the_reference_27():

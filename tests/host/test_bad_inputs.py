@@ -10,6 +10,8 @@ import logging
 import pytest
 import torch
 
+from comfyui_cones2.cones2_core.errors import Cones2Error
+
 TWO_BOXES = ('{"version":1,"boxes":[{"subject":"dog","x":0.0,"y":0.0,"w":0.5,"h":1.0},'
              '{"subject":"cat","x":0.5,"y":0.1,"w":0.5,"h":0.9}]}')
 PROMPT = "a dog and a cat on a sofa"
@@ -43,8 +45,6 @@ def box_layout(**extra) -> str:
     ("end_percent", 1.5),
 ])
 def test_bad_numbers_are_refused_by_the_node(pack, loaded, name, value):
-    Cones2Error = pack.cones2_core.errors.Cones2Error
-
     model, clip = loaded("sd1")
     with pytest.raises(Cones2Error, match=rf"{name} = .* is not allowed: it must be a finite number from"):
         guide(pack, model, encode(pack, clip), **{name: value})
@@ -52,8 +52,6 @@ def test_bad_numbers_are_refused_by_the_node(pack, loaded, name, value):
 
 @pytest.mark.parametrize("weight", [3e38, 1e300, -1.0, 51.0])
 def test_bad_box_weights_are_refused_by_the_node(pack, loaded, weight):
-    Cones2Error = pack.cones2_core.errors.Cones2Error
-
     model, clip = loaded("sd1")
     with pytest.raises(Cones2Error, match=r"'weight' .*(outside 0\.\.50|finite number)"):
         guide(pack, model, encode(pack, clip), layout=box_layout(weight=weight))
@@ -68,8 +66,6 @@ def test_a_large_finite_box_weight_still_samples_finite_images(pack, loaded):
 
 
 def test_long_subjects_are_not_echoed_whole(pack, loaded):
-    Cones2Error = pack.cones2_core.errors.Cones2Error
-
     model, clip = loaded("sd1")
     subject = "x" * 6000
     layout = json.dumps({"version": 1, "boxes": [{"subject": subject, "x": 0, "y": 0, "w": 0.5, "h": 1}]})
@@ -90,8 +86,6 @@ def test_largest_sampler_seed_with_self_recurrence(pack, loaded):
 
 
 def test_sdxl_model_with_sd15_conditioning_names_both_families(pack, loaded):
-    Cones2Error = pack.cones2_core.errors.Cones2Error
-
     sdxl_model, _ = loaded("sdxl")
     _, sd15_clip = loaded("sd1")
     with pytest.raises(Cones2Error, match=r"conditioning is SD1\.5 text \(768 wide\) but the model is SDXL"):
@@ -161,7 +155,6 @@ def test_colour_map_batch_uses_the_first_and_says_so(pack, loaded, caplog):
 
 
 def test_a_colour_given_two_subjects_or_missing_from_the_map_is_an_error(pack, loaded):
-    Cones2Error = pack.cones2_core.errors.Cones2Error
     model, clip = loaded("sd1")
     cmap = torch.zeros(1, 64, 64, 3)
     cmap[:, :, :32, 0] = 1.0
@@ -174,7 +167,6 @@ def test_a_colour_given_two_subjects_or_missing_from_the_map_is_an_error(pack, l
 def test_residual_with_absurd_values_is_refused(pack, tmp_path):
     from safetensors.torch import save_file
 
-    Cones2Error = pack.cones2_core.errors.Cones2Error
     load_residual = pack.cones2_core.residual.load_residual
 
     path = tmp_path / "huge.safetensors"
@@ -199,7 +191,7 @@ def test_words_of_scripts_without_spaces_are_found_by_both_nodes(pack, loaded):
         n = len(pack.nodes.encoding.word_tokens(clip, subject)["l"])
         res = Residual(subject, "sd1", {"l": torch.ones(n, 768)})
         if n != len(rows):  # the word alone has another number of tokens: a clear error, nothing applied
-            with pytest.raises(pack.cones2_core.errors.Cones2Error, match="token rows but the word"):
+            with pytest.raises(Cones2Error, match="token rows but the word"):
                 pack.nodes.residual_nodes.Cones2ApplyResiduals.execute(clip, text, [res])
             continue
         plain = encode(pack, clip, text)[0][0]
@@ -218,7 +210,7 @@ def test_words_of_scripts_without_spaces_are_found_by_both_nodes(pack, loaded):
 
 def test_an_absent_spaceless_word_is_still_an_error(pack, loaded):
     model, clip = loaded("sd1")
-    with pytest.raises(pack.cones2_core.errors.Cones2Error, match="'狗' is not a word of the prompt"):
+    with pytest.raises(Cones2Error, match="'狗' is not a word of the prompt"):
         guide(pack, model, encode(pack, clip, "一只犬和猫"), layout=box_layout().replace('"dog"', '"狗"'))
 
 
@@ -229,5 +221,5 @@ def test_bad_masks_are_refused_by_the_node(pack, loaded, value, message):
     """Not at the sampler, after the model is loaded and the first step begun: at Layout Guidance."""
     model, clip = loaded("sd1")
     masks = torch.full((1, 64, 64), value)
-    with pytest.raises(pack.cones2_core.errors.Cones2Error, match=f"the mask for 'dog' {message}"):
+    with pytest.raises(Cones2Error, match=f"the mask for 'dog' {message}"):
         guide(pack, model, encode(pack, clip), layout="", masks=masks, mask_subjects="dog")

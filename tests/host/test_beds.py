@@ -11,6 +11,7 @@ import hashlib
 import pytest
 import torch
 
+from comfyui_cones2.cones2_core.errors import Cones2Error
 from harness import tiny_checkpoints
 from harness import tiny_flux as flux_bed
 from harness.beds import BEDS, independent_rows
@@ -125,7 +126,6 @@ def test_residual_added_exactly_at_the_subjects_rows_of_every_encoder(pack, bed)
 
 def test_a_residual_of_another_family_is_refused(pack, bed):
     spec, _model, clip, _vae = bed
-    Cones2Error = pack.cones2_core.errors.Cones2Error
     fam = pack.cones2_core.families.FAMILIES[spec.family]
     for other in sorted(set(BEDS) - {spec.family}):
         theirs = pack.cones2_core.families.FAMILIES[other]
@@ -181,7 +181,6 @@ def test_the_uncond_pass_is_bit_identical_and_the_model_unchanged(pack, bed):
 def test_a_model_of_another_family_is_refused(pack, bed, loaded):
     spec, _model, clip, _vae = bed
     needs(bed, "guidance")
-    Cones2Error = pack.cones2_core.errors.Cones2Error
     pos = apply(pack, clip, spec.prompt)
     other = "sd2" if spec.family != "sd2" else "sd1"
     fam = pack.cones2_core.families.FAMILIES[spec.family]
@@ -220,7 +219,7 @@ def test_paper_mode_trains_or_says_to_use_fast_mode(pack, bed, res_dir, monkeypa
     if "train_paper" in spec.supports:
         assert not fam.paper_refusal
         pytest.skip("paper mode trains on this family: tests/host/test_train.py")
-    with pytest.raises(pack.cones2_core.errors.Cones2Error, match="set mode to 'fast'"), torch.inference_mode():
+    with pytest.raises(Cones2Error, match="set mode to 'fast'"), torch.inference_mode():
         pack.nodes.train_node.Cones2TrainResidual.execute(model, clip, vae, "dog", steps=1, resolution=64,
                                                           save_name="never", mode="paper", images=blob_images())
     assert not (res_dir / "never.safetensors").exists()

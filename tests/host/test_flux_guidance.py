@@ -13,7 +13,8 @@ import logging
 import pytest
 import torch
 
-from cones2_core.joint_attention import flow_sigma, joint_bias
+from comfyui_cones2.cones2_core.errors import Cones2Error
+from comfyui_cones2.cones2_core.joint_attention import flow_sigma, joint_bias
 
 TWO_BOXES = ('{"version":1,"boxes":[{"subject":"dog","x":0.0,"y":0.0,"w":0.5,"h":1.0},'
              '{"subject":"cat","x":0.5,"y":0.1,"w":0.5,"h":0.9}]}')
@@ -194,7 +195,6 @@ def test_self_recurrence_on_flux_says_it_is_skipped(pack, small_flux, caplog):
 
 
 def test_sd_text_on_flux_is_a_clear_error(pack, small_flux):
-    Cones2Error = pack.cones2_core.errors.Cones2Error
     model, pos, _neg = small_flux
     sd_record = dataclasses.replace(pos[0][1]["cones2"], family="sd1")
     sd = [[torch.randn(1, 77, 768), {"cones2": sd_record}]]

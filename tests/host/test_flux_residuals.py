@@ -8,7 +8,8 @@ import os
 import pytest
 import torch
 
-from cones2_core.families import FAMILIES
+from comfyui_cones2.cones2_core.errors import Cones2Error
+from comfyui_cones2.cones2_core.families import FAMILIES
 from harness.test_helpers import FLUX_T5_TOKENS as SHORT
 from harness.test_helpers import apply_residuals as apply
 from harness.test_helpers import short_clip, t5_rows, text_encode
@@ -90,13 +91,11 @@ def test_multi_token_subject_covers_all_its_t5_rows(pack, flux):
     assert len(rows) == n and rows[0] == 2  # after "▁" "a"
     torch.testing.assert_close(out[0, rows] - base[0, rows], res.tensors["t5xxl"], atol=1e-5, rtol=0)
     assert (out != base).any(-1)[0].nonzero().flatten().tolist() == rows
-    Cones2Error = pack.cones2_core.errors.Cones2Error
     with pytest.raises(Cones2Error, match=rf"has 1 token rows but the word 'dalmatian' has {n} token"):
         apply(pack, clip, text, [make_residual(pack, "dalmatian")])
 
 
 def test_wrong_subject_and_wrong_family_are_clear_errors(pack, flux, loaded):
-    Cones2Error = pack.cones2_core.errors.Cones2Error
     clip = short_clip(flux[1])
     with pytest.raises(Cones2Error, match=r"the subject word 'horse' .* is not in the prompt; the prompt's words are: "
                                           r"a, photo, of, dog\. Add 'horse'"):

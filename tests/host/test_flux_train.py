@@ -15,6 +15,7 @@ import hashlib
 import pytest
 import torch
 
+from comfyui_cones2.cones2_core.errors import Cones2Error
 from harness.test_helpers import FLUX_T5_TOKENS as SHORT
 from harness.test_helpers import apply_residuals as apply
 from harness.test_helpers import blob_images, short_clip, t5_rows, text_encode
@@ -151,7 +152,6 @@ def test_trained_residual_changes_the_flux_sample(pack, bed, fast_run):
 
 
 def test_paper_mode_on_flux_says_to_use_fast_mode(pack, bed, res_dir):
-    Cones2Error = pack.cones2_core.errors.Cones2Error
     with pytest.raises(Cones2Error, match=r"paper mode fine-tunes the whole text encoder, which on Flux is T5-XXL "
                                           r"\(4\.7 B parameters.*set mode to 'fast'"):
         train(pack, bed, mode="paper")
@@ -161,7 +161,6 @@ def test_paper_mode_on_flux_says_to_use_fast_mode(pack, bed, res_dir):
 def test_flux_bad_inputs(pack, bed, res_dir, loaded):
     """Images of any size and kind are resized and converted as for SD; bad settings and a Flux residual on an
     SD1.5 CLIP get their errors."""
-    Cones2Error = pack.cones2_core.errors.Cones2Error
     with pytest.raises(Cones2Error, match="multiple of 64"):
         train(pack, bed, resolution=100)
     with pytest.raises(Cones2Error, match="no training images"):

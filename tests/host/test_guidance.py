@@ -7,7 +7,8 @@ import copy
 import pytest
 import torch
 
-from cones2_core.families import FAMILIES
+from comfyui_cones2.cones2_core.errors import Cones2Error
+from comfyui_cones2.cones2_core.families import FAMILIES
 from harness import tiny_checkpoints
 
 TWO_BOXES = ('{"version":1,"boxes":[{"subject":"dog","x":0.0,"y":0.0,"w":0.5,"h":1.0},'
@@ -181,7 +182,7 @@ def test_a_missing_activations_shape_is_a_clear_error(pack, loaded):
     spec = g.specs_of(gm)[0]
     group = g.GuidedRows(spec, spec.conds[0][1], (0,), None, [0], [1.0])
     q, k = torch.randn(1, 80, 64), torch.randn(1, 77, 64)
-    with pytest.raises(pack.cones2_core.errors.Cones2Error, match="no 'activations_shape'"):
+    with pytest.raises(Cones2Error, match="no 'activations_shape'"):
         pack.nodes.architectures.unet.Cones2CrossAttention([spec])(q, k, k, {"n_heads": 2, g.CALL_KEY: [group]})
 
 
@@ -355,7 +356,6 @@ def test_chained_guidance_nodes_compose(pack, loaded):
     biased, every one of them. Two nodes on the same prompt are refused, saying what to do."""
     import node_helpers
 
-    Cones2Error = pack.cones2_core.errors.Cones2Error
     model, clip = loaded("sd1")
     pos, neg = encode(pack, clip), negative(clip)
     one = '{"version":1,"boxes":[{"subject":"dog","x":0,"y":0,"w":0.5,"h":1}]}'
@@ -385,14 +385,12 @@ def test_chained_guidance_nodes_compose(pack, loaded):
      + "]}", "characters long"),
 ])
 def test_bad_layouts(pack, loaded, layout, message):
-    Cones2Error = pack.cones2_core.errors.Cones2Error
     model, clip = loaded("sd1")
     with pytest.raises(Cones2Error, match=message):
         guide(pack, model, encode(pack, clip), layout=layout)
 
 
 def test_plain_clip_text_encode_conditioning_is_an_error(pack, loaded):
-    Cones2Error = pack.cones2_core.errors.Cones2Error
     model, clip = loaded("sd1")
     with pytest.raises(Cones2Error, match="encode the prompt with 'Cones2 Apply Residuals to Conditioning'"):
         guide(pack, model, negative(clip))
@@ -407,7 +405,7 @@ def test_attention_maps_node(pack, loaded):
     image, text = node.execute(gm, {"samples": out}, "all", 64).result
     assert image.shape == (1, 64, 4 * 80 + 3 * 4, 3)  # 2 subjects x 2 grids, panels at the latent's aspect
     assert text.count("in-region share") == 4 and "dog" in text and "cat" in text
-    with pytest.raises(pack.cones2_core.errors.Cones2Error, match="no attention was recorded"):
+    with pytest.raises(Cones2Error, match="no attention was recorded"):
         node.execute(model, {"samples": out}, "largest", 64)
 
 
@@ -434,7 +432,7 @@ def test_maps_are_recorded_only_when_asked(pack, loaded, monkeypatch):
     assert asked and not any(asked)  # guided, but nothing recorded
     assert torch.equal(with_maps, without)
     assert pack.nodes.recording.find_recording(guidance.specs_of(off)[0].uid).maps == {}
-    with pytest.raises(pack.cones2_core.errors.Cones2Error, match="turn record_maps on"):
+    with pytest.raises(Cones2Error, match="turn record_maps on"):
         pack.nodes.maps_node.Cones2AttentionMaps.execute(off, {"samples": without}, "all", 64)
     node = pack.nodes.layout_node.Cones2LayoutGuidance
     default = node.execute(model, pos, TWO_BOXES, 0.08, 2.5, -1e8, 0.0, 1.0, False).result[0]
@@ -513,7 +511,7 @@ def test_a_phrase_binds_its_contiguous_tokens_only(pack, loaded):
     assert record.words["red"] == (2, 6)
     assert subject_positions(record, "red dog") == (2, 3)
     assert subject_positions(record, "Red  Cat") == (6, 7)
-    with pytest.raises(pack.cones2_core.errors.Cones2Error, match="not in the prompt as one run of words"):
+    with pytest.raises(Cones2Error, match="not in the prompt as one run of words"):
         subject_positions(record, "dog red")
     # tokens: a 1, red 2, dog 3 + house 4 ("doghouse"), "," 5, a 6, red 7, dog 8
     assert subject_positions(encode(pack, clip, "a red doghouse, a red dog")[0][1]["cones2"], "red dog") == (7, 8)

@@ -13,7 +13,7 @@ import urllib.request
 
 import pytest
 
-from cones2_core.families import FAMILIES
+from comfyui_cones2.cones2_core.families import FAMILIES
 from harness.host import PACK_DIR
 from harness.server import PACK_LINK_NAME
 

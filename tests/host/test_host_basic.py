@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from comfyui_cones2.cones2_core.families import FAMILIES, by_context_width
 from harness import tiny_checkpoints
 from harness.workflows import basic_txt2img
 
@@ -30,6 +31,28 @@ def test_tiny_checkpoint_detection(comfy, tiny_ckpts, family):
     assert vae is not None
     n_params = sum(p.numel() for p in model.model.diffusion_model.parameters())
     assert n_params < 200e6, "the tiny UNets must stay small"
+
+
+@pytest.mark.parametrize("family", sorted(EXPECTED))
+def test_family_record_matches_the_host_models(pack, loaded, family):
+    """The family table against what the host builds: the record is found from the CLIP's tokenizer keys and the
+    model's context width, the encoders' widths add up to the model's context_dim, and each encoder's own output
+    sits at its record's channels of the whole conditioning."""
+    import torch
+
+    f = FAMILIES[family]
+    model, clip = loaded(family)
+    assert pack.nodes.encoding.clip_family(clip) is f
+    context_dim = model.model.model_config.unet_config["context_dim"]
+    assert context_dim == f.width and by_context_width(context_dim) is f
+    tokens = clip.tokenize("a dog on a sofa")
+    cond = clip.encode_from_tokens(tokens)
+    assert cond.shape[-1] == f.width
+    for enc in f.encoders:
+        own = getattr(clip.cond_stage_model, f"clip_{enc.key}").encode_token_weights(tokens[enc.key])[0]
+        assert own.shape[-1] == enc.width, enc
+        n = min(own.shape[1], cond.shape[1])
+        assert torch.allclose(cond[:, :n, enc.offset:enc.offset + enc.width], own[:, :n].to(cond), atol=1e-5), enc
 
 
 def test_tiny_checkpoints_are_deterministic(comfy, tmp_path):

@@ -51,7 +51,8 @@ def test_maps_ui_payload(pack, guided_run, resolution):
         assert all(round(v, 3) == v for v in values)
         row = next(r for r in rows if r["grid"] == largest and r["subject"] == m["subject"])
         assert m["share"] == row["share"]
-        assert f"{m['subject']}\t8x10\tin-region share {m['share']:.4f}" in report or resolution == "smallest"
+        # the payload is the finest grid whatever the report shows; "smallest" reports another grid only
+        assert (f"{m['subject']}\t8x10\tin-region share {m['share']:.4f}" in report) == (resolution != "smallest")
         # the values are the report's map, normalised and row-major
         expect = row["map"].float() / row["map"].float().max()
         got = torch.tensor(values).reshape(m["h"], m["w"])
@@ -60,3 +61,8 @@ def test_maps_ui_payload(pack, guided_run, resolution):
         left, right = got[:, :5].sum(), got[:, 5:].sum()
         assert (left > right) if m["subject"] == "dog" else (right > left)
     assert len(json.dumps(maps)) < 4000  # compact: 2 x 80 values
+    grids = sorted({r["grid"] for r in rows}, key=lambda g: g[0] * g[1])
+    assert len(grids) > 1  # so that "smallest" and "largest" differ
+    shown = {"largest": grids[-1:], "smallest": grids[:1], "all": grids}[resolution]
+    assert {tuple(map(int, line.split("\t")[1].split("x"))) for line in report.splitlines()} == set(shown)
+    assert len(report.splitlines()) == sum(r["grid"] in shown for r in rows)

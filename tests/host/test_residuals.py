@@ -8,7 +8,8 @@ import pickle
 import pytest
 import torch
 
-from cones2_core.families import FAMILIES
+from comfyui_cones2.cones2_core.errors import Cones2Error
+from comfyui_cones2.cones2_core.families import FAMILIES
 from harness import tiny_checkpoints
 
 # The tiny checkpoints exist for the UNet families (Flux has its own bed: test_flux_*.py).
@@ -147,14 +148,12 @@ def test_multi_token_word(pack, clips):
 
 
 def test_error_wrong_family(pack, clips):
-    Cones2Error = pack.cones2_core.errors.Cones2Error
     res = make_residual(pack, "sd2")
     with pytest.raises(Cones2Error, match=r"is for SD2\.x \(OpenCLIP-H 1024\) but the connected CLIP is SD1\.5 \(CLIP-L 768\)"):
         apply(pack, clips["sd1"], "a dog", [res])
 
 
 def test_error_subject_missing_lists_words(pack, clips):
-    Cones2Error = pack.cones2_core.errors.Cones2Error
     with pytest.raises(Cones2Error, match=r"'dog' .* not in the prompt; the prompt's words are: a, photo, of, cat"):
         apply(pack, clips["sd1"], "a photo of a cat", [make_residual(pack, "sd1")])
     # nothing half-applied: a good residual before the bad one does not produce an output either
@@ -163,13 +162,11 @@ def test_error_subject_missing_lists_words(pack, clips):
 
 
 def test_error_residual_with_more_tokens_than_word(pack, clips):
-    Cones2Error = pack.cones2_core.errors.Cones2Error
     with pytest.raises(Cones2Error, match=r"has 2 token rows but the word 'dog' has 1 token"):
         apply(pack, clips["sd1"], "a dog", [make_residual(pack, "sd1", n_tokens=2)])
 
 
 def test_error_sdxl_residual_missing_half(pack):
-    Cones2Error = pack.cones2_core.errors.Cones2Error
     Residual = pack.cones2_core.residual.Residual
     with pytest.raises(Cones2Error, match=r"SDXL residual needs both 'l' \(768\) and 'g' \(1280\)"):
         Residual(subject="dog", family="sdxl", tensors={"l": torch.randn(1, 768)}).validate()
@@ -211,7 +208,6 @@ class _Evil:
 
 
 def test_load_residual_node_refuses_pickle_and_traversal(pack, residual_dir, tmp_path):
-    Cones2Error = pack.cones2_core.errors.Cones2Error
     marker = tmp_path / "pwned"
     with open(residual_dir / "evil.pt", "wb") as f:
         pickle.dump(_Evil(str(marker)), f)
