@@ -43,3 +43,26 @@ def t5_rows(clip, text: str, word: str) -> list[int]:
     pattern = [t for t, _w, wid in clip.tokenize(word, return_word_ids=True)["t5xxl"][0] if wid != 0]
     return [i + j for i in range(len(ids) - len(pattern) + 1) if ids[i:i + len(pattern)] == pattern
             for j in range(len(pattern))]
+
+
+class CallLog:
+    """A unet function wrapper (the host's API) keeping every model call's output per cond/uncond chunk
+    (``calls[i][0]``: the conditional pass, ``[1]``: the unconditional one)."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, apply_model, args):
+        out = apply_model(args["input"], args["timestep"], **args["c"])
+        chunks = out.chunk(len(args["cond_or_uncond"]))
+        self.calls.append({k: c.clone() for k, c in zip(args["cond_or_uncond"], chunks, strict=True)})
+        return out
+
+
+def logged(model):
+    """A clone of ``model`` whose calls a CallLog records (set it after any patching clone: a clone deep-copies
+    the model options), and the log."""
+    m = model.clone()
+    log = CallLog()
+    m.set_model_unet_function_wrapper(log)
+    return m, log

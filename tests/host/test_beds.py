@@ -16,7 +16,7 @@ from harness import tiny_checkpoints
 from harness import tiny_flux as flux_bed
 from harness.beds import BEDS, independent_rows
 from harness.host import build
-from harness.test_helpers import blob_images, text_encode
+from harness.test_helpers import blob_images, logged, text_encode
 
 TWO_BOXES = ('{"version":1,"boxes":[{"subject":"dog","x":0.0,"y":0.0,"w":0.5,"h":1.0},'
              '{"subject":"cat","x":0.5,"y":0.1,"w":0.5,"h":0.9}]}')
@@ -67,19 +67,6 @@ def weights_digest(module) -> str:
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
         h.update(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy().data)
     return h.hexdigest()
-
-
-class CallLog:
-    """A unet function wrapper (the host's API) keeping every model call's output per cond/uncond chunk."""
-
-    def __init__(self):
-        self.calls = []
-
-    def __call__(self, apply_model, args):
-        out = apply_model(args["input"], args["timestep"], **args["c"])
-        chunks = out.chunk(len(args["cond_or_uncond"]))
-        self.calls.append({k: c.clone() for k, c in zip(args["cond_or_uncond"], chunks, strict=True)})
-        return out
 
 
 # ---- residuals ---------------------------------------------------------------------------------------------------
@@ -165,9 +152,7 @@ def test_the_uncond_pass_is_bit_identical_and_the_model_unchanged(pack, bed):
     runs, outs = [], []
     for guided in (False, True):
         m, pos_used = guide(pack, model, pos) if guided else (model, pos)
-        m = m.clone()
-        log = CallLog()
-        m.set_model_unet_function_wrapper(log)  # after guide(): a clone deep-copies the model options
+        m, log = logged(m)
         outs.append(sample(spec, m, pos_used, neg, cfg=2.0, steps=1))
         runs.append(log.calls[0])
         if guided:  # deterministic for a seed

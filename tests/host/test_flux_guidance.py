@@ -15,6 +15,7 @@ import torch
 
 from comfyui_cones2.cones2_core.errors import Cones2Error
 from comfyui_cones2.cones2_core.joint_attention import flow_sigma, joint_bias
+from harness.test_helpers import CallLog
 
 TWO_BOXES = ('{"version":1,"boxes":[{"subject":"dog","x":0.0,"y":0.0,"w":0.5,"h":1.0},'
              '{"subject":"cat","x":0.5,"y":0.1,"w":0.5,"h":0.9}]}')
@@ -63,19 +64,6 @@ def sample(model, pos, neg, cfg=1.0, seed=1, steps=3, sampler="euler", h=64, w=8
 
 def shares(pack, model) -> dict[str, float]:
     return {r["subject"]: r["share"] for r in pack.nodes.maps_node.attention_report(model)}
-
-
-class CallLog:
-    """A unet function wrapper (the host's API) keeping every call's output per cond/uncond chunk."""
-
-    def __init__(self):
-        self.calls = []
-
-    def __call__(self, apply_model, args):
-        out = apply_model(args["input"], args["timestep"], **args["c"])
-        self.calls.append(dict(zip(args["cond_or_uncond"], [c.clone() for c in out.chunk(len(args["cond_or_uncond"]))],
-                                   strict=True)))
-        return out
 
 
 def test_guidance_puts_each_subjects_attention_in_its_box(pack, small_flux):
@@ -200,28 +188,6 @@ def test_sd_text_on_flux_is_a_clear_error(pack, small_flux):
     sd = [[torch.randn(1, 77, 768), {"cones2": sd_record}]]
     with pytest.raises(Cones2Error, match="768 wide.*4096-wide text"):
         guide(pack, model, sd)
-
-
-def test_on_the_loader_detected_bed_through_apply_residuals(pack, flux):
-    """The whole chain on the tiny Flux bed (UNETLoader-detected model, T5 + CLIP-L text): Apply Residuals records
-    the T5 rows, Layout Guidance binds them, the sample changes and each subject's attention lands in its box;
-    Attention Maps draws the maps."""
-    from comfy_extras.nodes_cond import T5TokenizerOptions
-
-    model, clip, _vae = flux
-    clip = T5TokenizerOptions.execute(clip, 0, 16).result[0]  # 16 T5 tokens keep the full-width forward quick
-    pos = pack.nodes.residual_nodes.Cones2ApplyResiduals.execute(clip, "a dog and a cat", None).result[0]
-    record = pos[0][1]["cones2"]
-    assert record.family == "flux" and record.n_tokens == 16
-    neg = pack.nodes.residual_nodes.Cones2ApplyResiduals.execute(clip, "", None).result[0]
-    plain = sample(model, pos, neg, steps=2, h=64, w=64)
-    gm, gpos = guide(pack, model, pos, layout=TWO_BOXES)
-    out = sample(gm, gpos, neg, steps=2, h=64, w=64)
-    assert not torch.equal(out, plain)
-    got = shares(pack, gm)
-    assert set(got) == {"dog", "cat"} and min(got.values()) >= 0.99, got
-    images, report = pack.nodes.maps_node.Cones2AttentionMaps.execute(gm, {"samples": out}).result[:2]
-    assert images.ndim == 4 and images.shape[-1] == 3 and "dog" in report and "cat" in report
 
 
 def test_composes_with_a_flux_controlnet(pack, small_flux):

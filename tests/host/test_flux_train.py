@@ -151,13 +151,6 @@ def test_trained_residual_changes_the_flux_sample(pack, bed, fast_run):
     assert (moved - plain).abs().mean() > 1e-3 * plain.abs().mean()  # 0.57% with this bed and seed
 
 
-def test_paper_mode_on_flux_says_to_use_fast_mode(pack, bed, res_dir):
-    with pytest.raises(Cones2Error, match=r"paper mode fine-tunes the whole text encoder, which on Flux is T5-XXL "
-                                          r"\(4\.7 B parameters.*set mode to 'fast'"):
-        train(pack, bed, mode="paper")
-    assert not (res_dir / "flux_dog_paper.safetensors").exists()
-
-
 def test_flux_bad_inputs(pack, bed, res_dir, loaded):
     """Images of any size and kind are resized and converted as for SD; bad settings and a Flux residual on an
     SD1.5 CLIP get their errors."""
