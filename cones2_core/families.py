@@ -1,9 +1,9 @@
 """The model families Cones 2 supports: one frozen record per family, read by everything else.
 
-Adding a family means one record here plus its genuinely new code: the host-side module of its architecture
-(``nodes/unet.py`` for the UNet families; a DiT family gets a sibling module) and, when its text encoders or
-losses differ, their code. The residual file format, the conditioning maths, the error messages, the tiny test
-checkpoints and the parametrised tests all read this table.
+Adding a family means one record here, its architecture's entry in the registry (``nodes/architectures/``: an
+existing one when its attention is reached the same way) and its test bed (``harness/beds.py``); docs/porting.md
+walks the steps. The residual file format, the word finder, the conditioning maths, the error messages and the
+shared per-family tests all read this table.
 """
 
 from __future__ import annotations
