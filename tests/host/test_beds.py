@@ -13,7 +13,6 @@ import torch
 
 from comfyui_cones2.cones2_core.errors import Cones2Error
 from harness import tiny_checkpoints
-from harness import tiny_flux as flux_bed
 from harness.beds import BEDS, independent_rows
 from harness.host import build
 from harness.test_helpers import blob_images, logged, text_encode
@@ -24,10 +23,12 @@ TWO_BOXES = ('{"version":1,"boxes":[{"subject":"dog","x":0.0,"y":0.0,"w":0.5,"h"
 
 @pytest.fixture(scope="module", params=sorted(BEDS), ids=sorted(BEDS))
 def bed(request, comfy, host_dir):
-    """(Bed, MODEL, CLIP, VAE) of one family's bed, loaded through the host's loaders."""
+    """(Bed, MODEL, CLIP, VAE) of one family's bed, loaded through the host's loaders (the Flux bed is the session's
+    own ``flux`` fixture, so the suite holds it once)."""
     spec = BEDS[request.param]
-    builder = {"tiny_checkpoints": tiny_checkpoints, "tiny_flux": flux_bed}[spec.builder]
-    files = build(builder.__file__, host_dir, out=builder.default_cache_dir(), timeout=1200)
+    if spec.builder == "tiny_flux":
+        return (spec, *spec.shorten(request.getfixturevalue("flux")))
+    files = build(tiny_checkpoints.__file__, host_dir, out=tiny_checkpoints.default_cache_dir(), timeout=1200)
     return (spec, *spec.load(files))
 
 
