@@ -11,6 +11,7 @@ rows of a model call it applies to, and the wrappers that carry it through sampl
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import comfy.patcher_extension
@@ -19,6 +20,7 @@ import torch
 from ..cones2_core.errors import Cones2Error
 from ..cones2_core.layout import build_weight_map, rasterize_boxes, resize_mask
 from ..cones2_core.schedule import in_window
+from .common import warn
 from .recording import find_recording
 from .recurrence import AREAS_KEY, Cones2Sampler
 
@@ -179,17 +181,40 @@ def specs_of(model_patcher) -> list[GuidanceSpec]:
     return []
 
 
-def check_new_prompt(earlier: list[GuidanceSpec], spec: GuidanceSpec) -> None:
-    """A second Layout Guidance node on a prompt an earlier one on the same model guides: an error saying what to do."""
+def merge_prompts(earlier: list[GuidanceSpec], spec: GuidanceSpec) -> tuple[list[GuidanceSpec], GuidanceSpec]:
+    """A later Layout Guidance node on a prompt an earlier one (on the same model) already guides: its subjects are
+    merged, the way adapters stack. Returns (the earlier specs left, the new spec with the merged subjects).
+
+    For each prompt the new node guides, the earlier node's subjects come first and the new node's after, as one
+    node holding all the boxes in that order would have them; a subject in both takes the later node's regions
+    (said in the log and on the node). The merged prompt takes the later node's settings (weights, window,
+    self-recurrence, maps); an earlier node keeps guiding the prompts the later one does not."""
+    kept: list[GuidanceSpec] = []
+    conds = list(spec.conds)
     for other in earlier:
-        for ref, _subjects in spec.conds:
-            if any(o.shape == ref.shape and torch.equal(o, ref) for o, _ in other.conds):
-                names = ", ".join(dict.fromkeys(r.subject for _, regions in other.conds for r in regions))
-                raise Cones2Error(
-                    f"this prompt is already guided by an earlier Cones2 Layout Guidance node on this model (subjects "
-                    f"{names}); a second node on the same prompt cannot add to it. Put all boxes in one Layout "
-                    "Guidance node (boxes, masks and a colour map can be combined there), or connect this node's "
-                    "model input to the unguided model")
+        left = []
+        for ref, old in other.conds:
+            hit = next((i for i, (r, _new) in enumerate(conds) if r.shape == ref.shape and torch.equal(r, ref)), None)
+            if hit is None:
+                left.append((ref, old))
+                continue
+            new = conds[hit][1]
+            names = {r.subject for r in new}
+            replaced = [r.subject for r in old if r.subject in names]
+            if replaced:
+                warn("Cones2 Layout Guidance: this node and an earlier one on the same prompt both place %s; this "
+                     "node's regions are used for %s", ", ".join(replaced), "it" if len(replaced) == 1 else "them")
+            merged = tuple(r for r in old if r.subject not in names) + tuple(new)
+            taken: dict[int, str] = {}
+            for r in merged:
+                for p in r.positions:
+                    if taken.setdefault(p, r.subject) != r.subject:
+                        raise Cones2Error(f"the subjects '{taken[p]}' (an earlier Layout Guidance node) and "
+                                          f"'{r.subject}' share prompt token {p}; give each box its own word")
+            conds[hit] = (conds[hit][0], merged)
+        if left:
+            kept.append(other if len(left) == len(other.conds) else dataclasses.replace(other, conds=left, _maps={}))
+    return kept, dataclasses.replace(spec, conds=conds, _maps={})
 
 
 def add_wrappers(model_patcher, specs, per_call=None) -> None:

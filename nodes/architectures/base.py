@@ -24,7 +24,7 @@ import torch
 from ...cones2_core.errors import Cones2Error
 from ...cones2_core.families import FAMILIES, Family
 from ...cones2_core.gradients import OutOfPlaceAdds
-from ..guidance import CALL_KEY, GuidanceSpec, add_wrappers, check_new_prompt, specs_of, subject_tokens
+from ..guidance import CALL_KEY, GuidanceSpec, add_wrappers, merge_prompts, specs_of, subject_tokens
 from ..recording import find_recording
 
 # ---- which family a model is --------------------------------------------------------------------------------
@@ -91,10 +91,10 @@ class Architecture:
         return None
 
     def install(self, model_patcher, spec: GuidanceSpec):
-        """A clone of ``model_patcher`` with the guidance of ``spec`` (and of earlier Layout Guidance nodes)."""
+        """A clone of ``model_patcher`` with the guidance of ``spec`` and of earlier Layout Guidance nodes (a prompt
+        both guide gets the subjects of both: ``merge_prompts``)."""
         self.check_model(model_patcher)
-        earlier = specs_of(model_patcher)
-        check_new_prompt(earlier, spec)
+        earlier, spec = merge_prompts(specs_of(model_patcher), spec)
         specs = earlier + [spec]
         m = model_patcher.clone()
         self.patch(m, specs)

@@ -180,7 +180,7 @@ def _host_mask(kind, b, length, seed=1):
 
 
 def _today(q, k, v, txt, n, wm, sigma, gw, host_mask, chunk=None, text_queries=False):
-    """nodes/dit.py's path: joint_bias (+ the host's mask) as the mask of the host's SDPA, in q's dtype."""
+    """nodes/architectures/flux.py's path: joint_bias (+ the host's mask) as the mask of the host's SDPA, in q's dtype."""
     bias = joint_bias(q, k, txt, n, wm, sigma, gw, chunk_size=chunk, text_queries=text_queries)
     full = bias if host_mask is None else bias + host_mask.float()
     return bias, torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=full.to(q.dtype))

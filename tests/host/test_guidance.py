@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import logging
 
 import pytest
 import torch
@@ -299,7 +300,7 @@ def test_an_image_term_replacement_composes_with_guidance(pack, loaded, order):
 
 def test_chained_guidance_nodes_compose(pack, loaded):
     """Two Layout Guidance nodes on one MODEL for two prompts (a batch of both): each prompt's subjects are
-    biased, every one of them. Two nodes on the same prompt are refused, saying what to do."""
+    biased, every one of them."""
     import node_helpers
 
     model, clip = loaded("sd1")
@@ -307,15 +308,40 @@ def test_chained_guidance_nodes_compose(pack, loaded):
     one = '{"version":1,"boxes":[{"subject":"dog","x":0,"y":0,"w":0.5,"h":1}]}'
     two = '{"version":1,"boxes":[{"subject":"bird","x":0.5,"y":0,"w":0.5,"h":1}]}'
     first, gpos1 = guide(pack, model, pos, layout=one)
-    with pytest.raises(Cones2Error, match="already guided by an earlier Cones2 Layout Guidance node on this model "
-                                          r"\(subjects dog\).*Put all boxes in one Layout Guidance node"):
-        guide(pack, first, gpos1, layout=two.replace("bird", "cat"))
     gm, gpos2 = guide(pack, first, encode(pack, clip, "a bird on a fence"), layout=two)
     assert len(pack.nodes.guidance.specs_of(gm)) == 2
     both = node_helpers.conditioning_set_values(gpos1, {}) + gpos2  # ConditioningCombine
     sample(gm, both, neg, steps=2)
     rows = report(pack, gm)
     assert {r["subject"] for r in rows} == {"dog", "bird"} and min(r["share"] for r in rows) >= 0.99, rows
+
+
+def test_a_second_node_on_the_same_prompt_merges_its_subjects(pack, loaded, caplog):
+    """Stacked like adapters: a second Layout Guidance node on a prompt the first one guides adds its subjects,
+    and the model samples exactly as one node holding every box; a subject in both takes the later node's box, and
+    the node says so."""
+    model, clip = loaded("sd1")
+    pos, neg = encode(pack, clip), negative(clip)
+    dog = '{"subject":"dog","x":0,"y":0,"w":0.5,"h":1}'
+    cat = '{"subject":"cat","x":0.5,"y":0.1,"w":0.5,"h":0.9}'
+    layout = '{"version":1,"boxes":[%s]}'
+    first, gpos = guide(pack, model, pos, layout=layout % dog)
+    stacked, gpos = guide(pack, first, gpos, layout=layout % cat)
+    single, spos = guide(pack, model, pos, layout=layout % f"{dog},{cat}")
+    assert len(pack.nodes.guidance.specs_of(stacked)) == 1
+    out = sample(stacked, gpos, neg, steps=2)
+    assert torch.equal(out, sample(single, spos, neg, steps=2))
+    assert not torch.equal(out, sample(first, gpos, neg, steps=2))  # the cat is biased too
+    rows = report(pack, stacked)
+    assert {r["subject"] for r in rows} == {"dog", "cat"} and min(r["share"] for r in rows) >= 0.99, rows
+    # the dog again in the later node, on the right: its box wins, and it is said
+    moved = dog.replace('"x":0,', '"x":0.5,')
+    with caplog.at_level(logging.WARNING, logger="comfyui-cones2"):
+        again, apos = guide(pack, stacked, gpos, layout=layout % moved)
+    assert "both place dog; this node's regions are used for it" in caplog.text
+    right, rpos = guide(pack, model, pos, layout=layout % f"{cat},{moved}")
+    assert torch.equal(sample(again, apos, neg, steps=2), sample(right, rpos, neg, steps=2))
+    assert len(pack.nodes.guidance.specs_of(first)) == 1  # the first node's model is unchanged
 
 
 @pytest.mark.parametrize("layout, message", [
