@@ -8,7 +8,7 @@ text encoders and the VAE come from fixed configs and are full size, so each fil
 cached outside the repository under a key that changes when anything here changes.
 
 Run as a script (inside the project's venv, with the host importable) to build them:
-    python tests/tiny_checkpoints.py --comfyui ~/ComfyUI --out DIR [sd1 sd2 sdxl]
+    python harness/tiny_checkpoints.py --comfyui ~/ComfyUI --out DIR [sd1 sd2 sdxl]
 """
 
 from __future__ import annotations
@@ -72,10 +72,24 @@ FAMILIES = {
 }
 
 
+def code_digest(path: str) -> bytes:
+    """What a build file's code is, without its comments and docstrings (its syntax tree), so that editing a
+    comment keeps the caches while any change to the code makes a new key."""
+    import ast
+
+    tree = ast.parse(open(path, encoding="utf-8").read())
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if (isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef) and body
+                and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)
+                and isinstance(body[0].value.value, str)):
+            node.body = body[1:] or [ast.Pass()]
+    return ast.dump(tree, include_attributes=False).encode()
+
+
 def cache_key() -> str:
-    """Changes whenever this file changes (so a stale cache is never used)."""
-    with open(__file__, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()[:12]
+    """Changes whenever this file's code changes (so a stale cache is never used); comments do not count."""
+    return hashlib.sha256(code_digest(__file__)).hexdigest()[:12]
 
 
 def default_cache_dir() -> str:

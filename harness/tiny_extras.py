@@ -47,8 +47,7 @@ def cache_key() -> str:
     """Changes whenever this file or the tiny checkpoints' construction changes."""
     from harness import tiny_checkpoints
 
-    with open(__file__, "rb") as f:
-        return hashlib.sha256(f.read() + tiny_checkpoints.cache_key().encode()).hexdigest()[:12]
+    return hashlib.sha256(tiny_checkpoints.code_digest(__file__) + tiny_checkpoints.cache_key().encode()).hexdigest()[:12]
 
 
 def default_cache_dir() -> str:

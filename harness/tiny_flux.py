@@ -49,9 +49,8 @@ SMALL_T5 = {"num_layers": 1, "num_heads": 2, "d_kv": 64, "d_ff": 256}
 
 
 def cache_key() -> str:
-    """Changes whenever this file or the initialiser it borrows (harness/tiny_checkpoints.py) changes."""
-    with open(__file__, "rb") as f:
-        return hashlib.sha256(f.read() + tiny_checkpoints.cache_key().encode()).hexdigest()[:12]
+    """Changes whenever this file's code or the initialiser it borrows (harness/tiny_checkpoints.py) changes."""
+    return hashlib.sha256(tiny_checkpoints.code_digest(__file__) + tiny_checkpoints.cache_key().encode()).hexdigest()[:12]
 
 
 def default_cache_dir() -> str:

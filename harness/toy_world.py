@@ -9,7 +9,7 @@ trained residual does to an image. This module builds a deterministic tiny check
   background, at a uniformly random position; "big" makes the next object larger. Captions hold one or two
   objects, in both orders, under two templates; 15% of the training contexts are the empty prompt.
   Training: 640 AdamW steps of 16 samples (learning rate 1e-3, cosine to 1e-4), eps-MSE weighted by
-  min(1 + sigma^2, 10); about 12 minutes on two cores.
+  min(1 + sigma^2, 10) (its build time on the test machine: docs/toy_world.md).
 * **Text encoder**: the tiny SD1.5 checkpoint's own frozen random CLIP-L (``tiny_checkpoints``), so prompts go
   through CLIPTextEncode / Apply Residuals as usual. A causal encoder carries every word into the later
   tokens, so most training contexts are mixed (``mixed_context``): identity and size are then only reliable at
@@ -158,8 +158,7 @@ def cache_key() -> str:
 
     digest = hashlib.sha256()
     for name in BUILD_FILES:
-        with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), name), "rb") as f:
-            digest.update(f.read())
+        digest.update(tiny_checkpoints.code_digest(os.path.join(os.path.dirname(os.path.abspath(__file__)), name)))
     digest.update(tiny_checkpoints.cache_key().encode())
     return digest.hexdigest()[:12]
 
