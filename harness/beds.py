@@ -61,18 +61,3 @@ BEDS: dict[str, Bed] = {b.family: b for b in (
     Bed("sdxl", "tiny_checkpoints", 4, 5.0),
     Bed("flux", "tiny_flux", 16, 1.0, supports=FEATURES - {"train_paper", "self_recurrence"}),
 )}
-
-
-def independent_rows(clip, text: str, word: str, key: str) -> list[int]:
-    """The rows of ``word``'s tokens in ``text``'s encoder ``key``, found by the host's tokenizer alone (not by the
-    pack): every position where the word's own tokens (without start/end/padding) appear in a chunk, as flat rows
-    (chunk index x chunk length + position)."""
-    chunks = clip.tokenize(text)[key]
-    pattern = [t for t, _w, wid in clip.tokenize(word, return_word_ids=True)[key][0] if wid != 0]
-    rows = []
-    for c, chunk in enumerate(chunks):
-        ids = [t for t, _w in chunk]
-        for i in range(len(ids) - len(pattern) + 1):
-            if ids[i:i + len(pattern)] == pattern:
-                rows += [c * len(chunk) + i + j for j in range(len(pattern))]
-    return rows

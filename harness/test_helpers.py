@@ -37,12 +37,19 @@ def apply_residuals(pack, clip, text: str, residuals):
     return pack.nodes.residual_nodes.Cones2ApplyResiduals.execute(clip, text, residuals).result[0]
 
 
-def t5_rows(clip, text: str, word: str) -> list[int]:
-    """Independent finder: the T5 rows holding ``word``'s tokens, by the host's T5 tokenizer alone."""
-    ids = [t for t, _w in clip.tokenize(text)["t5xxl"][0]]
-    pattern = [t for t, _w, wid in clip.tokenize(word, return_word_ids=True)["t5xxl"][0] if wid != 0]
-    return [i + j for i in range(len(ids) - len(pattern) + 1) if ids[i:i + len(pattern)] == pattern
-            for j in range(len(pattern))]
+def independent_rows(clip, text: str, word: str, key: str) -> list[int]:
+    """The rows of ``word``'s tokens in ``text``'s encoder ``key``, found by the host's tokenizer alone (not by the
+    pack): every position where the word's own tokens (without start/end/padding) appear in a chunk, as flat rows
+    (chunk index x chunk length + position)."""
+    chunks = clip.tokenize(text)[key]
+    pattern = [t for t, _w, wid in clip.tokenize(word, return_word_ids=True)[key][0] if wid != 0]
+    rows = []
+    for c, chunk in enumerate(chunks):
+        ids = [t for t, _w in chunk]
+        for i in range(len(ids) - len(pattern) + 1):
+            if ids[i:i + len(pattern)] == pattern:
+                rows += [c * len(chunk) + i + j for j in range(len(pattern))]
+    return rows
 
 
 class CallLog:

@@ -88,6 +88,7 @@ def word_rows(clip, tokens, word: str, text_by_key: dict | None = None) -> dict[
     sits inside a longer run is then found by what the tokens spell (``text_by_key``, from ``token_text``). Empty
     when the word has no tokens or is not in the prompt."""
     family = by_encoder_keys(tokens) or clip_family(clip)
+    text_by_key = text_by_key or {}
     patterns = word_tokens(clip, word)
     out: dict[str, list[list[int]]] = {}
     start = 0
@@ -100,8 +101,7 @@ def word_rows(clip, tokens, word: str, text_by_key: dict | None = None) -> dict[
             per_key[enc.key] = find_occurrences(_token_ids(chunks), patterns[enc.key], len(chunks[0]))
         found = agreed_occurrences(per_key)
         if not found and spelled_without_spaces(word):
-            found = spelled_positions({e.key: (text_by_key or {})[e.key] for e in group if e.key in (text_by_key or {})},
-                                      word)
+            found = spelled_positions({e.key: text_by_key[e.key] for e in group if e.key in text_by_key}, word)
         skip = group[0].skip_rows
         rows = [[start + r - skip for r in occ] for occ in found if min(occ) >= skip]
         for enc in group:
@@ -111,13 +111,16 @@ def word_rows(clip, tokens, word: str, text_by_key: dict | None = None) -> dict[
     return out
 
 
-def word_positions(clip, tokens, word: str, text_by_key: dict | None = None) -> list[list[int]]:
-    """Occurrences of ``word`` as lists of conditioning rows, every encoder's rows of one occurrence together
-    (``word_rows`` merged; for a family of one row group, that group's occurrences)."""
-    per_group = list({id(rows): rows for rows in word_rows(clip, tokens, word, text_by_key).values()}.values())
-    if not per_group:
-        return []
+def merged_rows(by_key: dict[str, list[list[int]]]) -> list[list[int]]:
+    """``word_rows``' occurrences with every encoder's rows of one occurrence together (for a family of one row
+    group, that group's occurrences)."""
+    per_group = list({id(rows): rows for rows in by_key.values()}.values())
     return [sorted({r for occ in occs for r in occ}) for occs in zip(*per_group, strict=False)]
+
+
+def word_positions(clip, tokens, word: str, text_by_key: dict | None = None) -> list[list[int]]:
+    """Occurrences of ``word`` as lists of conditioning rows, every encoder's rows of one occurrence together."""
+    return merged_rows(word_rows(clip, tokens, word, text_by_key))
 
 
 def encode_with_residuals(clip, text: str, residuals: list[Residual] | None):
@@ -156,7 +159,7 @@ def encode_with_residuals(clip, text: str, residuals: list[Residual] | None):
                                   "word the residual was made for")
             placements.append(Placement(tuple(tuple(o) for o in occ), res.tensors[enc.key], enc.offset,
                                         float(res.strength)))
-        subjects[res.subject] = word_positions(clip, tokens, res.subject, spelled)
+        subjects[res.subject] = merged_rows(by_key)
 
     conditioning = clip.encode_from_tokens_scheduled(tokens)
     positions_by_word = {w: sorted(p for o in word_positions(clip, tokens, w) for p in o) for w in words}

@@ -181,6 +181,18 @@ def specs_of(model_patcher) -> list[GuidanceSpec]:
     return []
 
 
+def check_one_subject_per_token(regions, earlier=frozenset()) -> None:
+    """An error when two subjects bind the same prompt token; ``earlier``: subjects that an earlier Layout
+    Guidance node placed (said in the message)."""
+    taken: dict[int, str] = {}
+    for r in regions:
+        for p in r.positions:
+            if taken.setdefault(p, r.subject) != r.subject:
+                origin = " (an earlier Layout Guidance node)" if taken[p] in earlier else ""
+                raise Cones2Error(f"the subjects '{taken[p]}'{origin} and '{r.subject}' share prompt token {p}; give "
+                                  "each box its own word")
+
+
 def merge_prompts(earlier: list[GuidanceSpec], spec: GuidanceSpec) -> tuple[list[GuidanceSpec], GuidanceSpec]:
     """A later Layout Guidance node on a prompt an earlier one (on the same model) already guides: its subjects are
     merged, the way adapters stack. Returns (the earlier specs left, the new spec with the merged subjects).
@@ -205,12 +217,7 @@ def merge_prompts(earlier: list[GuidanceSpec], spec: GuidanceSpec) -> tuple[list
                 warn("Cones2 Layout Guidance: this node and an earlier one on the same prompt both place %s; this "
                      "node's regions are used for %s", ", ".join(replaced), "it" if len(replaced) == 1 else "them")
             merged = tuple(r for r in old if r.subject not in names) + tuple(new)
-            taken: dict[int, str] = {}
-            for r in merged:
-                for p in r.positions:
-                    if taken.setdefault(p, r.subject) != r.subject:
-                        raise Cones2Error(f"the subjects '{taken[p]}' (an earlier Layout Guidance node) and "
-                                          f"'{r.subject}' share prompt token {p}; give each box its own word")
+            check_one_subject_per_token(merged, earlier={r.subject for r in old} - names)
             conds[hit] = (conds[hit][0], merged)
         if left:
             kept.append(other if len(left) == len(other.conds) else dataclasses.replace(other, conds=left, _maps={}))

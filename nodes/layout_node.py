@@ -18,7 +18,7 @@ from ..cones2_core.prompt import PromptRecord
 from . import architectures
 from .common import CATEGORY, warn
 from .encoding import COND_KEY
-from .guidance import GuidanceSpec, SubjectRegion
+from .guidance import GuidanceSpec, SubjectRegion, check_one_subject_per_token
 
 log = logging.getLogger("comfyui-cones2")
 
@@ -125,12 +125,7 @@ def build_spec(model, conditioning, layout, guidance_weight, positive_weight, ne
         regions = tuple(SubjectRegion(s, subject_positions(record, s), tuple(boxes.get(s, ())),
                                       tuple(region_masks.get(s, ())), float(weights.get(s, positive_weight)))
                         for s in subjects)
-        taken: dict[int, str] = {}
-        for r in regions:
-            for p in r.positions:
-                if taken.setdefault(p, r.subject) != r.subject:
-                    raise Cones2Error(f"the subjects '{taken[p]}' and '{r.subject}' share prompt token {p}; give each "
-                                      "box its own word")
+        check_one_subject_per_token(regions)
         conds.append((cond.detach().to("cpu").clone(), regions))
     sampling = model.get_model_object("model_sampling")
     return GuidanceSpec(uid=uuid.uuid4().hex, conds=conds, guidance_weight=float(guidance_weight),

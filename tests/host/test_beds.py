@@ -13,9 +13,9 @@ import torch
 
 from comfyui_cones2.cones2_core.errors import Cones2Error
 from harness import tiny_checkpoints
-from harness.beds import BEDS, independent_rows
+from harness.beds import BEDS
 from harness.host import build
-from harness.test_helpers import blob_images, logged, text_encode
+from harness.test_helpers import blob_images, independent_rows, logged, text_encode
 
 TWO_BOXES = ('{"version":1,"boxes":[{"subject":"dog","x":0.0,"y":0.0,"w":0.5,"h":1.0},'
              '{"subject":"cat","x":0.5,"y":0.1,"w":0.5,"h":0.9}]}')

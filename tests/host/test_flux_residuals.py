@@ -12,7 +12,7 @@ from comfyui_cones2.cones2_core.errors import Cones2Error
 from comfyui_cones2.cones2_core.families import FAMILIES
 from harness.test_helpers import FLUX_T5_TOKENS as SHORT
 from harness.test_helpers import apply_residuals as apply
-from harness.test_helpers import short_clip, t5_rows, text_encode
+from harness.test_helpers import independent_rows, short_clip, text_encode
 
 
 def make_residual(pack, subject="dog", n_tokens=1, seed=0, strength=1.0, fam="flux"):
@@ -56,7 +56,7 @@ def test_no_residuals_equals_clip_text_encode_and_records_t5_rows(pack, flux):
     assert record.family == "flux" and record.n_tokens == 256 and record.token_text == {}
     # T5 has no start token: "a" is "▁" + "a" (rows 0, 1), "photo" row 2, ... "dog" row 6
     assert record.words["a"] == (0, 1, 4, 5) and record.words["photo"] == (2,)
-    assert list(record.words["dog"]) == t5_rows(clip, text, "dog") == [6]
+    assert list(record.words["dog"]) == independent_rows(clip, text, "dog", "t5xxl") == [6]
     short = apply(pack, short_clip(clip), text, None)[0]
     assert short[0].shape == (1, SHORT, 4096) and short[1]["cones2"].n_tokens == SHORT
     assert short[1]["cones2"].words == record.words
@@ -69,7 +69,7 @@ def test_residual_added_exactly_at_subject_t5_rows(pack, flux, min_length):
     res = make_residual(pack, strength=0.7)
     base = text_encode(clip, text)[0]
     out = apply(pack, clip, text, [res])[0]
-    rows = t5_rows(clip, text, "dog")
+    rows = independent_rows(clip, text, "dog", "t5xxl")
     assert rows == [6, 10] and out[0].shape == base[0].shape == (1, min_length, 4096)
     changed = (out[0] != base[0]).any(-1)[0].nonzero().flatten().tolist()
     assert changed == rows  # every other row bit-identical
@@ -87,7 +87,7 @@ def test_multi_token_subject_covers_all_its_t5_rows(pack, flux):
     res = make_residual(pack, "dalmatian", n_tokens=n, seed=3)
     base = text_encode(clip, text)[0][0]
     out = apply(pack, clip, text, [res])[0][0]
-    rows = t5_rows(clip, text, "dalmatian")
+    rows = independent_rows(clip, text, "dalmatian", "t5xxl")
     assert len(rows) == n and rows[0] == 2  # after "▁" "a"
     torch.testing.assert_close(out[0, rows] - base[0, rows], res.tensors["t5xxl"], atol=1e-5, rtol=0)
     assert (out != base).any(-1)[0].nonzero().flatten().tolist() == rows

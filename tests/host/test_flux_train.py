@@ -18,7 +18,7 @@ import torch
 from comfyui_cones2.cones2_core.errors import Cones2Error
 from harness.test_helpers import FLUX_T5_TOKENS as SHORT
 from harness.test_helpers import apply_residuals as apply
-from harness.test_helpers import blob_images, short_clip, t5_rows, text_encode
+from harness.test_helpers import blob_images, independent_rows, short_clip, text_encode
 
 SUBJECT = "dog"
 LR = 5e-2  # a few steps must move the random bed's loss measurably
@@ -109,7 +109,7 @@ def test_fast_mode_writes_a_flux_residual_at_the_subject_t5_rows(pack, bed, fast
     # Apply Residuals adds it exactly at the subject's T5 rows of a prompt, nowhere else
     text = "a photo of a dog on the grass"
     base, out = text_encode(bed[1], text)[0][0], apply(pack, bed[1], text, chain)[0][0]
-    assert (out != base).any(-1)[0].nonzero().flatten().tolist() == t5_rows(bed[1], text, SUBJECT)
+    assert (out != base).any(-1)[0].nonzero().flatten().tolist() == independent_rows(bed[1], text, SUBJECT, "t5xxl")
     assert out.shape == (1, SHORT, 4096)
 
 

@@ -342,6 +342,14 @@ def test_a_second_node_on_the_same_prompt_merges_its_subjects(pack, loaded, capl
     right, rpos = guide(pack, model, pos, layout=layout % f"{cat},{moved}")
     assert torch.equal(sample(again, apos, neg, steps=2), sample(right, rpos, neg, steps=2))
     assert len(pack.nodes.guidance.specs_of(first)) == 1  # the first node's model is unchanged
+    # two subjects on one word: refused in one node, and across stacked nodes with the earlier one named
+    phrase = '{"subject":"a dog","x":0.5,"y":0,"w":0.5,"h":1}'
+    with pytest.raises(Cones2Error, match=r"the subjects 'dog' and 'a dog' share prompt token 2; give each box its "
+                                          "own word"):
+        guide(pack, model, pos, layout=layout % f"{dog},{phrase}")
+    with pytest.raises(Cones2Error, match=r"the subjects 'dog' \(an earlier Layout Guidance node\) and 'a dog' "
+                                          "share prompt token 2"):
+        guide(pack, first, gpos, layout=layout % phrase)
 
 
 @pytest.mark.parametrize("layout, message", [

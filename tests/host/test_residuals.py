@@ -11,6 +11,7 @@ import torch
 from comfyui_cones2.cones2_core.errors import Cones2Error
 from comfyui_cones2.cones2_core.families import FAMILIES
 from harness import tiny_checkpoints
+from harness.test_helpers import independent_rows
 
 # The tiny checkpoints exist for the UNet families (Flux has its own bed: test_flux_*.py).
 UNET_FAMILIES = sorted(k for k, f in FAMILIES.items() if f.architecture == "unet")
@@ -55,18 +56,6 @@ def expected(pack, fam, base, positions_by_res):
     return exp
 
 
-def token_rows(clip, text, word):
-    """Independent position finder: rows whose token equals the word's single token, via the host tokenizer."""
-    toks = clip.tokenize(text)
-    key = next(iter(toks))
-    word_tok = [t for t, _w, wid in clip.tokenize(word, return_word_ids=True)[key][0] if wid != 0]
-    assert len(word_tok) == 1
-    rows = []
-    for c, chunk in enumerate(toks[key]):
-        rows += [c * len(chunk) + i for i, (t, _w) in enumerate(chunk) if t == word_tok[0]]
-    return rows
-
-
 @pytest.mark.parametrize("fam", UNET_FAMILIES)
 def test_two_subjects_compose_additively(pack, clips, fam):
     clip = clips[fam]
@@ -77,8 +66,8 @@ def test_two_subjects_compose_additively(pack, clips, fam):
     only_dog = apply(pack, clip, text, [dog])[0][0]
     only_cat = apply(pack, clip, text, [cat])[0][0]
     assert torch.allclose(both - base, (only_dog - base) + (only_cat - base), atol=1e-6)
-    assert torch.equal(both, expected(pack, fam, base, [(dog, token_rows(clip, text, "dog")),
-                                                        (cat, token_rows(clip, text, "cat"))]))
+    assert torch.equal(both, expected(pack, fam, base, [(dog, independent_rows(clip, text, "dog", next(iter(clip.tokenize(text))))),
+                                                        (cat, independent_rows(clip, text, "cat", next(iter(clip.tokenize(text)))))]))
 
 
 def test_long_prompt_places_residual_in_second_chunk(pack, clips):
@@ -88,7 +77,7 @@ def test_long_prompt_places_residual_in_second_chunk(pack, clips):
     base = text_encode(clip, text)[0][0]
     assert base.shape[1] >= 154  # more than one 77-token chunk
     out = apply(pack, clip, text, [res])[0][0]
-    rows = token_rows(clip, text, "dog")
+    rows = independent_rows(clip, text, "dog", next(iter(clip.tokenize(text))))
     assert len(rows) == 1 and rows[0] > 77
     assert torch.equal(out, expected(pack, "sd1", base, [(res, rows)]))
 
@@ -100,7 +89,7 @@ def test_weighted_prompt(pack, clips, fam):
     res = make_residual(pack, fam)
     base = text_encode(clip, text)[0][0]
     out = apply(pack, clip, text, [res])[0][0]
-    rows = token_rows(clip, text, "dog")
+    rows = independent_rows(clip, text, "dog", next(iter(clip.tokenize(text))))
     assert rows == [5]
     assert torch.equal(out, expected(pack, fam, base, [(res, rows)]))
 
