@@ -15,7 +15,7 @@ under ~/.cache/comfyui-cones2/toyflux-v1-<hash of this file>/.
 Then it samples "a photo of a dog and a cat" on --n noise draws of one seed, unguided and with Layout Guidance at
 its node defaults (dog left, cat right, and the mirror), per sampler, and prints presence / unprompted / in-box
 rates (harness/toy_measures.py on the first four latent channels). ``--confine`` adds rows with the subject's
-text queries confined to its region too (``nodes/architectures/flux.py`` CONFINE_TEXT_QUERIES). Not a CI test (the build is too
+text queries confined to its region too (``nodes/architectures/joint.py`` CONFINE_TEXT_QUERIES). Not a CI test (the build is too
 slow for CI); rates, so machine noise does not matter.
 """
 
@@ -214,11 +214,11 @@ def main(argv=None) -> int:
             row(f"unguided ({name})", sampler, tm.summarise(unguided, both, boxes))
             row(f"guided ({name})", sampler, tm.summarise(run(two, boxes, sampler), both, boxes))
             if args.confine:
-                pack.nodes.architectures.flux.CONFINE_TEXT_QUERIES = True
+                pack.nodes.architectures.joint.CONFINE_TEXT_QUERIES = True
                 try:
                     row(f"+ text queries ({name})", sampler, tm.summarise(run(two, boxes, sampler), both, boxes))
                 finally:
-                    pack.nodes.architectures.flux.CONFINE_TEXT_QUERIES = False
+                    pack.nodes.architectures.joint.CONFINE_TEXT_QUERIES = False
     sys.stdout.write("\n".join(lines) + "\n")
     return 0
 
