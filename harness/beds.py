@@ -9,6 +9,7 @@ pack supports on it (``supports``); the tests parametrised over ``BEDS`` skip wh
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
 
 FEATURES = frozenset({"residuals", "guidance", "maps", "train_fast", "train_paper", "self_recurrence"})
@@ -22,15 +23,21 @@ class Bed:
     cfg: float  # the CFG its models sample at (Flux: 1, its guidance is distilled)
     supports: frozenset = FEATURES
     prompt: str = "a photo of a dog and a cat"
+    short_text: bool = False  # its T5 pads to a long length: the shared tests shorten it (Bed.shorten)
 
     @property
     def id(self) -> str:
         return self.family
 
+    def builder_module(self):
+        """The harness module that builds (``build``, ``default_cache_dir``) and, except tiny_checkpoints, loads
+        (``load(files)``) the bed's files."""
+        return importlib.import_module(f"harness.{self.builder}")
+
     def shorten(self, loaded):
-        """The loaded (MODEL, CLIP, VAE) as the shared tests use them: Flux's T5 padded to a short length keeps the
-        full-width forward quick."""
-        if self.builder != "tiny_flux":
+        """The loaded (MODEL, CLIP, VAE) as the shared tests use them: a T5 padded to a short length keeps the
+        full-width forward quick (the beds whose text encoder pads to a long length: ``short_text``)."""
+        if not self.short_text:
             return loaded
         from harness.test_helpers import short_clip
 
@@ -39,10 +46,8 @@ class Bed:
 
     def load(self, files):
         """(MODEL, CLIP, VAE) through the host's own loaders; ``files``: the builder's {kind: path}."""
-        if self.builder == "tiny_flux":
-            from harness import tiny_flux
-
-            return self.shorten(tiny_flux.load(files))
+        if self.builder != "tiny_checkpoints":
+            return self.shorten(self.builder_module().load(files))
         import comfy.sd
         import torch
 
@@ -59,5 +64,5 @@ BEDS: dict[str, Bed] = {b.family: b for b in (
     Bed("sd1", "tiny_checkpoints", 4, 5.0),
     Bed("sd2", "tiny_checkpoints", 4, 5.0),
     Bed("sdxl", "tiny_checkpoints", 4, 5.0),
-    Bed("flux", "tiny_flux", 16, 1.0, supports=FEATURES - {"train_paper", "self_recurrence"}),
+    Bed("flux", "tiny_flux", 16, 1.0, supports=FEATURES - {"train_paper", "self_recurrence"}, short_text=True),
 )}

@@ -12,7 +12,6 @@ import pytest
 import torch
 
 from comfyui_cones2.cones2_core.errors import Cones2Error
-from harness import tiny_checkpoints
 from harness.beds import BEDS
 from harness.host import build
 from harness.test_helpers import blob_images, independent_rows, logged, text_encode
@@ -28,7 +27,8 @@ def bed(request, comfy, host_dir):
     spec = BEDS[request.param]
     if spec.builder == "tiny_flux":
         return (spec, *spec.shorten(request.getfixturevalue("flux")))
-    files = build(tiny_checkpoints.__file__, host_dir, out=tiny_checkpoints.default_cache_dir(), timeout=1200)
+    builder = spec.builder_module()
+    files = build(builder.__file__, host_dir, out=builder.default_cache_dir(), timeout=1200)
     return (spec, *spec.load(files))
 
 
