@@ -30,8 +30,22 @@ _EXAMPLE = '{"version": 1, "boxes": [' + _BOX_EXAMPLE + ']}'
 
 
 @dataclass(frozen=True)
+class Keyframe:
+    """Where a moving box is at clip time ``t`` (0 = the first frame, 1 = the last): x, y, w, h as a Box's."""
+
+    t: float
+    x: float
+    y: float
+    w: float
+    h: float
+
+
+@dataclass(frozen=True)
 class Box:
-    """One box; x, y (top-left), w, h are fractions of the image. weight None = the node's positive_weight."""
+    """One box; x, y (top-left), w, h are fractions of the image. weight None = the node's positive_weight.
+
+    ``frames``: a video box's track, keyframes in increasing ``t`` (``at`` interpolates them); empty for a box that
+    holds still. Image models (one frame) use x, y, w, h; the editor keeps them equal to the track at t = 0."""
 
     subject: str
     x: float
@@ -39,6 +53,25 @@ class Box:
     w: float
     h: float
     weight: float | None = None
+    frames: tuple[Keyframe, ...] = ()
+
+    def at(self, t: float) -> "Box":
+        """The still box at clip time ``t`` (0..1): its keyframes linearly interpolated, held before the first and
+        after the last; the box itself when it has no keyframes."""
+        if not self.frames:
+            return self
+        t = float(t)
+        f = self.frames
+        if t <= f[0].t:
+            a, b, u = f[0], f[0], 0.0
+        elif t >= f[-1].t:
+            a, b, u = f[-1], f[-1], 0.0
+        else:
+            i = next(i for i in range(1, len(f)) if f[i].t >= t)
+            a, b = f[i - 1], f[i]
+            u = (t - a.t) / (b.t - a.t)
+        x, y, w, h = ((1 - u) * getattr(a, k) + u * getattr(b, k) for k in "xywh")
+        return Box(self.subject, x, y, w, h, self.weight)
 
 
 @dataclass(frozen=True)
@@ -55,6 +88,15 @@ class Layout:
         """Subject words in order of first appearance, without repeats."""
         return list(dict.fromkeys(box.subject for box in self.boxes))
 
+    @property
+    def moving(self) -> bool:
+        """Whether any box has a track (keyframes)."""
+        return any(box.frames for box in self.boxes)
+
+    def at(self, t: float) -> "Layout":
+        """The layout of still boxes at clip time ``t`` (0..1), see Box.at."""
+        return Layout(tuple(box.at(t) for box in self.boxes), self.version)
+
     def to_json(self) -> str:
         """The editor's JSON; parse_layout(layout.to_json()) == layout."""
         boxes = []
@@ -62,6 +104,8 @@ class Layout:
             item = {"subject": box.subject, "x": box.x, "y": box.y, "w": box.w, "h": box.h}
             if box.weight is not None:
                 item["weight"] = box.weight
+            if box.frames:
+                item["frames"] = [{"t": f.t, "x": f.x, "y": f.y, "w": f.w, "h": f.h} for f in box.frames]
             boxes.append(item)
         return json.dumps({"version": self.version, "boxes": boxes})
 
@@ -78,14 +122,8 @@ def _number(value, what: str) -> float:
     return number
 
 
-def _parse_box(index: int, raw) -> Box:
-    if not isinstance(raw, dict):
-        raise Cones2Error(f"box {index} is not an object: each box must look like {_BOX_EXAMPLE}, got {raw!r}")
-    subject = raw.get("subject")
-    if not isinstance(subject, str) or not subject.strip():
-        raise Cones2Error(f"box {index} has no subject: type the subject word for it (e.g. \"dog\")")
-    subject = subject.strip()
-    name = f"box {index} ({short(repr(subject))})"
+def _rect(raw: dict, name: str) -> tuple[float, float, float, float]:
+    """x, y, w, h of a box (or keyframe) object, checked to lie in the image with a positive area."""
     coords = {}
     for key in ("x", "y", "w", "h"):
         if key not in raw:
@@ -104,13 +142,56 @@ def _parse_box(index: int, raw) -> Box:
         raise Cones2Error(f"{name} extends past the right edge (x + w = {x + w:.6g} > 1): move it left or narrow it")
     if y + h > 1 + _SLACK:
         raise Cones2Error(f"{name} extends past the bottom edge (y + h = {y + h:.6g} > 1): move it up or shorten it")
+    return x, y, w, h
+
+
+MAX_KEYFRAMES = 1000
+
+
+def _parse_frames(raw, name: str) -> tuple[Keyframe, ...]:
+    """A box's ``frames`` (its track): a list of {t, x, y, w, h} with t in 0..1, each t once, any order (sorted)."""
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        raise Cones2Error(f"{name}: 'frames' must be a list of keyframes like "
+                          f'{{"t": 0.5, "x": 0.1, "y": 0.1, "w": 0.4, "h": 0.8}}, got a {type(raw).__name__}')
+    if len(raw) > MAX_KEYFRAMES:
+        raise Cones2Error(f"{name} has {len(raw)} keyframes; a track holds at most {MAX_KEYFRAMES}")
+    frames = []
+    for j, item in enumerate(raw):
+        where = f"{name}, keyframe {j}"
+        if not isinstance(item, dict):
+            raise Cones2Error(f"{where} is not an object like {{\"t\": 0.5, \"x\": 0.1, \"y\": 0.1, \"w\": 0.4, "
+                              f"\"h\": 0.8}}, got {short(repr(item))}")
+        if "t" not in item:
+            raise Cones2Error(f"{where} is missing 't' (its time in the clip, 0 = first frame, 1 = last)")
+        t = _number(item["t"], f"{where}: 't'")
+        if not 0 <= t <= 1:
+            raise Cones2Error(f"{where}: 't' = {t:g} is outside 0..1 (0 = the first frame, 1 = the last)")
+        frames.append(Keyframe(t, *_rect(item, where)))
+    frames.sort(key=operator.attrgetter("t"))
+    for a, b in zip(frames, frames[1:], strict=False):
+        if a.t == b.t:
+            raise Cones2Error(f"{name} has two keyframes at t = {a.t:g}: keep one")
+    return tuple(frames)
+
+
+def _parse_box(index: int, raw) -> Box:
+    if not isinstance(raw, dict):
+        raise Cones2Error(f"box {index} is not an object: each box must look like {_BOX_EXAMPLE}, got {raw!r}")
+    subject = raw.get("subject")
+    if not isinstance(subject, str) or not subject.strip():
+        raise Cones2Error(f"box {index} has no subject: type the subject word for it (e.g. \"dog\")")
+    subject = subject.strip()
+    name = f"box {index} ({short(repr(subject))})"
+    x, y, w, h = _rect(raw, name)
     weight = raw.get("weight")
     if weight is not None:
         weight = _number(weight, f"{name}: 'weight'")
         if not 0 <= weight <= MAX_BOX_WEIGHT:
             raise Cones2Error(f"{name}: 'weight' = {weight:g} is outside 0..{MAX_BOX_WEIGHT:g} (the range of the "
                               "node's positive_weight); leave it empty to use positive_weight")
-    return Box(subject, x, y, w, h, weight)
+    return Box(subject, x, y, w, h, weight, _parse_frames(raw.get("frames"), name))
 
 
 def parse_layout(text: str) -> Layout:

@@ -198,3 +198,36 @@ def test_build_weight_map_errors():
         build_weight_map([([1], torch.zeros(2, 3, dtype=torch.bool), 2.5)], 2, 3, 6)
     with pytest.raises(Cones2Error, match="no token positions"):
         build_weight_map([([], region, 2.5)], 2, 3, 6)
+
+
+# ---- box tracks (video): keyframes ----------------------------------------------------------------------------
+
+TRACK = ('{"version": 1, "boxes": [{"subject": "dog", "x": 0.0, "y": 0.2, "w": 0.2, "h": 0.4, "frames": ['
+         '{"t": 1, "x": 0.8, "y": 0.2, "w": 0.2, "h": 0.4}, {"t": 0, "x": 0.0, "y": 0.2, "w": 0.2, "h": 0.4}]},'
+         '{"subject": "cat", "x": 0.5, "y": 0.5, "w": 0.5, "h": 0.5}]}')
+
+
+def test_track_interpolates_between_keyframes_and_holds_outside():
+    layout = parse_layout(TRACK)
+    dog, cat = layout.boxes
+    assert [f.t for f in dog.frames] == [0.0, 1.0]  # sorted
+    assert dog.at(0.25).x == pytest.approx(0.2) and dog.at(0.25).w == pytest.approx(0.2)
+    assert dog.at(0.5).x == pytest.approx(0.4)
+    assert dog.at(-1).x == 0.0 and dog.at(2).x == pytest.approx(0.8)
+    assert cat.at(0.7) is cat  # no keyframes: holds still
+    assert layout.moving and not parse_layout(TRACK).at(0.5).moving
+    assert parse_layout(layout.to_json()) == layout
+
+
+@pytest.mark.parametrize("frames, match", [
+    ('{"t": 0.5}', "not an object|must be a list"),
+    ('[{"x": 0, "y": 0, "w": 0.5, "h": 0.5}]', "missing 't'"),
+    ('[{"t": 1.5, "x": 0, "y": 0, "w": 0.5, "h": 0.5}]', "outside 0..1"),
+    ('[{"t": 0.5, "x": 0.9, "y": 0, "w": 0.5, "h": 0.5}]', "keyframe 0.*right edge"),
+    ('[{"t": 0.5, "x": 0, "y": 0, "w": 0.5, "h": 0.5}, {"t": 0.5, "x": 0, "y": 0, "w": 0.2, "h": 0.2}]',
+     "two keyframes at t = 0.5"),
+])
+def test_bad_tracks_say_what_to_fix(frames, match):
+    text = '{"boxes": [{"subject": "dog", "x": 0, "y": 0, "w": 0.5, "h": 0.5, "frames": ' + frames + "}]}"
+    with pytest.raises(Cones2Error, match=match):
+        parse_layout(text)
