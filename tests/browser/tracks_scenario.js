@@ -192,12 +192,32 @@ async function scenario(out, page) {
     assert(diff(atHalf.inMid, atZero.inOld) <= 6 && diff(atHalf.inMid, atZero.inMid) > 30 && diff(bg0, atHalf.inMid) > 30,
       `t = 0.5: the dog's fill should be at (0.45, 0.45): ${JSON.stringify({ atZero, atHalf, bg0 })}`);
     assert(diff(atHalf.inOld, atZero.inMid) <= 6, `t = 0.5: (0.20, 0.55) should be empty: ${JSON.stringify({ atZero, atHalf })}`);
-    // the track: a faint path with a dot at each keyframe's centre (the t = 1 one at (0.625, 0.25))
-    assert(diff(atHalf.dot, atZero.inMid) > 30, `no keyframe dot on the track: ${JSON.stringify(atHalf)}`);
+    // the track: a faint dashed path from centre to centre, a dot at each keyframe's centre (the t = 1 one at
+    // (0.625, 0.25), on a grid line: compared with the same line where nothing is drawn)
+    const line = await pixel(0.97, 0.25);
+    assert(diff(atHalf.dot, line) > 30, `no keyframe dot on the track: ${JSON.stringify({ atHalf, line })}`);
+    const path = await page.evaluate(([type, box]) => {
+      const c = window.app.graph.nodes.find((n) => n.type === type).cones2Layout.canvas;
+      const data = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+      const bg = [27, 27, 31];   // render.js's background
+      let drawn = 0, seen = 0;
+      for (let i = 1; i < 40; i++) {   // points on the segment between the two centres, off the box and the grid
+        const s = i / 40, fx = 0.275 + s * 0.35, fy = 0.45 - s * 0.2;
+        const x = Math.round(fx * c.width), y = Math.round(fy * c.height);
+        const onGrid = [0.25, 0.5, 0.75].some((g) => Math.abs(fx - g) * c.width < 3 || Math.abs(fy - g) * c.height < 3);
+        if (onGrid || (fx > box.x - 0.01 && fx < box.x + box.w + 0.01 && fy > box.y - 0.01 && fy < box.y + box.h + 0.01)) continue;
+        if (Math.hypot(fx - 0.275, fy - 0.45) * c.width < 8 || Math.hypot(fx - 0.625, fy - 0.25) * c.width < 8) continue;
+        seen++;
+        const k = 4 * (y * c.width + x);
+        if (Math.abs(data[k] - bg[0]) + Math.abs(data[k + 1] - bg[1]) + Math.abs(data[k + 2] - bg[2]) > 30) drawn++;
+      }
+      return { drawn, seen };
+    }, [NODE, dog]);
+    assert(path.seen >= 10 && path.drawn >= 0.3 * path.seen, `no dashed path between the keyframes: ${JSON.stringify(path)}`);
     const delKey = await page.evaluate((type) =>
       !window.app.graph.nodes.find((x) => x.type === type).cones2Layout.delKeyButton.disabled, NODE);
     assert(!delKey, 'Delete key is enabled at t = 0.5, where the dog has no keyframe');
-    return { dog, atZero, atHalf };
+    return { dog, atZero, atHalf, path };
   });
 
   await step('api_prompt_and_reload', async () => {
