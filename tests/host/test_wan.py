@@ -159,6 +159,19 @@ def test_with_a_soft_negative_weight_each_frames_in_box_share_rises_with_positiv
         (shares[10.0], reversed_shares)
 
 
+def test_the_maps_are_a_strip_of_frames_with_each_frames_share(pack, wan):
+    model, clip, _vae = wan
+    pos, neg = encode(pack, clip), encode(pack, clip, "")
+    gm, gpos = guide(pack, model, pos)
+    out = sample(gm, gpos, neg, steps=1)
+    images, report = pack.nodes.maps_node.Cones2AttentionMaps.execute(gm, {"samples": out}, panel_size=64).result[:2]
+    assert tuple(images.shape) == (1, 64 * FRAMES, 2 * 64 + 4, 3)  # two subjects, each a strip of 3 frames
+    lines = report.splitlines()
+    assert len(lines) == 2 and all(f"{FRAMES * 8}x8" in line and "per frame" in line for line in lines)
+    shares = [float(x) for x in lines[0].split("per frame ")[1].split()]
+    assert len(shares) == FRAMES and min(shares) > 0.99  # hard boxes (negative_weight -1e8): all in the box
+
+
 def test_calls_that_are_not_the_text_attention_are_the_hosts_own(pack, wan):
     """The override leaves the self-attention (k as long as q) and image-to-video's clip-vision call (k of
     context_img_len tokens) to the host untouched, even on guided rows."""
