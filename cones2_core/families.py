@@ -99,6 +99,11 @@ _T5_PAPER = ("paper mode fine-tunes the whole text encoder, which on {name} is T
              "model); set mode to 'fast', which optimises the residual at the subject's T5 rows directly against "
              "{name}'s own flow-matching loss")
 
+_WAN_PAPER = ("paper mode fine-tunes the whole text encoder, which on Wan is umT5-XXL (5.7 B parameters: about 68 GB "
+              "for its float32 weights and AdamW's two moments, before any activation, besides the 14 B or 5 B video "
+              "model), more than a consumer GPU holds; set mode to 'fast', which optimises the residual at the "
+              "subject's umT5 rows directly against Wan's own flow-matching loss")
+
 FAMILIES: dict[str, Family] = {f.key: f for f in (
     Family("sd1", "SD1.5", (_CLIP_L,), "unet", ("SD15",), ("eps", "v"), 512, reference_width=768),
     Family("sd2", "SD2.x", (Encoder("h", "OpenCLIP-H", 0, 1024),), "unet", ("SD20",), ("eps", "v"), 512,
@@ -110,6 +115,13 @@ FAMILIES: dict[str, Family] = {f.key: f for f in (
     Family("flux", "Flux", (Encoder("t5xxl", "T5-XXL", 0, 4096, tokenizer="sentencepiece"),), "flux", ("Flux",),
            ("flow",), 512, chunk=None, pooled_only=("l",), distilled_guidance=True,
            paper_refusal=_T5_PAPER.format(name="Flux")),
+    # Wan 2.1 / 2.2 (video): the umT5-XXL rows are the whole context (row 0 = the first word, no start token,
+    # padded to 512 rows); its blocks' cross-attention reads them (nodes/architectures/wan.py). 2.2's two experts
+    # and 2.2 5B (WAN22_T2V) subclass WAN21_T2V, as do its I2V, VACE, camera variants. Training crop 256: frames
+    # are trained as still images (one latent frame each, docs/wan.md).
+    Family("wan", "Wan", (Encoder("umt5xxl", "umT5-XXL", 0, 4096, tokenizer="sentencepiece"),), "wan",
+           ("WAN21_T2V",), ("flow",), 256, chunk=None,
+           paper_refusal=_WAN_PAPER),
 )}
 
 
@@ -135,13 +147,22 @@ def by_encoder_keys(keys) -> Family | None:
 
 
 def by_widths(widths: dict[str, int]) -> Family | None:
-    """The family whose encoders have exactly these widths ({"h": 1024} -> SD2.x)."""
-    return next((f for f in FAMILIES.values() if f.widths == dict(widths)), None)
+    """The family whose encoders have exactly these widths, keyed by encoder ({"h": 1024} -> SD2.x; Flux's
+    {"t5xxl": 4096} and Wan's {"umt5xxl": 4096} differ by key). Two families with the same keys and widths would
+    be an error saying to name the family (a file's ``cones2.family`` metadata), never a silent pick."""
+    found = [f for f in FAMILIES.values() if f.widths == dict(widths)]
+    if len(found) > 1:
+        raise Cones2Error(f"encoder widths {dict(widths)} fit several model families ("
+                          + ", ".join(f.name for f in found) + "); name the family (a residual file's "
+                          "'cones2.family' metadata: save it again with the Cones 2 nodes)")
+    return found[0] if found else None
 
 
 def by_context_width(width: int) -> Family | None:
-    """The family whose whole conditioning is ``width`` channels wide."""
-    return next((f for f in FAMILIES.values() if f.width == width), None)
+    """The family whose whole conditioning is ``width`` channels wide; None when no family is, or several are
+    (Flux's T5-XXL and Wan's umT5-XXL are both 4096 wide: a width alone cannot tell them apart)."""
+    found = [f for f in FAMILIES.values() if f.width == width]
+    return found[0] if len(found) == 1 else None
 
 
 def article(name: str) -> str:

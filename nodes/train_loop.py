@@ -123,8 +123,10 @@ class Trainer:
         topts = copy.copy(mp.model_options.get("transformer_options", {}))
         topts.setdefault("optimized_attention_override", sdpa_attention)
         with self._autocast(amp and self.unet_amp), self.frozen:
-            return mp.model.apply_model(x_t, sigma, c_crossattn=context.expand(x0.shape[0], -1, -1),
-                                        transformer_options=topts, **extra).float()
+            out = mp.model.apply_model(self.arch.model_latent(x_t), sigma,
+                                       c_crossattn=context.expand(x0.shape[0], -1, -1), transformer_options=topts,
+                                       **extra)
+            return self.arch.from_model_latent(out).float()
 
     def _eval_set(self):
         g = torch.Generator().manual_seed((self.s.seed + 1) % 2**64)

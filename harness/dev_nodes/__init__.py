@@ -1,4 +1,4 @@
-"""Development-only ComfyUI custom node package: the tiny Flux bed's text encoder loader.
+"""Development-only ComfyUI custom node package: the tiny Flux and Wan beds' text encoder loaders.
 
 It exists only because the host's Flux text loader (DualCLIPLoader, type ``flux``) always builds the full
 T5-XXL (``comfy/text_encoders/t5_config_xxl.json``, 4.7 B parameters), which no test machine here can hold.
@@ -45,6 +45,38 @@ def load_tiny_flux_clip(clip_l_path: str, t5_path: str, embedding_directory=None
                                                   model_options={"t5xxl_model_config": small_t5_config(t5)})
 
 
+def tiny_wan_clip(spiece_model, config: dict, embedding_directory=None):
+    """The host's Wan CLIP (``comfy.text_encoders.wan``: WanT5Tokenizer, the umT5 model class, tokenizer key
+    "umt5xxl") with ``config`` as the host's ``umt5xxl_model_config`` override and ``spiece_model`` (a uint8
+    tensor, as real umT5 files carry it) as the tokenizer; weights left as the host's classes make them."""
+    import comfy.sd
+    import comfy.supported_models_base
+    import comfy.text_encoders.wan
+    import torch
+
+    target = comfy.supported_models_base.ClipTarget(comfy.text_encoders.wan.WanT5Tokenizer,
+                                                    comfy.text_encoders.wan.te(dtype_t5=torch.float32))
+    return comfy.sd.CLIP(target=target, embedding_directory=embedding_directory,
+                         tokenizer_data={"spiece_model": spiece_model},
+                         model_options={"umt5xxl_model_config": config})
+
+
+def load_tiny_wan_clip(umt5_path: str, embedding_directory=None):
+    """The tiny Wan bed's CLIP from its small-umT5 file: the host's Wan text encoder class and tokenizer
+    (``tiny_wan_clip``) with the file's config read off its tensor shapes, its weights loaded by the host's
+    ``CLIP.load_sd``. (CLIPLoader, type wan, reads a one-layer file as T5-base: the host's detection looks for
+    block 23.)"""
+    import comfy.utils
+
+    sd = comfy.utils.load_torch_file(umt5_path, safe_load=True)
+    spm = sd.pop("spiece_model", None)
+    if spm is None:
+        raise ValueError("this file has no 'spiece_model' tensor; connect the tiny Wan bed's umT5 file")
+    clip = tiny_wan_clip(spm, small_t5_config(sd), embedding_directory=embedding_directory)
+    clip.load_sd(sd)
+    return clip
+
+
 class Cones2DevTinyFluxCLIPLoader:
     """DualCLIPLoader (type flux) for the tiny bed's small T5; development only (see the module docstring)."""
 
@@ -70,5 +102,30 @@ class Cones2DevTinyFluxCLIPLoader:
                                     embedding_directory=folder_paths.get_folder_paths("embeddings")),)
 
 
-NODE_CLASS_MAPPINGS = {"Cones2DevTinyFluxCLIPLoader": Cones2DevTinyFluxCLIPLoader}
-NODE_DISPLAY_NAME_MAPPINGS = {"Cones2DevTinyFluxCLIPLoader": "Cones2 DEV Tiny Flux CLIP Loader"}
+class Cones2DevTinyWanCLIPLoader:
+    """CLIPLoader (type wan) for the tiny Wan bed's small umT5; development only (see load_tiny_wan_clip)."""
+
+    DESCRIPTION = ("Development only: loads the tiny Wan test bed's small umT5 (the host's loader reads a one-layer "
+                   "umT5 as T5-base).")
+    RETURN_TYPES = ("CLIP",)
+    FUNCTION = "load"
+    CATEGORY = "_for_testing/cones2_dev"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        import folder_paths
+
+        names = folder_paths.get_filename_list("text_encoders")
+        return {"required": {"umt5_name": (names, {"tooltip": "the bed's small umT5 file"})}}
+
+    def load(self, umt5_name):
+        import folder_paths
+
+        return (load_tiny_wan_clip(folder_paths.get_full_path_or_raise("text_encoders", umt5_name),
+                                   embedding_directory=folder_paths.get_folder_paths("embeddings")),)
+
+
+NODE_CLASS_MAPPINGS = {"Cones2DevTinyFluxCLIPLoader": Cones2DevTinyFluxCLIPLoader,
+                       "Cones2DevTinyWanCLIPLoader": Cones2DevTinyWanCLIPLoader}
+NODE_DISPLAY_NAME_MAPPINGS = {"Cones2DevTinyFluxCLIPLoader": "Cones2 DEV Tiny Flux CLIP Loader",
+                              "Cones2DevTinyWanCLIPLoader": "Cones2 DEV Tiny Wan CLIP Loader"}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from comfyui_cones2.cones2_core.errors import Cones2Error
@@ -15,6 +17,7 @@ from comfyui_cones2.cones2_core.families import (
     family,
     family_name,
 )
+from comfyui_cones2.cones2_core.residual import family_from_widths
 
 
 @pytest.mark.parametrize("key", sorted(FAMILIES))
@@ -30,7 +33,8 @@ def test_each_record_is_consistent_and_found_by_every_lookup(key):
     assert f.conditioning_keys == tuple(e.key for e in f.encoders) and not set(f.pooled_only) & set(f.conditioning_keys)
     assert f.chunk is None or f.chunk > 0
     assert by_widths(f.widths) is f
-    assert by_context_width(f.width) is f
+    same_width = [g for g in FAMILIES.values() if g.width == f.width]
+    assert by_context_width(f.width) is (f if len(same_width) == 1 else None)  # Flux and Wan: 4096 both
     if f.reference_width is not None:
         assert by_reference_width(f.reference_width) is f
     assert f.describe().startswith(f.name)
@@ -52,6 +56,19 @@ def test_lookups_refuse_what_no_record_has():
     assert by_context_width(max(widths) + 1) is None and by_context_width(0) is None
     assert by_reference_width(0) is None
     assert by_encoder_keys({"l", "g", "t5xxl"}) is None  # SD3's tokenizer: no family of ours
+
+
+def test_a_width_shared_by_two_families_is_never_a_silent_pick(monkeypatch):
+    """Flux's T5-XXL and Wan's umT5-XXL are both 4096 wide: the encoder key tells them apart, the width alone
+    does not (None); a family with the very same keys and widths as another would be an error naming both."""
+    assert by_widths({"t5xxl": 4096}) is FAMILIES["flux"] and by_widths({"umt5xxl": 4096}) is FAMILIES["wan"]
+    assert by_context_width(4096) is None
+    twin = dataclasses.replace(FAMILIES["wan"], key="wan_twin", name="Wan twin")
+    monkeypatch.setitem(FAMILIES, "wan_twin", twin)
+    with pytest.raises(Cones2Error, match=r"fit several model families \(Wan, Wan twin\); name the family"):
+        by_widths({"umt5xxl": 4096})
+    with pytest.raises(Cones2Error, match="fit several model families"):
+        family_from_widths({"umt5xxl": 4096})
 
 
 def test_family_names_and_refusals_come_from_the_table():
