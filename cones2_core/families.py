@@ -59,8 +59,8 @@ class Family:
 
     @property
     def width(self) -> int:
-        """Channels of the whole conditioning (the UNet's context_dim)."""
-        return sum(e.width for e in self.encoders)
+        """Channels of the whole conditioning (the UNet's context_dim; SD3.5's 4096, its CLIP rows zero-padded)."""
+        return max(e.offset + e.width for e in self.encoders)
 
     @property
     def conditioning_keys(self) -> tuple[str, ...]:
@@ -110,6 +110,14 @@ FAMILIES: dict[str, Family] = {f.key: f for f in (
     Family("flux", "Flux", (Encoder("t5xxl", "T5-XXL", 0, 4096, tokenizer="sentencepiece"),), "flux", ("Flux",),
            ("flow",), 512, chunk=None, pooled_only=("l",), distilled_guidance=True,
            paper_refusal=_T5_PAPER.format(name="Flux")),
+    # SD3 / SD3.5 (comfy/text_encoders/sd3_clip.py): CLIP-L and CLIP-G side by side in channels 0..2047 of their
+    # 77-row chunks (zero-padded to 4096), then the T5-XXL rows stacked after them along the tokens (row group 1,
+    # no start token). The pooled vector is CLIP-L's and CLIP-G's (2048), left as the host makes it. A CLIP
+    # loaded without one of the encoders gives only the present ones' rows (nodes/encoding.py follows it).
+    # Training crop 512 as Flux's, for the same reason (docs/sd3.md).
+    Family("sd3", "SD3.5", (_CLIP_L, Encoder("g", "CLIP-G", 768, 1280),
+                            Encoder("t5xxl", "T5-XXL", 0, 4096, group=1, tokenizer="sentencepiece")),
+           "sd3", ("SD3",), ("flow",), 512, paper_refusal=_T5_PAPER.format(name="SD3.5")),
 )}
 
 
@@ -135,13 +143,24 @@ def by_encoder_keys(keys) -> Family | None:
 
 
 def by_widths(widths: dict[str, int]) -> Family | None:
-    """The family whose encoders have exactly these widths ({"h": 1024} -> SD2.x)."""
-    return next((f for f in FAMILIES.values() if f.widths == dict(widths)), None)
+    """The family whose encoders have exactly these widths ({"h": 1024} -> SD2.x); None for none. Two families
+    with the same widths (the tensors alone cannot tell them apart) are an error saying to name the family."""
+    found = [f for f in FAMILIES.values() if f.widths == dict(widths)]
+    if len(found) > 1:
+        names = " or ".join(f"{f.name} ('{f.key}')" for f in found)
+        raise Cones2Error(f"tensors of these widths could be {names}: the residual must name its family (the "
+                          "metadata 'cones2.family' of a .safetensors file); save it again with that key set")
+    return found[0] if found else None
 
 
 def by_context_width(width: int) -> Family | None:
-    """The family whose whole conditioning is ``width`` channels wide."""
-    return next((f for f in FAMILIES.values() if f.width == width), None)
+    """The family whose whole conditioning is ``width`` channels wide; None for none, an error when several are
+    (Flux and SD3.5 both read 4096-wide text: the width alone cannot tell them apart)."""
+    found = [f for f in FAMILIES.values() if f.width == width]
+    if len(found) > 1:
+        raise Cones2Error(f"a {width}-wide conditioning could be " + " or ".join(f.name for f in found)
+                          + ": tell the family by the CLIP's encoders or the model's config instead")
+    return found[0] if found else None
 
 
 def article(name: str) -> str:

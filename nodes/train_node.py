@@ -20,7 +20,7 @@ from ..cones2_core.objective import MODES, TrainSettings, default_steps, split_c
 from ..cones2_core.residual import Residual, resolve_residual_path, save_residual
 from . import architectures
 from .common import CATEGORY, Residuals
-from .encoding import clip_family, word_tokens
+from .encoding import clip_family, present_keys, word_tokens
 from .paths import default_residual_folder
 from .train_images import collect_images, encode_latents
 from .train_loop import Trainer
@@ -52,8 +52,16 @@ def train_residual(model, clip, vae, images: list[torch.Tensor], subject: str, s
     counts = {k: len(v) for k, v in word_tokens(clip, subject).items()}
     if not all(counts.values()):
         raise Cones2Error(f"the subject {subject!r} has no tokens for this CLIP; use a class word such as 'dog'")
-    if len(set(counts.values())) != 1:
-        raise Cones2Error(f"the subject {subject!r} tokenises differently for the two SDXL encoders; use a plain word")
+    for group in fam.groups:  # encoders that share their rows (SDXL's, SD3.5's CLIP-L and CLIP-G) must agree
+        if len({counts[e.key] for e in group if e.key in counts}) > 1:
+            names = " and ".join(e.name for e in group)
+            raise Cones2Error(f"the subject {subject!r} tokenises differently for the {names} encoders; use a plain "
+                              "word")
+    missing = [e.name for e in fam.encoders if e.key not in present_keys(clip, fam)]
+    if missing:
+        raise Cones2Error(f"this {fam.name} CLIP was loaded without {' and '.join(missing)}; Train Residual learns "
+                          "every encoder's part of the residual: load the CLIP with all its text encoders "
+                          "(TripleCLIPLoader with clip_l, clip_g and t5xxl, or a checkpoint that includes them)")
     prediction, sigma_data, ms = arch.prediction_type(model, fam)  # refuses a model of another kind
     s = settings.resolved(family, prediction)
     device = mm.get_torch_device()
@@ -66,7 +74,7 @@ def train_residual(model, clip, vae, images: list[torch.Tensor], subject: str, s
     meta = s.metadata(prediction=prediction, images=len(images), templates=len(trainer.templates),
                       eval_loss_start=repr(eval_points[0][1]), eval_loss_end=repr(eval_points[-1][1]),
                       loss_first=losses[0], loss_last=losses[-1], seconds=round(seconds, 1))
-    residual = Residual(subject, family, split_channels(delta, family), metadata=meta).validate()
+    residual = Residual(subject, family, split_channels(delta, family, trainer.rows_by_key), metadata=meta).validate()
     log.info("trained a %s residual for %r (%s mode, %d steps, %.1f s): eval loss %.5g -> %.5g",
              fam.name, subject, s.mode, s.steps, seconds, eval_points[0][1], eval_points[-1][1])
     return residual, losses, eval_points
