@@ -34,13 +34,14 @@ if __name__ == "__main__" and REPO not in sys.path:  # run as a script: make ``h
     sys.path.insert(0, REPO)
 
 from harness import tiny_checkpoints  # noqa: E402
+from harness.dev_nodes import SD3_TE_CONFIG_KEY, load_tiny_sd3_checkpoint  # noqa: E402
 
 log = logging.getLogger("comfyui-cones2")
 
 BUILD_VERSION = 1
 FILES = {"ckpt": "cones2_tiny_sd3.safetensors"}
 FOLDERS = {"ckpt": "checkpoints"}
-TE_CONFIG_KEY = "cones2.te_model_options"  # the file's metadata: the text encoders' config overrides
+TE_CONFIG_KEY = SD3_TE_CONFIG_KEY  # the file's metadata: the text encoders' config overrides
 
 # What comfy/model_detection.py reads back from the checkpoint's MMDiT keys.
 UNET_CONFIG = {"in_channels": 16, "patch_size": 2, "out_channels": 16, "depth": 2, "input_size": None,
@@ -128,42 +129,10 @@ def ensure(out_dir: str) -> dict[str, str]:
     return paths
 
 
-def te_model_options(path: str) -> dict:
-    """The text encoders' config overrides a bed checkpoint names in its metadata."""
-    import safetensors
-
-    with safetensors.safe_open(path, framework="pt") as f:
-        meta = f.metadata() or {}
-    if TE_CONFIG_KEY not in meta:
-        raise ValueError(f"{os.path.basename(path)} is not a tiny SD3.5 bed checkpoint (no {TE_CONFIG_KEY} "
-                         "metadata); connect the bed's checkpoint")
-    return json.loads(meta[TE_CONFIG_KEY])
-
-
-def load_checkpoint(path: str, without=(), embedding_directory=None):
-    """(MODEL, CLIP, VAE) through the host's checkpoint loader (what CheckpointLoaderSimple calls) with the bed's
-    text encoder overrides; ``without``: encoders ("clip_l", "clip_g", "t5xxl") left out of the file's state dict,
-    as a checkpoint or loader without them gives the CLIP."""
-    import comfy.sd
-    import comfy.utils
-
-    options = te_model_options(path)
-    if not without:
-        model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(
-            path, output_vae=True, output_clip=True, embedding_directory=embedding_directory,
-            te_model_options=options)
-        return model, clip, vae
-    sd, metadata = comfy.utils.load_torch_file(path, return_metadata=True)
-    prefixes = tuple(f"text_encoders.{name}." for name in without)
-    sd = {k: v for k, v in sd.items() if not k.startswith(prefixes)}
-    model, clip, vae, _ = comfy.sd.load_state_dict_guess_config(sd, True, True, embedding_directory=embedding_directory,
-                                                                te_model_options=options, metadata=metadata)
-    return model, clip, vae
-
-
 def load(paths: dict[str, str], without=()):
-    """(MODEL, CLIP, VAE) of the bed in this process (see load_checkpoint)."""
-    return load_checkpoint(paths["ckpt"], without)
+    """(MODEL, CLIP, VAE) of the bed in this process, through the host's checkpoint loader with the bed's text
+    encoder overrides (``harness.dev_nodes.load_tiny_sd3_checkpoint``; ``without``: encoders left out)."""
+    return load_tiny_sd3_checkpoint(paths["ckpt"], without)
 
 
 def install(paths: dict[str, str], server) -> dict[str, str]:
