@@ -56,11 +56,12 @@ class Family:
     reference_width: int | None = None  # the width of the reference implementation's .pt residuals read as it
     distilled_guidance: bool = False  # the model takes a distilled guidance value (Flux; FluxGuidance sets it)
     paper_refusal: str = ""  # why paper mode (fine-tuning the text encoder) is refused on this family, if it is
+    clip_loader: str = "its checkpoint"  # how users get its CLIP (the nodes' tooltips say it)
 
     @property
     def width(self) -> int:
-        """Channels of the whole conditioning (the UNet's context_dim)."""
-        return sum(e.width for e in self.encoders)
+        """Channels of the whole conditioning (the UNet's context_dim; SD3.5's 4096, its CLIP rows zero-padded)."""
+        return max(e.offset + e.width for e in self.encoders)
 
     @property
     def conditioning_keys(self) -> tuple[str, ...]:
@@ -114,15 +115,40 @@ FAMILIES: dict[str, Family] = {f.key: f for f in (
     # tokens + the text's 256 instead of 4096 + 256, 3.4x fewer per step (docs/flux.md).
     Family("flux", "Flux", (Encoder("t5xxl", "T5-XXL", 0, 4096, tokenizer="sentencepiece"),), "flux", ("Flux",),
            ("flow",), 512, chunk=None, pooled_only=("l",), distilled_guidance=True,
-           paper_refusal=_T5_PAPER.format(name="Flux")),
+           paper_refusal=_T5_PAPER.format(name="Flux"), clip_loader="DualCLIPLoader, type flux: CLIP-L + T5-XXL"),
     # Wan 2.1 / 2.2 (video): the umT5-XXL rows are the whole context (row 0 = the first word, no start token,
     # padded to 512 rows); its blocks' cross-attention reads them (nodes/architectures/wan.py). 2.2's two experts
     # and 2.2 5B (WAN22_T2V) subclass WAN21_T2V, as do its I2V, VACE, camera variants. Training crop 256: frames
     # are trained as still images (one latent frame each, docs/wan.md).
     Family("wan", "Wan", (Encoder("umt5xxl", "umT5-XXL", 0, 4096, tokenizer="sentencepiece"),), "wan",
            ("WAN21_T2V",), ("flow",), 256, chunk=None,
-           paper_refusal=_WAN_PAPER),
+           paper_refusal=_WAN_PAPER, clip_loader="CLIPLoader, type wan: umT5-XXL"),
+    # SD3 / SD3.5 (comfy/text_encoders/sd3_clip.py): CLIP-L and CLIP-G side by side in channels 0..2047 of their
+    # 77-row chunks (zero-padded to 4096), then the T5-XXL rows stacked after them along the tokens (row group 1,
+    # no start token). The pooled vector is CLIP-L's and CLIP-G's (2048), left as the host makes it. A CLIP
+    # loaded without one of the encoders gives only the present ones' rows (nodes/encoding.py follows it).
+    # Training crop 512 as Flux's, for the same reason (docs/sd3.md).
+    Family("sd3", "SD3.5", (_CLIP_L, Encoder("g", "CLIP-G", 768, 1280),
+                            Encoder("t5xxl", "T5-XXL", 0, 4096, group=1, tokenizer="sentencepiece")),
+           "sd3", ("SD3",), ("flow",), 512, paper_refusal=_T5_PAPER.format(name="SD3.5"),
+           clip_loader="its checkpoint, or TripleCLIPLoader"),
 )}
+
+
+def names(last: str = " or ") -> str:
+    """The supported families' names as a sentence lists them: 'SD1.5, SD2.x, SDXL, Flux or Wan'."""
+    all_names = [f.name for f in FAMILIES.values()]
+    return ", ".join(all_names[:-1]) + last + all_names[-1] if len(all_names) > 1 else "".join(all_names)
+
+
+def resolutions() -> str:
+    """Train Residual's automatic crop per family: 'SD1.5 512, SD2.x-v 768, ...'."""
+    parts = []
+    for f in FAMILIES.values():
+        parts.append(f"{f.name} {f.resolution}")
+        if f.v_resolution:
+            parts.append(f"{f.name}-v {f.v_resolution}")
+    return ", ".join(parts)
 
 
 def family(key: str) -> Family:
@@ -147,22 +173,24 @@ def by_encoder_keys(keys) -> Family | None:
 
 
 def by_widths(widths: dict[str, int]) -> Family | None:
-    """The family whose encoders have exactly these widths, keyed by encoder ({"h": 1024} -> SD2.x; Flux's
-    {"t5xxl": 4096} and Wan's {"umt5xxl": 4096} differ by key). Two families with the same keys and widths would
-    be an error saying to name the family (a file's ``cones2.family`` metadata), never a silent pick."""
+    """The family whose encoders have exactly these widths ({"h": 1024} -> SD2.x); None for none. Two families
+    with the same widths (the tensors alone cannot tell them apart) are an error saying to name the family."""
     found = [f for f in FAMILIES.values() if f.widths == dict(widths)]
     if len(found) > 1:
-        raise Cones2Error(f"encoder widths {dict(widths)} fit several model families ("
-                          + ", ".join(f.name for f in found) + "); name the family (a residual file's "
-                          "'cones2.family' metadata: save it again with the Cones 2 nodes)")
+        names = " or ".join(f"{f.name} ('{f.key}')" for f in found)
+        raise Cones2Error(f"tensors of these widths could be {names}: the residual must name its family (the "
+                          "metadata 'cones2.family' of a .safetensors file); save it again with that key set")
     return found[0] if found else None
 
 
 def by_context_width(width: int) -> Family | None:
-    """The family whose whole conditioning is ``width`` channels wide; None when no family is, or several are
-    (Flux's T5-XXL and Wan's umT5-XXL are both 4096 wide: a width alone cannot tell them apart)."""
+    """The family whose whole conditioning is ``width`` channels wide; None for none, an error when several are
+    (Flux, SD3.5 and Wan all read 4096-wide text: the width alone cannot tell them apart)."""
     found = [f for f in FAMILIES.values() if f.width == width]
-    return found[0] if len(found) == 1 else None
+    if len(found) > 1:
+        raise Cones2Error(f"a {width}-wide conditioning could be " + " or ".join(f.name for f in found)
+                          + ": tell the family by the CLIP's encoders or the model's config instead")
+    return found[0] if found else None
 
 
 def article(name: str) -> str:

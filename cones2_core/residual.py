@@ -111,8 +111,12 @@ class Residual:
         label = f"{article(label)} {label}"
         keys = set(self.tensors)
         if keys != set(widths):
-            need = " and ".join(f"'{k}' ({w})" for k, w in widths.items())
-            need = f"both {need} tensors" if len(widths) == 2 else f"one {need} tensor"
+            parts = [f"'{k}' ({w})" for k, w in widths.items()]
+            need = " and ".join(parts)
+            if len(parts) > 2:  # SD3.5
+                need = f"the {', '.join(parts[:-1])} and {parts[-1]} tensors"
+            else:
+                need = f"both {need} tensors" if len(widths) == 2 else f"one {need} tensor"
             if not keys:
                 have = "none"
             elif keys < set(widths):
@@ -148,9 +152,13 @@ class Residual:
                     "The file is corrupt or not a Cones 2 residual"
                 )
             counts[key] = int(t.shape[0])
-        if len(set(counts.values())) > 1:
-            detail = ", ".join(f"'{k}' has {n}" for k, n in counts.items())
-            raise Cones2Error(f"all tensors of a residual need the same number of token rows; {detail}")
+        fam = family(self.family)  # encoders of one row group (SDXL's, SD3.5's CLIP-L and CLIP-G) share their rows;
+        for group in fam.groups:  # another group (SD3.5's T5) tokenises the word its own way
+            group_counts = {e.key: counts[e.key] for e in group}
+            if len(set(group_counts.values())) > 1:
+                detail = ", ".join(f"'{k}' has {n}" for k, n in group_counts.items())
+                raise Cones2Error(f"the tensors of encoders that share their rows need the same number of token "
+                                  f"rows; {detail}")
         for k, v in self.metadata.items():
             if not isinstance(k, str) or not isinstance(v, str):
                 raise Cones2Error(

@@ -6,6 +6,7 @@ import torch
 from comfy_api.latest import io
 
 from ..cones2_core.errors import Cones2Error
+from ..cones2_core.families import FAMILIES
 from ..cones2_core.figures import render_panel, share_inside
 from .common import CATEGORY
 from .guidance import specs_of
@@ -35,7 +36,7 @@ def attention_report(model) -> list[dict]:
 
 class Cones2AttentionMaps(io.ComfyNode):
     # The model families (cones2_core.families keys) it works with; its help page names each (tested).
-    SUPPORTED_FAMILIES = ("sd1", "sd2", "sdxl", "flux", "wan")
+    SUPPORTED_FAMILIES = tuple(FAMILIES)  # every family of the table
 
     @classmethod
     def define_schema(cls) -> io.Schema:

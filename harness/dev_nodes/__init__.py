@@ -1,4 +1,5 @@
-"""Development-only ComfyUI custom node package: the tiny Flux and Wan beds' text encoder loaders.
+"""Development-only ComfyUI custom node package: the tiny Flux and Wan beds' text encoder loaders, the tiny SD3.5
+bed's checkpoint loader.
 
 It exists only because the host's Flux text loader (DualCLIPLoader, type ``flux``) always builds the full
 T5-XXL (``comfy/text_encoders/t5_config_xxl.json``, 4.7 B parameters), which no test machine here can hold.
@@ -76,7 +77,6 @@ def load_tiny_wan_clip(umt5_path: str, embedding_directory=None):
     clip.load_sd(sd)
     return clip
 
-
 class Cones2DevTinyFluxCLIPLoader:
     """DualCLIPLoader (type flux) for the tiny bed's small T5; development only (see the module docstring)."""
 
@@ -102,6 +102,56 @@ class Cones2DevTinyFluxCLIPLoader:
                                     embedding_directory=folder_paths.get_folder_paths("embeddings")),)
 
 
+SD3_TE_CONFIG_KEY = "cones2.te_model_options"  # the tiny SD3.5 bed's metadata: its text encoders' config overrides
+
+
+def load_tiny_sd3_checkpoint(path: str, without=(), embedding_directory=None):
+    """(MODEL, CLIP, VAE) of the tiny SD3.5 bed's checkpoint through the host's checkpoint loader (what
+    CheckpointLoaderSimple calls), with the text encoder config overrides the file names in its metadata as the
+    host's ``te_model_options``; ``without``: encoders ("clip_l", "clip_g", "t5xxl") left out of the state dict,
+    as a checkpoint or loader without them gives the CLIP."""
+    import json
+
+    import comfy.sd
+    import comfy.utils
+
+    sd, metadata = comfy.utils.load_torch_file(path, safe_load=True, return_metadata=True)
+    if SD3_TE_CONFIG_KEY not in (metadata or {}):
+        raise ValueError(f"{path} is not a tiny SD3.5 bed checkpoint (no {SD3_TE_CONFIG_KEY} metadata); connect "
+                         "the bed's checkpoint")
+    prefixes = tuple(f"text_encoders.{name}." for name in without)
+    if prefixes:
+        sd = {k: v for k, v in sd.items() if not k.startswith(prefixes)}
+    model, clip, vae, _ = comfy.sd.load_state_dict_guess_config(
+        sd, output_vae=True, output_clip=True, embedding_directory=embedding_directory,
+        te_model_options=json.loads(metadata[SD3_TE_CONFIG_KEY]), metadata=metadata)
+    return model, clip, vae
+
+
+class Cones2DevTinySD3CheckpointLoader:
+    """CheckpointLoaderSimple for the tiny SD3.5 bed (harness/tiny_sd3.py): the host's checkpoint loader with the
+    text encoder config overrides the file names in its metadata; development only."""
+
+    DESCRIPTION = ("Development only: loads the tiny SD3.5 test bed's checkpoint (the host's SD3 loader always builds "
+                   "the full T5-XXL and CLIP-G).")
+    RETURN_TYPES = ("MODEL", "CLIP", "VAE")
+    FUNCTION = "load"
+    CATEGORY = "_for_testing/cones2_dev"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        import folder_paths
+
+        return {"required": {"ckpt_name": (folder_paths.get_filename_list("checkpoints"),
+                                           {"tooltip": "the bed's checkpoint"})}}
+
+    def load(self, ckpt_name):
+        import folder_paths
+
+        return load_tiny_sd3_checkpoint(folder_paths.get_full_path_or_raise("checkpoints", ckpt_name),
+                               embedding_directory=folder_paths.get_folder_paths("embeddings"))
+
+
 class Cones2DevTinyWanCLIPLoader:
     """CLIPLoader (type wan) for the tiny Wan bed's small umT5; development only (see load_tiny_wan_clip)."""
 
@@ -124,8 +174,9 @@ class Cones2DevTinyWanCLIPLoader:
         return (load_tiny_wan_clip(folder_paths.get_full_path_or_raise("text_encoders", umt5_name),
                                    embedding_directory=folder_paths.get_folder_paths("embeddings")),)
 
-
 NODE_CLASS_MAPPINGS = {"Cones2DevTinyFluxCLIPLoader": Cones2DevTinyFluxCLIPLoader,
+                       "Cones2DevTinySD3CheckpointLoader": Cones2DevTinySD3CheckpointLoader,
                        "Cones2DevTinyWanCLIPLoader": Cones2DevTinyWanCLIPLoader}
 NODE_DISPLAY_NAME_MAPPINGS = {"Cones2DevTinyFluxCLIPLoader": "Cones2 DEV Tiny Flux CLIP Loader",
+                              "Cones2DevTinySD3CheckpointLoader": "Cones2 DEV Tiny SD3.5 Checkpoint Loader",
                               "Cones2DevTinyWanCLIPLoader": "Cones2 DEV Tiny Wan CLIP Loader"}

@@ -86,9 +86,11 @@ class Cones2JointAttention:
         opts = kwargs.get("transformer_options") or {}
         groups = active_groups(opts)
         grid = opts.get(GRID_KEY)
-        if not groups or grid is None or len(args) < 4:
+        # heads: positional (Flux: optimized_attention(q, k, v, heads, ...)) or a keyword (SD3.5's MMDiT: heads=...)
+        heads = args[3] if len(args) > 3 else kwargs.get("heads")
+        if not groups or grid is None or len(args) < 3 or heads is None:
             return base(*args, **kwargs)
-        q, k, v, heads = args[:4]
+        q, k, v = args[:3]
         skip = bool(kwargs.get("skip_reshape"))
         if q.dim() != (4 if skip else 3) or q.shape != k.shape:
             return base(*args, **kwargs)
@@ -113,7 +115,7 @@ class Cones2JointAttention:
             if gw != 0:
                 bias = joint_bias(q4, k4, txt, n, wm, flow_sigma(sig), gw, text_queries=CONFINE_TEXT_QUERIES)
                 full = bias if host_mask is None else bias + host_mask.float()
-                res = base(qs, ks, vs, heads, *args[4:], **{**kwargs, "mask": full.to(q.dtype)})
+                res = base(qs, ks, vs, *args[3:], **{**kwargs, "mask": full.to(q.dtype)})
             record_maps(g, h, w, lambda tokens: token_mass(q4, k4, full, txt, n, tokens))
             return res
 

@@ -14,7 +14,14 @@ import torch
 from comfyui_cones2.cones2_core.errors import Cones2Error
 from harness.beds import BEDS
 from harness.host import build
-from harness.test_helpers import blob_images, independent_rows, logged, text_encode
+from harness.test_helpers import (
+    blob_images,
+    independent_context_rows,
+    independent_rows,
+    logged,
+    text_encode,
+    word_context_rows,
+)
 
 TWO_BOXES = ('{"version":1,"boxes":[{"subject":"dog","x":0.0,"y":0.0,"w":0.5,"h":1.0},'
              '{"subject":"cat","x":0.5,"y":0.1,"w":0.5,"h":0.9}]}')
@@ -91,9 +98,10 @@ def test_no_residuals_is_clip_text_encode_and_records_every_words_rows(pack, bed
     record = out[0][1]["cones2"]
     assert record.family == spec.family and record.n_tokens == ref[0][0].shape[1]
     fam = pack.cones2_core.families.FAMILIES[spec.family]
-    for word in ("photo", "dog", "cat", "another"):
+    for word in ("photo", "dog", "cat", "another"):  # every encoder's rows (SD3.5: its CLIP rows and its T5 rows)
+        assert list(record.words[word]) == word_context_rows(clip, WEIGHTED, word, fam), word
         for enc in fam.encoders:
-            assert list(record.words[word]) == independent_rows(clip, WEIGHTED, word, enc.key), (word, enc.key)
+            assert set(independent_context_rows(clip, WEIGHTED, word, fam, enc.key)) <= set(record.words[word])
     assert len(independent_rows(clip, WEIGHTED, "dog", fam.encoders[0].key)) == 2  # both dogs, weighted or not
 
 
@@ -109,13 +117,12 @@ def test_residual_added_exactly_at_the_subjects_rows_of_every_encoder(pack, bed)
     expected = base.clone()
     for res in (dog, cat):
         for enc in fam.encoders:
-            for row in independent_rows(clip, WEIGHTED, res.subject, enc.key):
+            for row in independent_context_rows(clip, WEIGHTED, res.subject, fam, enc.key):
                 block = expected[0, row, enc.offset:enc.offset + enc.width]
                 expected[0, row, enc.offset:enc.offset + enc.width] = block + res.tensors[enc.key][0] * res.strength
     torch.testing.assert_close(out, expected, rtol=0, atol=1e-5)
     changed = (out != base).any(-1)[0].nonzero().flatten().tolist()
-    assert changed == sorted(independent_rows(clip, WEIGHTED, "dog", fam.encoders[0].key)
-                             + independent_rows(clip, WEIGHTED, "cat", fam.encoders[0].key))
+    assert changed == sorted(word_context_rows(clip, WEIGHTED, "dog", fam) + word_context_rows(clip, WEIGHTED, "cat", fam))
 
 
 def test_a_residual_of_another_family_is_refused(pack, bed):
