@@ -59,11 +59,10 @@ def _rows_of(mask, rows, batch):
 
 def as_heads(x, heads: int, skip_reshape: bool):
     """q, k or v as the core takes them, [B, heads, L, d]: as given with ``skip_reshape``, else from [B, L, heads*d]
-    (a view)."""
+    or [B, L, heads, d] (SD3.5's MMDiT hands v unflattened), as the host's attention reads them (a view)."""
     if skip_reshape:
         return x
-    b, length, c = x.shape
-    return x.view(b, length, heads, c // heads).transpose(1, 2)
+    return x.reshape(x.shape[0], x.shape[1], heads, -1).transpose(1, 2)
 
 
 class Cones2JointAttention:
