@@ -283,7 +283,9 @@ class Trainer:
             every = max(1, s.steps // PREVIEW_UPDATES)
             for step in range(s.steps):
                 mm.throw_exception_if_processing_interrupted()
-                x0 = latent_batch(self.latents, self.size, s.batch_size, gen)
+                # paper mode crops as the reference does (no flips: they would mirror text and logos); fast mode
+                # (ours) keeps its random horizontal flips
+                x0 = latent_batch(self.latents, self.size, s.batch_size, gen, flip=not paper)
                 noise = torch.randn(x0.shape, generator=gen).to(self.device)
                 sigma = sample_sigmas(self.sigmas, s.batch_size, gen).to(self.device)
                 loss = self._step_or_checkpoint(frozen_model, opt, params, context, frozen_ctx, x0, noise, sigma,

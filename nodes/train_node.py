@@ -160,7 +160,8 @@ class Cones2TrainResidual(io.ComfyNode):
                 io.Float.Input("preservation_weight_start", default=1e-2, min=0.0, max=10.0, step=1e-5,
                                tooltip="Paper mode: weight of ||e_0 - e*_0|| (start token keeps its embedding). "
                                        "It is weighed against the diffusion loss: if the residual learns little, "
-                                       "lower both weights (docs/training.md)."),
+                                       "lower both weights (docs/training.md). The default 1e-2 (and 1e-3 for the "
+                                       "rest) is the reference README's command; its script's defaults are half."),
                 io.Float.Input("preservation_weight_rest", default=1e-3, min=0.0, max=10.0, step=1e-6,
                                tooltip="Paper mode: weight of ||e_{1+n:} - e*_{1+n:}|| (tokens after the subject "
                                        "keep their embeddings). Weighed against the diffusion loss, as the start "
@@ -168,7 +169,8 @@ class Cones2TrainResidual(io.ComfyNode):
                 io.Int.Input("resolution", default=0, min=0, max=2048, step=64,
                              tooltip=f"Training crop size in pixels; 0 = automatic ({resolutions()}; Wan's frames are "
                                      "trained as stills). Images are resized so their short side matches, then "
-                                     "randomly cropped and flipped."),
+                                     "randomly cropped (fast mode also flips half the crops; paper mode does not, "
+                                     "as the reference)."),
                 io.Int.Input("batch_size", default=1, min=1, max=64, tooltip="Crops per step (the paper uses 1)."),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF,
                              tooltip="Seed of the crops, noise and timesteps: the same seed gives the same "
