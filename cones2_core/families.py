@@ -12,7 +12,11 @@ from dataclasses import dataclass
 
 from .errors import Cones2Error
 
-TOKENIZERS = ("clip_bpe", "sentencepiece")  # the kinds of tokenizer a family's encoders can have
+# The kinds of tokenizer a family's encoders can have: "clip_bpe" (CLIP's BPE, end-of-word marks, start/end tokens),
+# "sentencepiece" (T5, no start token), "byte_bpe" (a GPT-style byte-level BPE without end-of-word marks, as an
+# LLM's: a word is one token sequence after a space and another at the start or after a bracket, " dog" / "dog",
+# so its rows are found by what the tokens spell, at word boundaries).
+TOKENIZERS = ("clip_bpe", "sentencepiece", "byte_bpe")
 
 
 @dataclass(frozen=True)
@@ -30,7 +34,7 @@ class Encoder:
     offset: int  # first channel
     width: int  # channels
     group: int = 0  # row group (see above)
-    tokenizer: str = "clip_bpe"  # "clip_bpe": byte-level BPE with start/end tokens; "sentencepiece": T5, no start
+    tokenizer: str = "clip_bpe"  # one of TOKENIZERS
     skip_rows: int = 0  # leading token rows the host drops before the encoder's output
 
     def __post_init__(self) -> None:
@@ -110,6 +114,19 @@ FAMILIES: dict[str, Family] = {f.key: f for f in (
     Family("flux", "Flux", (Encoder("t5xxl", "T5-XXL", 0, 4096, tokenizer="sentencepiece"),), "flux", ("Flux",),
            ("flow",), 512, chunk=None, pooled_only=("l",), distilled_guidance=True,
            paper_refusal=_T5_PAPER.format(name="Flux")),
+    # Qwen-Image: the rows of Qwen2.5-VL-7B's last hidden state after the chat template's prefix, which the host
+    # drops (comfy/text_encoders/qwen_image.py, encode_token_weights: up to the second <|im_start|> and its
+    # "user\n", 34 tokens of the plain template); the template's tail (<|im_end|>\n<|im_start|>assistant\n, 5
+    # tokens) stays in the conditioning. One joint-attention sequence [text, image] like Flux's; no pooled vector,
+    # no distilled guidance (real CFG). Training crop 512 as Flux (native 1328).
+    Family("qwen_image", "Qwen-Image", (Encoder("qwen25_7b", "Qwen2.5-VL-7B", 0, 3584, tokenizer="byte_bpe",
+                                                skip_rows=34),), "qwen_image", ("QwenImage",), ("flow",), 512,
+           chunk=None,
+           paper_refusal=("paper mode fine-tunes the whole text encoder, which on Qwen-Image is Qwen2.5-VL-7B (7.6 B "
+                          "parameters in its language model: about 91 GB for their float32 weights and AdamW's two "
+                          "moments, before any activation, besides the 20 B-parameter diffusion model); set mode to "
+                          "'fast', which optimises the residual at the subject's rows of the LLM's output directly "
+                          "against Qwen-Image's own flow-matching loss")),
 )}
 
 
@@ -135,8 +152,16 @@ def by_encoder_keys(keys) -> Family | None:
 
 
 def by_widths(widths: dict[str, int]) -> Family | None:
-    """The family whose encoders have exactly these widths ({"h": 1024} -> SD2.x)."""
-    return next((f for f in FAMILIES.values() if f.widths == dict(widths)), None)
+    """The family whose encoders have exactly these widths ({"h": 1024} -> SD2.x); None for none. Two families
+    whose encoders have the same keys and widths cannot be told apart this way: an error that says so (a file
+    without ``cones2.family`` metadata then needs it)."""
+    found = [f for f in FAMILIES.values() if f.widths == dict(widths)]
+    if len(found) > 1:
+        names = " and ".join(f"{f.name} ('{f.key}')" for f in found)
+        raise Cones2Error(f"encoders {dict(widths)} are those of {names}: the residual's family cannot be told from "
+                          "its widths; give the file its family in the metadata key 'cones2.family' (the pack's nodes "
+                          "always write it)")
+    return found[0] if found else None
 
 
 def by_context_width(width: int) -> Family | None:

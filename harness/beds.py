@@ -65,4 +65,5 @@ BEDS: dict[str, Bed] = {b.family: b for b in (
     Bed("sd2", "tiny_checkpoints", 4, 5.0),
     Bed("sdxl", "tiny_checkpoints", 4, 5.0),
     Bed("flux", "tiny_flux", 16, 1.0, supports=FEATURES - {"train_paper", "self_recurrence"}, short_text=True),
+    Bed("qwen_image", "tiny_qwen_image", 16, 2.5, supports=FEATURES - {"train_paper", "self_recurrence"}),
 )}

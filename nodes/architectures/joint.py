@@ -73,7 +73,9 @@ class Cones2JointAttention:
         n = h * w
         if q.shape[2 if skip else 1] < txt + n:  # not the model's joint attention (a shorter sequence): leave it
             return base(*args, **kwargs)
-        mask = kwargs.get("mask")
+        # The host passes the mask by keyword (Flux) or fifth by position (Qwen-Image's optimized_attention_masked).
+        mask = args[4] if len(args) > 4 else kwargs.get("mask")
+        rest, named = args[5:], {k: v for k, v in kwargs.items() if k != "mask"}
 
         def attend(g):
             rows, sig = g.tensors(q.device)
@@ -86,7 +88,7 @@ class Cones2JointAttention:
                 bias = joint_bias(q4, k4, txt, n, wm, flow_sigma(sig), g.spec.guidance_weight,
                                   text_queries=CONFINE_TEXT_QUERIES)
                 full = bias if host_mask is None else bias + host_mask.float()
-                res = base(qs, ks, vs, heads, *args[4:], **{**kwargs, "mask": full.to(q.dtype)})
+                res = base(qs, ks, vs, heads, full.to(q.dtype), *rest, **named)
             record_maps(g, h, w, lambda tokens: token_mass(q4, k4, full, txt, n, tokens))
             return res
 
