@@ -73,9 +73,15 @@ class Cones2JointAttention:
         n = h * w
         if q.shape[2 if skip else 1] < txt + n:  # not the model's joint attention (a shorter sequence): leave it
             return base(*args, **kwargs)
-        # The host passes the mask by keyword (Flux) or fifth by position (Qwen-Image's optimized_attention_masked).
-        mask = args[4] if len(args) > 4 else kwargs.get("mask")
-        rest, named = args[5:], {k: v for k, v in kwargs.items() if k != "mask"}
+        # The host passes the mask by keyword (Flux) or fifth by position (Qwen-Image's optimized_attention_masked);
+        # ours goes where the host's was.
+        positional = len(args) > 4
+        mask = args[4] if positional else kwargs.get("mask")
+
+        def call_masked(qs, ks, vs, m):
+            if positional:
+                return base(qs, ks, vs, args[3], m, *args[5:], **kwargs)
+            return base(qs, ks, vs, args[3], *args[4:], **{**kwargs, "mask": m})
 
         def attend(g):
             rows, sig = g.tensors(q.device)
@@ -88,7 +94,7 @@ class Cones2JointAttention:
                 bias = joint_bias(q4, k4, txt, n, wm, flow_sigma(sig), g.spec.guidance_weight,
                                   text_queries=CONFINE_TEXT_QUERIES)
                 full = bias if host_mask is None else bias + host_mask.float()
-                res = base(qs, ks, vs, heads, full.to(q.dtype), *rest, **named)
+                res = call_masked(qs, ks, vs, full.to(q.dtype))
             record_maps(g, h, w, lambda tokens: token_mass(q4, k4, full, txt, n, tokens))
             return res
 
