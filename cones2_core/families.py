@@ -110,6 +110,12 @@ FAMILIES: dict[str, Family] = {f.key: f for f in (
     Family("flux", "Flux", (Encoder("t5xxl", "T5-XXL", 0, 4096, tokenizer="sentencepiece"),), "flux", ("Flux",),
            ("flow",), 512, chunk=None, pooled_only=("l",), distilled_guidance=True,
            paper_refusal=_T5_PAPER.format(name="Flux")),
+    # Chroma (Flux-derived, docs/chroma.md): T5-XXL alone (the host's CLIPLoader type chroma: tokenizer key
+    # "t5xxl", no pooled CLIP, no padding), real CFG (no distilled guidance input), Flux's joint attention with its
+    # own modulation. Its T5 rows are 4096 wide like Flux's: a residual file without cones2.family metadata cannot
+    # tell the two apart (by_widths / residual.family_from_widths refuse to guess).
+    Family("chroma", "Chroma", (Encoder("t5xxl", "T5-XXL", 0, 4096, tokenizer="sentencepiece"),), "chroma",
+           ("Chroma",), ("flow",), 512, chunk=None, paper_refusal=_T5_PAPER.format(name="Chroma")),
 )}
 
 
@@ -134,14 +140,23 @@ def by_encoder_keys(keys) -> Family | None:
     return next((f for f in FAMILIES.values() if f.tokenizer_keys == keys), None)
 
 
+def families_by_widths(widths: dict[str, int]) -> tuple[Family, ...]:
+    """Every family whose encoders have exactly these widths (Flux and Chroma share {"t5xxl": 4096})."""
+    return tuple(f for f in FAMILIES.values() if f.widths == dict(widths))
+
+
 def by_widths(widths: dict[str, int]) -> Family | None:
-    """The family whose encoders have exactly these widths ({"h": 1024} -> SD2.x)."""
-    return next((f for f in FAMILIES.values() if f.widths == dict(widths)), None)
+    """The one family whose encoders have exactly these widths ({"h": 1024} -> SD2.x); None when no family or
+    several have them (families_by_widths lists those)."""
+    found = families_by_widths(widths)
+    return found[0] if len(found) == 1 else None
 
 
 def by_context_width(width: int) -> Family | None:
-    """The family whose whole conditioning is ``width`` channels wide."""
-    return next((f for f in FAMILIES.values() if f.width == width), None)
+    """The one family whose whole conditioning is ``width`` channels wide; None for none or several (4096: Flux
+    and Chroma)."""
+    found = [f for f in FAMILIES.values() if f.width == width]
+    return found[0] if len(found) == 1 else None
 
 
 def article(name: str) -> str:

@@ -26,7 +26,7 @@ from safetensors import safe_open
 from safetensors.torch import save as st_save
 
 from .errors import Cones2Error, short
-from .families import FAMILIES, article, by_reference_width, by_widths, family, family_name
+from .families import FAMILIES, article, by_reference_width, families_by_widths, family, family_name
 
 log = logging.getLogger("comfyui-cones2")
 
@@ -162,10 +162,18 @@ class Residual:
 
 
 def family_from_widths(widths: dict[str, int]) -> str:
-    """The family key whose encoders match ``widths`` exactly (e.g. ``{"h": 1024}`` -> ``"sd2"``)."""
-    found = by_widths(widths)
-    if found is not None:
-        return found.key
+    """The family key whose encoders match ``widths`` exactly (e.g. ``{"h": 1024}`` -> ``"sd2"``), for a file
+    without ``cones2.family`` metadata. Widths that several families share (Flux's and Chroma's T5-XXL, 4096) are
+    refused with what to set, rather than guessed: a residual trained for one family is not the other's."""
+    found = families_by_widths(widths)
+    if len(found) == 1:
+        return found[0].key
+    if found:
+        got = ", ".join(f"'{k}' {w}" for k, w in sorted(widths.items()))
+        keys = " or ".join(f"'{f.key}'" for f in found)
+        raise Cones2Error(f"tensor widths ({got}) fit {' and '.join(f.name for f in found)}, and the file has no "
+                          f"'{META_PREFIX}family' metadata to say which: re-save it with the metadata "
+                          f"'{META_PREFIX}family' set to {keys} (the family it was trained for)")
     known = "; ".join(
         f"{f.name}: " + ", ".join(f"'{k}' {w}" for k, w in f.widths.items()) for f in FAMILIES.values()
     )
@@ -271,9 +279,12 @@ def _load_safetensors(path: str, subject: str | None) -> Residual:
             f"{name} uses Cones 2 residual format {version!r}, but this version reads format "
             f"{FORMAT_VERSION!r}; update comfyui-cones2"
         )
-    family = metadata.get(f"{META_PREFIX}family") or family_from_widths(
-        {k: int(t.shape[-1]) for k, t in tensors.items() if t.ndim}
-    )
+    family = metadata.get(f"{META_PREFIX}family")
+    if not family:
+        try:
+            family = family_from_widths({k: int(t.shape[-1]) for k, t in tensors.items() if t.ndim})
+        except Cones2Error as e:
+            raise Cones2Error(f"{name}: {e}") from e
     stored_subject = metadata.get(f"{META_PREFIX}subject", "")
     if subject is None and not stored_subject.strip():
         raise Cones2Error(f"{name} names no subject word; pass the class word (e.g. 'dog') explicitly")

@@ -18,7 +18,7 @@ FEATURES = frozenset({"residuals", "guidance", "maps", "train_fast", "train_pape
 @dataclass(frozen=True)
 class Bed:
     family: str  # the key of its record in cones2_core.families.FAMILIES
-    builder: str  # the harness module whose build gives its files: "tiny_checkpoints" or "tiny_flux"
+    builder: str  # the harness module whose build gives its files: "tiny_checkpoints", "tiny_flux", "tiny_chroma"
     latent_channels: int
     cfg: float  # the CFG its models sample at (Flux: 1, its guidance is distilled)
     supports: frozenset = FEATURES
@@ -65,4 +65,6 @@ BEDS: dict[str, Bed] = {b.family: b for b in (
     Bed("sd2", "tiny_checkpoints", 4, 5.0),
     Bed("sdxl", "tiny_checkpoints", 4, 5.0),
     Bed("flux", "tiny_flux", 16, 1.0, supports=FEATURES - {"train_paper", "self_recurrence"}, short_text=True),
+    # Chroma: real CFG (no distilled guidance), its T5 pads nothing (short already)
+    Bed("chroma", "tiny_chroma", 16, 4.0, supports=FEATURES - {"train_paper", "self_recurrence"}),
 )}

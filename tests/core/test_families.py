@@ -12,6 +12,7 @@ from comfyui_cones2.cones2_core.families import (
     by_encoder_keys,
     by_reference_width,
     by_widths,
+    families_by_widths,
     family,
     family_name,
 )
@@ -29,8 +30,10 @@ def test_each_record_is_consistent_and_found_by_every_lookup(key):
     assert by_encoder_keys([*f.conditioning_keys, *f.pooled_only]) is f
     assert f.conditioning_keys == tuple(e.key for e in f.encoders) and not set(f.pooled_only) & set(f.conditioning_keys)
     assert f.chunk is None or f.chunk > 0
-    assert by_widths(f.widths) is f
-    assert by_context_width(f.width) is f
+    assert f in families_by_widths(f.widths)
+    shared = [g for g in FAMILIES.values() if g.widths == f.widths]
+    assert by_widths(f.widths) is (f if shared == [f] else None)  # several (Flux, Chroma): no guess
+    assert by_context_width(f.width) is (f if [g for g in FAMILIES.values() if g.width == f.width] == [f] else None)
     if f.reference_width is not None:
         assert by_reference_width(f.reference_width) is f
     assert f.describe().startswith(f.name)
@@ -52,6 +55,15 @@ def test_lookups_refuse_what_no_record_has():
     assert by_context_width(max(widths) + 1) is None and by_context_width(0) is None
     assert by_reference_width(0) is None
     assert by_encoder_keys({"l", "g", "t5xxl"}) is None  # SD3's tokenizer: no family of ours
+
+
+def test_widths_several_families_share_find_none_of_them():
+    """Flux and Chroma: one T5-XXL of width 4096 each; only the tokenizer keys ({"l", "t5xxl"} vs {"t5xxl"}) and
+    a file's cones2.family metadata tell them apart."""
+    flux, chroma = FAMILIES["flux"], FAMILIES["chroma"]
+    assert families_by_widths({"t5xxl": 4096}) == (flux, chroma)
+    assert by_widths({"t5xxl": 4096}) is None and by_context_width(4096) is None
+    assert by_encoder_keys({"t5xxl"}) is chroma and by_encoder_keys({"l", "t5xxl"}) is flux
 
 
 def test_family_names_and_refusals_come_from_the_table():
