@@ -59,11 +59,12 @@ class InPlaceSafe(torch.overrides.TorchFunctionMode):
 
 def _private_inputs(forward):
     """``forward`` on copies of its tensor arguments: a block that adds into its input in place must not change
-    the checkpoint's saved input (its recomputation starts from it)."""
+    the checkpoint's saved input (its recomputation starts from it), nor make an input that needed no gradient
+    need one (the first block's image stream: the recomputation would then record a different graph)."""
 
     def run(*args, **kwargs):
-        args = tuple(a.clone() if isinstance(a, torch.Tensor) and a.requires_grad else a for a in args)
-        kwargs = {k: v.clone() if isinstance(v, torch.Tensor) and v.requires_grad else v for k, v in kwargs.items()}
+        args = tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args)
+        kwargs = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
         with InPlaceSafe():
             return forward(*args, **kwargs)
 
