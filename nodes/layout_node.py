@@ -138,7 +138,7 @@ def build_spec(model, conditioning, layout, guidance_weight, positive_weight, ne
 
 class Cones2LayoutGuidance(io.ComfyNode):
     # The model families (cones2_core.families keys) it works with; its help page names each (tested).
-    SUPPORTED_FAMILIES = ("sd1", "sd2", "sdxl", "flux")
+    SUPPORTED_FAMILIES = ("sd1", "sd2", "sdxl", "flux", "chroma")
 
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -153,7 +153,7 @@ class Cones2LayoutGuidance(io.ComfyNode):
                 "subject's box and negative_weight outside it, for the subject's tokens. Returns a patched "
                 "copy of the model (the input model is unchanged) and the conditioning to sample with."),
             inputs=[
-                io.Model.Input("model", tooltip="The model to guide (SD1.5, SD2.x, SDXL or Flux). It is cloned, not changed."),
+                io.Model.Input("model", tooltip="The model to guide (SD1.5, SD2.x, SDXL, Flux or Chroma). It is cloned, not changed."),
                 io.Conditioning.Input("conditioning", tooltip="The positive prompt, from Cones2 Apply Residuals to "
                                       "Conditioning (with or without residuals)."),
                 io.String.Input("layout", default=DEFAULT_LAYOUT, multiline=True,

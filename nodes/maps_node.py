@@ -33,7 +33,7 @@ def attention_report(model) -> list[dict]:
 
 class Cones2AttentionMaps(io.ComfyNode):
     # The model families (cones2_core.families keys) it works with; its help page names each (tested).
-    SUPPORTED_FAMILIES = ("sd1", "sd2", "sdxl", "flux")
+    SUPPORTED_FAMILIES = ("sd1", "sd2", "sdxl", "flux", "chroma")
 
     @classmethod
     def define_schema(cls) -> io.Schema:

@@ -29,7 +29,7 @@ def find_residual_file(name: str) -> str:
 
 class Cones2LoadResidual(io.ComfyNode):
     # The model families (cones2_core.families keys) it works with; its help page names each (tested).
-    SUPPORTED_FAMILIES = ("sd1", "sd2", "sdxl", "flux")
+    SUPPORTED_FAMILIES = ("sd1", "sd2", "sdxl", "flux", "chroma")
 
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -43,8 +43,8 @@ class Cones2LoadResidual(io.ComfyNode):
                 "stack subjects, then connect the chain to Apply Residuals to Conditioning."),
             inputs=[
                 io.Combo.Input("residual_name", options=folder_paths.get_filename_list(FOLDER),
-                               tooltip="A .safetensors residual written by Train Residual (SD1.5, SD2.x, SDXL "
-                                       "or Flux), or a reference .pt (SD2.1, 1024 floats), loaded safely (no "
+                               tooltip="A .safetensors residual written by Train Residual (SD1.5, SD2.x, SDXL, "
+                                       "Flux or Chroma), or a reference .pt (SD2.1, 1024 floats), loaded safely (no "
                                        "pickled code)."),
                 io.Float.Input("strength", default=1.0, min=-10.0, max=10.0, step=0.05,
                                tooltip="Scale of the residual: 1.0 as trained; lower it if the subject dominates."),
@@ -73,7 +73,7 @@ class Cones2LoadResidual(io.ComfyNode):
 
 class Cones2ApplyResiduals(io.ComfyNode):
     # The model families (cones2_core.families keys) it works with; its help page names each (tested).
-    SUPPORTED_FAMILIES = ("sd1", "sd2", "sdxl", "flux")
+    SUPPORTED_FAMILIES = ("sd1", "sd2", "sdxl", "flux", "chroma")
 
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -84,12 +84,13 @@ class Cones2ApplyResiduals(io.ComfyNode):
             description=(
                 "Encodes the prompt exactly as CLIP Text Encode does, then adds each residual at every "
                 "occurrence of its subject word (all 77-token chunks, weighted words, SDXL's two encoders, Flux's "
-                "T5 rows; the pooled output is left as the host made it). "
+                "and Chroma's T5 rows; the pooled output is left as the host made it). "
                 "Any number of subjects compose without retraining. The output also records where each word "
                 "of the prompt sits, so Layout Guidance can bind boxes to words."),
             inputs=[
-                io.Clip.Input("clip", tooltip="The CLIP of an SD1.5, SD2.x or SDXL checkpoint, or Flux's "
-                                              "(DualCLIPLoader, type flux: CLIP-L + T5-XXL)."),
+                io.Clip.Input("clip", tooltip="The CLIP of an SD1.5, SD2.x or SDXL checkpoint, Flux's "
+                                              "(DualCLIPLoader, type flux: CLIP-L + T5-XXL) or Chroma's "
+                                              "(CLIPLoader, type chroma: T5-XXL)."),
                 io.String.Input("text", multiline=True, dynamic_prompts=True,
                                 tooltip="The prompt; it must contain each residual's subject word, e.g. "
                                         "'a dog and a cat on a sofa'."),

@@ -116,7 +116,7 @@ def prepare_destination(save_name: str) -> str:
 
 class Cones2TrainResidual(io.ComfyNode):
     # The model families (cones2_core.families keys) it works with; its help page names each (tested).
-    SUPPORTED_FAMILIES = ("sd1", "sd2", "sdxl", "flux")
+    SUPPORTED_FAMILIES = ("sd1", "sd2", "sdxl", "flux", "chroma")
 
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -131,10 +131,10 @@ class Cones2TrainResidual(io.ComfyNode):
                 "text encoder exactly as the Cones 2 paper (diffusion loss + text-embedding preservation loss, "
                 "prompt = the class word alone), then averages the change of the subject's output embedding "
                 "over 27 prompt templates. 'fast' mode (our addition) optimises that output-space residual "
-                "directly against the same diffusion loss. On Flux only 'fast' mode trains (against Flux's own "
-                "flow-matching loss, at the T5 rows of the subject). Your MODEL and CLIP are not changed."),
+                "directly against the same diffusion loss. On Flux and Chroma only 'fast' mode trains (against "
+                "the model's own flow-matching loss, at the T5 rows of the subject). Your MODEL and CLIP are not changed."),
             inputs=[
-                io.Model.Input("model", tooltip="The diffusion model of an SD1.5, SD2.x, SDXL or Flux checkpoint "
+                io.Model.Input("model", tooltip="The diffusion model of an SD1.5, SD2.x, SDXL, Flux or Chroma checkpoint "
                                                 "(kept frozen; gradients only flow through it)."),
                 io.Clip.Input("clip", tooltip="The matching CLIP; a private copy is fine-tuned, yours is unchanged."),
                 io.Vae.Input("vae", tooltip="The checkpoint's VAE, to encode the training images once."),
@@ -157,7 +157,7 @@ class Cones2TrainResidual(io.ComfyNode):
                                        "weight."),
                 io.Int.Input("resolution", default=0, min=0, max=2048, step=64,
                              tooltip="Training crop size in pixels; 0 = automatic (SD1.5 512, SD2.x-v 768, "
-                                     "SDXL 1024, Flux 512). Images are resized so their short side matches, then "
+                                     "SDXL 1024, Flux and Chroma 512). Images are resized so their short side matches, then "
                                      "randomly cropped and flipped."),
                 io.Int.Input("batch_size", default=1, min=1, max=64, tooltip="Crops per step (the paper uses 1)."),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF,
