@@ -7,11 +7,13 @@
 Builds (or reuses) the tiny random-weight checkpoints (and the tiny Flux bed, harness/tiny_flux.py), loads them
 through the real host in-process, and alternates plain, guided and guided-and-recorded sampling of the same
 prompt and seed; prints one table of median times and their ratios to plain (targets for guided: at most 1.05
-on the UNets, 1.10 on Flux). Flux samples at CFG 1 (as Flux is used) with T5 padded to ``--flux-tokens``. Chroma
+on the UNets, 1.10 on Flux). Flux samples at CFG 1 (as Flux is used) with T5 padded to ``--flux-tokens``. The
+machine is noisy: compare the ratio, not the absolute seconds. On joint-attention families the last column is
+guided sampling through the dense-mask path (``nodes/architectures/joint.py`` EXACT off: what the guided rows take
+when another pack's attention override sits inside ours). Chroma
 (harness/tiny_chroma.py, at ``--flux-size``) samples at CFG 4 with an unpadded T5 and a shorter negative (separate
 cond and uncond calls, as Chroma is used); its approximator is memoised by the bed after the warm-up, so the times
-are the blocks' (guidance never touches the approximator). The machine is noisy: compare the ratio, not the
-absolute seconds.
+are the blocks' (guidance never touches the approximator).
 """
 
 from __future__ import annotations
@@ -84,26 +86,31 @@ def main(argv=None) -> int:
                                             record_maps=True).result
         latent = {"samples": torch.zeros(1, channels, size // 8, size // 8)}
 
-        def run(m, p, latent=latent, neg=neg, cfg=cfg):
+        def run(m, p, exact=True, latent=latent, neg=neg, cfg=cfg):
+            pack.nodes.architectures.joint.EXACT = exact
             t, c = time.perf_counter(), time.process_time()
             host_nodes.common_ksampler(m, 0, args.steps, cfg, "euler", "normal", p, neg, latent, disable_noise=False)
             return time.perf_counter() - t, time.process_time() - c
 
-        runs = ((model, pos), (guided, gpos), (recorded, rpos))
-        for m, p in runs:  # warm-up
-            run(m, p)
+        runs = [(model, pos, True), (guided, gpos, True), (recorded, rpos, True)]
+        joint = pack.cones2_core.families.FAMILIES[fam].architecture != "unet"
+        if joint:  # the joint attention's dense-mask path, for comparison (the path another pack's override gets)
+            runs.append((guided, gpos, False))
+        for m, p, exact in runs:  # warm-up
+            run(m, p, exact)
         times = [[] for _ in runs]
         for _ in range(args.repeats):
-            for t, (m, p) in zip(times, runs, strict=True):
-                t.append(run(m, p))
+            for t, (m, p, exact) in zip(times, runs, strict=True):
+                t.append(run(m, p, exact))
         wall = [statistics.median(x[0] for x in t) for t in times]
         cpu = [statistics.median(x[1] for x in t) for t in times]
         rows.append((fam, size, args.steps, wall, cpu))
     lines = [f"{'family':8} {'size':>5} {'steps':>5} {'plain s':>8} {'guided':>7} {'+maps':>7} "
-             f"{'guided cpu':>10} {'+maps cpu':>9}"]
+             f"{'guided cpu':>10} {'+maps cpu':>9} {'dense':>7}"]
     for fam, size, steps, wall, cpu in rows:
+        dense = f"{wall[3] / wall[0]:7.3f}" if len(wall) > 3 else f"{'-':>7}"
         lines.append(f"{fam:8} {size:5d} {steps:5d} {wall[0]:8.3f} {wall[1] / wall[0]:7.3f} {wall[2] / wall[0]:7.3f} "
-                     f"{cpu[1] / cpu[0]:10.3f} {cpu[2] / cpu[0]:9.3f}")
+                     f"{cpu[1] / cpu[0]:10.3f} {cpu[2] / cpu[0]:9.3f} {dense}")
     sys.stdout.write("\n".join(lines) + "\n")
     return 0
 

@@ -56,11 +56,12 @@ class Family:
     reference_width: int | None = None  # the width of the reference implementation's .pt residuals read as it
     distilled_guidance: bool = False  # the model takes a distilled guidance value (Flux; FluxGuidance sets it)
     paper_refusal: str = ""  # why paper mode (fine-tuning the text encoder) is refused on this family, if it is
+    clip_loader: str = "its checkpoint"  # how users get its CLIP (the nodes' tooltips say it)
 
     @property
     def width(self) -> int:
-        """Channels of the whole conditioning (the UNet's context_dim)."""
-        return sum(e.width for e in self.encoders)
+        """Channels of the whole conditioning (the UNet's context_dim; SD3.5's 4096, its CLIP rows zero-padded)."""
+        return max(e.offset + e.width for e in self.encoders)
 
     @property
     def conditioning_keys(self) -> tuple[str, ...]:
@@ -99,6 +100,11 @@ _T5_PAPER = ("paper mode fine-tunes the whole text encoder, which on {name} is T
              "model); set mode to 'fast', which optimises the residual at the subject's T5 rows directly against "
              "{name}'s own flow-matching loss")
 
+_WAN_PAPER = ("paper mode fine-tunes the whole text encoder, which on Wan is umT5-XXL (5.7 B parameters: about 68 GB "
+              "for its float32 weights and AdamW's two moments, before any activation, besides the 14 B or 5 B video "
+              "model), more than a consumer GPU holds; set mode to 'fast', which optimises the residual at the "
+              "subject's umT5 rows directly against Wan's own flow-matching loss")
+
 FAMILIES: dict[str, Family] = {f.key: f for f in (
     Family("sd1", "SD1.5", (_CLIP_L,), "unet", ("SD15",), ("eps", "v"), 512, reference_width=768),
     Family("sd2", "SD2.x", (Encoder("h", "OpenCLIP-H", 0, 1024),), "unet", ("SD20",), ("eps", "v"), 512,
@@ -109,14 +115,47 @@ FAMILIES: dict[str, Family] = {f.key: f for f in (
     # tokens + the text's 256 instead of 4096 + 256, 3.4x fewer per step (docs/flux.md).
     Family("flux", "Flux", (Encoder("t5xxl", "T5-XXL", 0, 4096, tokenizer="sentencepiece"),), "flux", ("Flux",),
            ("flow",), 512, chunk=None, pooled_only=("l",), distilled_guidance=True,
-           paper_refusal=_T5_PAPER.format(name="Flux")),
+           paper_refusal=_T5_PAPER.format(name="Flux"), clip_loader="DualCLIPLoader, type flux: CLIP-L + T5-XXL"),
+    # Wan 2.1 / 2.2 (video): the umT5-XXL rows are the whole context (row 0 = the first word, no start token,
+    # padded to 512 rows); its blocks' cross-attention reads them (nodes/architectures/wan.py). 2.2's two experts
+    # and 2.2 5B (WAN22_T2V) subclass WAN21_T2V, as do its I2V, VACE, camera variants. Training crop 256: frames
+    # are trained as still images (one latent frame each, docs/wan.md).
+    Family("wan", "Wan", (Encoder("umt5xxl", "umT5-XXL", 0, 4096, tokenizer="sentencepiece"),), "wan",
+           ("WAN21_T2V",), ("flow",), 256, chunk=None,
+           paper_refusal=_WAN_PAPER, clip_loader="CLIPLoader, type wan: umT5-XXL"),
+    # SD3 / SD3.5 (comfy/text_encoders/sd3_clip.py): CLIP-L and CLIP-G side by side in channels 0..2047 of their
+    # 77-row chunks (zero-padded to 4096), then the T5-XXL rows stacked after them along the tokens (row group 1,
+    # no start token). The pooled vector is CLIP-L's and CLIP-G's (2048), left as the host makes it. A CLIP
+    # loaded without one of the encoders gives only the present ones' rows (nodes/encoding.py follows it).
+    # Training crop 512 as Flux's, for the same reason (docs/sd3.md).
+    Family("sd3", "SD3.5", (_CLIP_L, Encoder("g", "CLIP-G", 768, 1280),
+                            Encoder("t5xxl", "T5-XXL", 0, 4096, group=1, tokenizer="sentencepiece")),
+           "sd3", ("SD3",), ("flow",), 512, paper_refusal=_T5_PAPER.format(name="SD3.5"),
+           clip_loader="its checkpoint, or TripleCLIPLoader"),
     # Chroma (Flux-derived, docs/chroma.md): T5-XXL alone (the host's CLIPLoader type chroma: tokenizer key
     # "t5xxl", no pooled CLIP, no padding), real CFG (no distilled guidance input), Flux's joint attention with its
     # own modulation. Its T5 rows are 4096 wide like Flux's: a residual file without cones2.family metadata cannot
-    # tell the two apart (by_widths / residual.family_from_widths refuse to guess).
+    # tell the two apart (by_widths refuses to guess).
     Family("chroma", "Chroma", (Encoder("t5xxl", "T5-XXL", 0, 4096, tokenizer="sentencepiece"),), "chroma",
-           ("Chroma",), ("flow",), 512, chunk=None, paper_refusal=_T5_PAPER.format(name="Chroma")),
+           ("Chroma",), ("flow",), 512, chunk=None, paper_refusal=_T5_PAPER.format(name="Chroma"),
+           clip_loader="CLIPLoader, type chroma: T5-XXL"),
 )}
+
+
+def names(last: str = " or ") -> str:
+    """The supported families' names as a sentence lists them: 'SD1.5, SD2.x, SDXL, Flux or Wan'."""
+    all_names = [f.name for f in FAMILIES.values()]
+    return ", ".join(all_names[:-1]) + last + all_names[-1] if len(all_names) > 1 else "".join(all_names)
+
+
+def resolutions() -> str:
+    """Train Residual's automatic crop per family: 'SD1.5 512, SD2.x-v 768, ...'."""
+    parts = []
+    for f in FAMILIES.values():
+        parts.append(f"{f.name} {f.resolution}")
+        if f.v_resolution:
+            parts.append(f"{f.name}-v {f.v_resolution}")
+    return ", ".join(parts)
 
 
 def family(key: str) -> Family:
@@ -140,23 +179,25 @@ def by_encoder_keys(keys) -> Family | None:
     return next((f for f in FAMILIES.values() if f.tokenizer_keys == keys), None)
 
 
-def families_by_widths(widths: dict[str, int]) -> tuple[Family, ...]:
-    """Every family whose encoders have exactly these widths (Flux and Chroma share {"t5xxl": 4096})."""
-    return tuple(f for f in FAMILIES.values() if f.widths == dict(widths))
-
-
 def by_widths(widths: dict[str, int]) -> Family | None:
-    """The one family whose encoders have exactly these widths ({"h": 1024} -> SD2.x); None when no family or
-    several have them (families_by_widths lists those)."""
-    found = families_by_widths(widths)
-    return found[0] if len(found) == 1 else None
+    """The family whose encoders have exactly these widths ({"h": 1024} -> SD2.x); None for none. Two families
+    with the same widths (the tensors alone cannot tell them apart) are an error saying to name the family."""
+    found = [f for f in FAMILIES.values() if f.widths == dict(widths)]
+    if len(found) > 1:
+        names = " or ".join(f"{f.name} ('{f.key}')" for f in found)
+        raise Cones2Error(f"tensors of these widths could be {names}: the residual must name its family (the "
+                          "metadata 'cones2.family' of a .safetensors file); save it again with that key set")
+    return found[0] if found else None
 
 
 def by_context_width(width: int) -> Family | None:
-    """The one family whose whole conditioning is ``width`` channels wide; None for none or several (4096: Flux
-    and Chroma)."""
+    """The family whose whole conditioning is ``width`` channels wide; None for none, an error when several are
+    (Flux, SD3.5 and Wan all read 4096-wide text: the width alone cannot tell them apart)."""
     found = [f for f in FAMILIES.values() if f.width == width]
-    return found[0] if len(found) == 1 else None
+    if len(found) > 1:
+        raise Cones2Error(f"a {width}-wide conditioning could be " + " or ".join(f.name for f in found)
+                          + ": tell the family by the CLIP's encoders or the model's config instead")
+    return found[0] if found else None
 
 
 def article(name: str) -> str:

@@ -137,9 +137,26 @@ def residual_from_templates(tuned: Sequence[torch.Tensor], frozen: Sequence[torc
     return torch.stack(deltas).mean(0)
 
 
-def split_channels(residual: torch.Tensor, family: str) -> dict[str, torch.Tensor]:
-    """Cut a [n, C] residual of the whole conditioning into per-encoder tensors (SDXL: 'l' 768 + 'g' 1280)."""
-    return {e.key: residual[:, e.offset:e.offset + e.width].contiguous() for e in family_record(family).encoders}
+def split_channels(residual: torch.Tensor, family: str, rows_by_key=None) -> dict[str, torch.Tensor]:
+    """Cut a [n, C] residual of the whole conditioning into per-encoder tensors (SDXL: 'l' 768 + 'g' 1280).
+    ``rows_by_key``: which of the n rows are each encoder's (a family of several row groups, SD3.5: the word's
+    CLIP rows, then its T5 rows); every row by default."""
+    out = {}
+    for e in family_record(family).encoders:
+        part = residual[:, e.offset:e.offset + e.width]
+        out[e.key] = (part if rows_by_key is None else part[list(rows_by_key[e.key])]).contiguous()
+    return out
+
+
+def channel_mask(family: str, rows_by_key, n_rows: int) -> torch.Tensor | None:
+    """[n_rows, C] ones where a residual row's channels belong to an encoder of that row (``rows_by_key``: each
+    encoder's rows among the n), zeros elsewhere (SD3.5's CLIP rows: channels 2048..4095 are the host's zero
+    padding, which no residual part covers); None when every row covers every channel (the other families)."""
+    fam = family_record(family)
+    mask = torch.zeros(n_rows, fam.width)
+    for e in fam.encoders:
+        mask[list(rows_by_key[e.key]), e.offset:e.offset + e.width] = 1.0
+    return None if bool(mask.all()) else mask
 
 
 def add_at_rows(context: torch.Tensor, rows: Sequence[int], residual: torch.Tensor) -> torch.Tensor:

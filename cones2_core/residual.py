@@ -26,7 +26,7 @@ from safetensors import safe_open
 from safetensors.torch import save as st_save
 
 from .errors import Cones2Error, short
-from .families import FAMILIES, article, by_reference_width, families_by_widths, family, family_name
+from .families import FAMILIES, article, by_reference_width, by_widths, family, family_name
 
 log = logging.getLogger("comfyui-cones2")
 
@@ -111,8 +111,12 @@ class Residual:
         label = f"{article(label)} {label}"
         keys = set(self.tensors)
         if keys != set(widths):
-            need = " and ".join(f"'{k}' ({w})" for k, w in widths.items())
-            need = f"both {need} tensors" if len(widths) == 2 else f"one {need} tensor"
+            parts = [f"'{k}' ({w})" for k, w in widths.items()]
+            need = " and ".join(parts)
+            if len(parts) > 2:  # SD3.5
+                need = f"the {', '.join(parts[:-1])} and {parts[-1]} tensors"
+            else:
+                need = f"both {need} tensors" if len(widths) == 2 else f"one {need} tensor"
             if not keys:
                 have = "none"
             elif keys < set(widths):
@@ -148,9 +152,13 @@ class Residual:
                     "The file is corrupt or not a Cones 2 residual"
                 )
             counts[key] = int(t.shape[0])
-        if len(set(counts.values())) > 1:
-            detail = ", ".join(f"'{k}' has {n}" for k, n in counts.items())
-            raise Cones2Error(f"all tensors of a residual need the same number of token rows; {detail}")
+        fam = family(self.family)  # encoders of one row group (SDXL's, SD3.5's CLIP-L and CLIP-G) share their rows;
+        for group in fam.groups:  # another group (SD3.5's T5) tokenises the word its own way
+            group_counts = {e.key: counts[e.key] for e in group}
+            if len(set(group_counts.values())) > 1:
+                detail = ", ".join(f"'{k}' has {n}" for k, n in group_counts.items())
+                raise Cones2Error(f"the tensors of encoders that share their rows need the same number of token "
+                                  f"rows; {detail}")
         for k, v in self.metadata.items():
             if not isinstance(k, str) or not isinstance(v, str):
                 raise Cones2Error(
@@ -162,18 +170,10 @@ class Residual:
 
 
 def family_from_widths(widths: dict[str, int]) -> str:
-    """The family key whose encoders match ``widths`` exactly (e.g. ``{"h": 1024}`` -> ``"sd2"``), for a file
-    without ``cones2.family`` metadata. Widths that several families share (Flux's and Chroma's T5-XXL, 4096) are
-    refused with what to set, rather than guessed: a residual trained for one family is not the other's."""
-    found = families_by_widths(widths)
-    if len(found) == 1:
-        return found[0].key
-    if found:
-        got = ", ".join(f"'{k}' {w}" for k, w in sorted(widths.items()))
-        keys = " or ".join(f"'{f.key}'" for f in found)
-        raise Cones2Error(f"tensor widths ({got}) fit {' and '.join(f.name for f in found)}, and the file has no "
-                          f"'{META_PREFIX}family' metadata to say which: re-save it with the metadata "
-                          f"'{META_PREFIX}family' set to {keys} (the family it was trained for)")
+    """The family key whose encoders match ``widths`` exactly (e.g. ``{"h": 1024}`` -> ``"sd2"``)."""
+    found = by_widths(widths)
+    if found is not None:
+        return found.key
     known = "; ".join(
         f"{f.name}: " + ", ".join(f"'{k}' {w}" for k, w in f.widths.items()) for f in FAMILIES.values()
     )
@@ -279,12 +279,9 @@ def _load_safetensors(path: str, subject: str | None) -> Residual:
             f"{name} uses Cones 2 residual format {version!r}, but this version reads format "
             f"{FORMAT_VERSION!r}; update comfyui-cones2"
         )
-    family = metadata.get(f"{META_PREFIX}family")
-    if not family:
-        try:
-            family = family_from_widths({k: int(t.shape[-1]) for k, t in tensors.items() if t.ndim})
-        except Cones2Error as e:
-            raise Cones2Error(f"{name}: {e}") from e
+    family = metadata.get(f"{META_PREFIX}family") or family_from_widths(
+        {k: int(t.shape[-1]) for k, t in tensors.items() if t.ndim}
+    )
     stored_subject = metadata.get(f"{META_PREFIX}subject", "")
     if subject is None and not stored_subject.strip():
         raise Cones2Error(f"{name} names no subject word; pass the class word (e.g. 'dog') explicitly")

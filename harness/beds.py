@@ -18,16 +18,24 @@ FEATURES = frozenset({"residuals", "guidance", "maps", "train_fast", "train_pape
 @dataclass(frozen=True)
 class Bed:
     family: str  # the key of its record in cones2_core.families.FAMILIES
-    builder: str  # the harness module whose build gives its files: "tiny_checkpoints", "tiny_flux", "tiny_chroma"
+    builder: str  # the harness module whose build gives its files: "tiny_checkpoints", "tiny_flux", "tiny_sd3", "tiny_chroma"
     latent_channels: int
     cfg: float  # the CFG its models sample at (Flux: 1, its guidance is distilled)
     supports: frozenset = FEATURES
     prompt: str = "a photo of a dog and a cat"
     short_text: bool = False  # its T5 pads to a long length: the shared tests shorten it (Bed.shorten)
+    frames: int = 0  # a video family's latent frames in the shared tests' latents (0: an image family)
 
     @property
     def id(self) -> str:
         return self.family
+
+    def empty_latent(self, size: int = 64):
+        """The zero latent the shared tests sample: [1, C, size/8, size/8], a video's [1, C, frames, ...]."""
+        import torch
+
+        frames = (self.frames,) if self.frames else ()
+        return torch.zeros(1, self.latent_channels, *frames, size // 8, size // 8)
 
     def builder_module(self):
         """The harness module that builds (``build``, ``default_cache_dir``) and, except tiny_checkpoints, loads
@@ -65,6 +73,9 @@ BEDS: dict[str, Bed] = {b.family: b for b in (
     Bed("sd2", "tiny_checkpoints", 4, 5.0),
     Bed("sdxl", "tiny_checkpoints", 4, 5.0),
     Bed("flux", "tiny_flux", 16, 1.0, supports=FEATURES - {"train_paper", "self_recurrence"}, short_text=True),
+    Bed("wan", "tiny_wan", 16, 5.0, supports=FEATURES - {"train_paper", "self_recurrence"}, short_text=True,
+        frames=3),
+    Bed("sd3", "tiny_sd3", 16, 4.0, supports=FEATURES - {"train_paper", "self_recurrence"}),
     # Chroma: real CFG (no distilled guidance), its T5 pads nothing (short already)
     Bed("chroma", "tiny_chroma", 16, 4.0, supports=FEATURES - {"train_paper", "self_recurrence"}),
 )}

@@ -52,6 +52,22 @@ def independent_rows(clip, text: str, word: str, key: str) -> list[int]:
     return rows
 
 
+def independent_context_rows(clip, text: str, word: str, family, key: str) -> list[int]:
+    """``independent_rows`` as rows of the whole conditioning: after the rows of the family record's earlier row
+    groups (SD3.5: a T5 row comes after all of the prompt's CLIP chunks), each group as long as the host's
+    tokenisation of ``text`` for its first encoder."""
+    tokens = clip.tokenize(text)
+    enc = family.encoder(key)
+    start = sum(len(tokens[g[0].key]) * len(tokens[g[0].key][0]) - g[0].skip_rows
+                for g in family.groups if g[0].group < enc.group)
+    return [start + r - enc.skip_rows for r in independent_rows(clip, text, word, key) if r >= enc.skip_rows]
+
+
+def word_context_rows(clip, text: str, word: str, family) -> list[int]:
+    """Every encoder's ``independent_context_rows`` of ``word``, together, sorted."""
+    return sorted({r for e in family.encoders for r in independent_context_rows(clip, text, word, family, e.key)})
+
+
 class CallLog:
     """A unet function wrapper (the host's API) keeping every model call's output per cond/uncond chunk
     (``calls[i][0]``: the conditional pass, ``[1]``: the unconditional one)."""

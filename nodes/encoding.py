@@ -8,6 +8,8 @@ The core (``cones2_core.conditioning``) adds the residuals.
 
 from __future__ import annotations
 
+import logging
+
 from ..cones2_core.conditioning import (
     Placement,
     add_residuals,
@@ -20,6 +22,8 @@ from ..cones2_core.errors import Cones2Error, short
 from ..cones2_core.families import FAMILIES, Family, article, by_encoder_keys
 from ..cones2_core.prompt import AppliedResidual, PromptRecord, prompt_words, spelled_positions
 from ..cones2_core.residual import Residual
+
+log = logging.getLogger("comfyui-cones2")
 
 COND_KEY = "cones2"  # key of our record in the conditioning dict
 
@@ -34,6 +38,20 @@ def clip_family(clip) -> Family:
         raise Cones2Error(f"this CLIP has text encoders {sorted(keys)}; Cones 2 supports {supported}: connect the "
                           "CLIP output of such a checkpoint loader (for Flux, DualCLIPLoader with type flux)")
     return family
+
+
+# The host's attribute of each encoder in its CLIP model (comfy/sd1_clip.py SD1ClipModel, sdxl_clip, sd3_clip, flux)
+_ENCODER_ATTRIBUTES = {"l": "clip_l", "g": "clip_g", "h": "clip_h", "t5xxl": "t5xxl"}
+
+
+def present_keys(clip, family: Family) -> tuple[str, ...]:
+    """The family's conditioning encoders that this CLIP has. The host's SD3 loaders build its CLIP without the
+    encoders they were not given (``sd3_clip.SD3ClipModel``: CLIP-L + CLIP-G without T5, or any one alone): a
+    missing T5 leaves its rows out of the conditioning, a missing CLIP-L or CLIP-G leaves its channels zero. The
+    rows and residuals follow what the CLIP produces (``word_rows``, ``encode_with_residuals``)."""
+    model = getattr(clip, "cond_stage_model", None)
+    return tuple(e.key for e in family.encoders
+                 if getattr(model, _ENCODER_ATTRIBUTES.get(e.key, e.key), True) is not None)
 
 
 def _conditioning_keys(keys) -> tuple[str, ...]:
@@ -90,9 +108,13 @@ def word_rows(clip, tokens, word: str, text_by_key: dict | None = None) -> dict[
     family = by_encoder_keys(tokens) or clip_family(clip)
     text_by_key = text_by_key or {}
     patterns = word_tokens(clip, word)
+    present = present_keys(clip, family)
     out: dict[str, list[list[int]]] = {}
     start = 0
     for group in family.groups:
+        group = tuple(e for e in group if e.key in present)  # the CLIP's own encoders (see present_keys)
+        if not group:  # a row group the CLIP does not produce (SD3.5 without T5): no rows
+            continue
         per_key = {}
         for enc in group:
             if not patterns.get(enc.key):
@@ -151,6 +173,11 @@ def encode_with_residuals(clip, text: str, residuals: list[Residual] | None):
                               f"the prompt's words are: {short(', '.join(words) or '(none)', 400)}. Add "
                               f"'{short(res.subject)}' to the prompt or set the residual's subject to one of these words")
         for enc in family.encoders:
+            if enc.key not in by_key:  # an encoder the CLIP was loaded without (present_keys)
+                log.warning("Cones2 Apply Residuals: this %s CLIP has no %s, so the %s part of residual '%s' is "
+                            "not applied (load the CLIP with all its encoders to apply all of it)", family.name,
+                            enc.name, enc.name, name)
+                continue
             occ = by_key[enc.key]
             rows = res.tensors[enc.key].shape[0]
             if not occ or len(occ[0]) != rows:

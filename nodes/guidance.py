@@ -20,6 +20,7 @@ import torch
 from ..cones2_core.errors import Cones2Error
 from ..cones2_core.layout import build_weight_map, rasterize_boxes, resize_mask
 from ..cones2_core.schedule import in_window
+from ..cones2_core.video import latent_frame_times
 from .common import warn
 from .recording import find_recording
 from .recurrence import AREAS_KEY, Cones2Sampler
@@ -38,17 +39,18 @@ class SubjectRegion:
     masks: tuple = ()  # float [H0, W0] masks (MASK inputs, colour maps)
     weight: float = 2.5
 
-    def mask(self, h: int, w: int, window=None) -> torch.Tensor:
+    def mask(self, h: int, w: int, window=None, at: float | None = None) -> torch.Tensor:
         """The subject's region on an h x w grid of the whole image, or of ``window`` (y0, x0, y1, x1 as fractions
-        of the image: the area a ConditioningSetArea prompt is sampled in)."""
+        of the image: the area a ConditioningSetArea prompt is sampled in). ``at``: a video's clip time (0..1):
+        boxes with a track are taken where the track is then (``Box.at``); masks hold still."""
         if window is not None:
             y0, x0, y1, x1 = window
             full_h, full_w = max(h, round(h / max(y1 - y0, 1e-6))), max(w, round(w / max(x1 - x0, 1e-6)))
             top, left = min(round(y0 * full_h), full_h - h), min(round(x0 * full_w), full_w - w)
-            return self.mask(full_h, full_w)[top:top + h, left:left + w]
+            return self.mask(full_h, full_w, at=at)[top:top + h, left:left + w]
         grid = torch.zeros(h, w, dtype=torch.bool)
         if self.boxes:
-            grid |= rasterize_boxes(self.boxes, h, w)
+            grid |= rasterize_boxes(self.boxes if at is None else [b.at(at) for b in self.boxes], h, w)
         for m in self.masks:
             grid |= resize_mask(m, h, w)
         return grid
@@ -88,12 +90,17 @@ class GuidanceSpec:
                 return subjects, offsets
         return None
 
-    def weight_map(self, subjects, offsets, h: int, w: int, t: int, device, window=None) -> torch.Tensor:
-        key = (id(subjects), offsets, h, w, t, str(device), window)
+    def weight_map(self, subjects, offsets, h: int, w: int, t: int, device, window=None,
+                   frames: int | None = None) -> torch.Tensor:
+        """W [1, h * w, t] of an image; of a video of ``frames`` latent frames, [1, frames * h * w, t]: frame f's
+        rows (f * h * w ..) hold the map of the boxes at its clip time (``cones2_core.video.latent_frame_time``)."""
+        key = (id(subjects), offsets, h, w, t, str(device), window, frames)
         wm = self._maps.get(key)
         if wm is None:
-            bindings = [(subject_tokens(s, offsets), s.mask(h, w, window), s.weight) for s in subjects]
-            wm = build_weight_map(bindings, h, w, t, self.negative_weight, allow_empty=window is not None)
+            times = (None,) if frames is None else latent_frame_times(frames)
+            wm = torch.cat([build_weight_map([(subject_tokens(s, offsets), s.mask(h, w, window, at), s.weight)
+                                              for s in subjects], h, w, t, self.negative_weight,
+                                             allow_empty=window is not None) for at in times])
             wm = wm.to(device)[None]
             self._maps[key] = wm
         return wm

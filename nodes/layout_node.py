@@ -12,7 +12,8 @@ import torch
 from comfy_api.latest import io
 
 from ..cones2_core.errors import Cones2Error, check_number, short
-from ..cones2_core.families import family_name
+from ..cones2_core.families import FAMILIES, family_name
+from ..cones2_core.families import names as family_names
 from ..cones2_core.layout import MAX_BOX_WEIGHT, MAX_LAYOUT_CHARS, colour_map_regions, parse_layout
 from ..cones2_core.prompt import PromptRecord
 from . import architectures
@@ -138,7 +139,7 @@ def build_spec(model, conditioning, layout, guidance_weight, positive_weight, ne
 
 class Cones2LayoutGuidance(io.ComfyNode):
     # The model families (cones2_core.families keys) it works with; its help page names each (tested).
-    SUPPORTED_FAMILIES = ("sd1", "sd2", "sdxl", "flux", "chroma")
+    SUPPORTED_FAMILIES = tuple(FAMILIES)  # every family of the table
 
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -153,7 +154,7 @@ class Cones2LayoutGuidance(io.ComfyNode):
                 "subject's box and negative_weight outside it, for the subject's tokens. Returns a patched "
                 "copy of the model (the input model is unchanged) and the conditioning to sample with."),
             inputs=[
-                io.Model.Input("model", tooltip="The model to guide (SD1.5, SD2.x, SDXL, Flux or Chroma). It is cloned, not changed."),
+                io.Model.Input("model", tooltip=f"The model to guide ({family_names()}). It is cloned, not changed."),
                 io.Conditioning.Input("conditioning", tooltip="The positive prompt, from Cones2 Apply Residuals to "
                                       "Conditioning (with or without residuals)."),
                 io.String.Input("layout", default=DEFAULT_LAYOUT, multiline=True,

@@ -6,6 +6,7 @@ import torch
 from comfy_api.latest import io
 
 from ..cones2_core.errors import Cones2Error
+from ..cones2_core.families import FAMILIES
 from ..cones2_core.figures import render_panel, share_inside
 from .common import CATEGORY
 from .guidance import specs_of
@@ -26,14 +27,16 @@ def attention_report(model) -> list[dict]:
             for subject, attn in maps.items():
                 attn = attn.detach().double().cpu()
                 region = rec.regions[(h, w)][subject]
+                frames = rec.frames.get((h, w), 1)  # a video's strip of frames, top to bottom
+                per = [share_inside(a, r) for a, r in zip(attn.chunk(frames), region.chunk(frames), strict=True)]
                 rows.append({"uid": spec.uid, "grid": (h, w), "subject": subject, "map": attn, "region": region,
-                             "share": share_inside(attn, region)})
+                             "share": share_inside(attn, region), "frames": frames, "frame_shares": per})
     return rows
 
 
 class Cones2AttentionMaps(io.ComfyNode):
     # The model families (cones2_core.families keys) it works with; its help page names each (tested).
-    SUPPORTED_FAMILIES = ("sd1", "sd2", "sdxl", "flux", "chroma")
+    SUPPORTED_FAMILIES = tuple(FAMILIES)  # every family of the table
 
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -77,12 +80,15 @@ class Cones2AttentionMaps(io.ComfyNode):
         rows = [r for r in rows if r["grid"] in keep]
         h, w = samples["samples"].shape[-2:]
         ph, pw = panel_size, max(1, round(panel_size * w / h))
-        panels = [render_panel(r["map"], r["region"], ph, pw) for r in rows]
+        panels = [render_panel(r["map"], r["region"], ph * r["frames"], pw) for r in rows]  # a video: a strip
+        ph = max(p.shape[0] for p in panels)
+        panels = [torch.cat([p, torch.ones(ph - p.shape[0], pw, 3)]) if p.shape[0] < ph else p for p in panels]
         gap = torch.ones(ph, 4, 3)
         strip = torch.cat([t for p in panels for t in (p, gap)][:-1], dim=1)
         image = _label(strip, [f"{r['subject']} {r['share']:.0%}" for r in rows], pw + 4)
         report = "\n".join(f"{r['subject']}\t{r['grid'][0]}x{r['grid'][1]}\tin-region share {r['share']:.4f}"
-                           for r in rows)
+                           + (f"\tper frame {' '.join(f'{x:.3f}' for x in r['frame_shares'])}"
+                              if r["frames"] > 1 else "") for r in rows)
         return io.NodeOutput(image[None], report, ui={"text": [report], MAPS_UI_KEY: overlay})
 
 
@@ -101,8 +107,11 @@ def maps_payload(rows: list[dict]) -> list[dict]:
         m = torch.nan_to_num(r["map"].detach().float().cpu()).clamp(min=0.0)
         peak = float(m.max()) if m.numel() else 0.0
         m = m / peak if peak > 0 else torch.zeros_like(m)
-        out.append({"subject": r["subject"], "h": int(grid[0]), "w": int(grid[1]), "share": float(r["share"]),
-                    "values": [round(v, 3) for v in m.clamp(0.0, 1.0).flatten().tolist()]})
+        entry = {"subject": r["subject"], "h": int(grid[0]), "w": int(grid[1]), "share": float(r["share"]),
+                 "values": [round(v, 3) for v in m.clamp(0.0, 1.0).flatten().tolist()]}
+        if r.get("frames", 1) > 1:  # a video's map: h = frames x the frame's rows, frames stacked top to bottom
+            entry["frames"] = int(r["frames"])
+        out.append(entry)
     return out
 
 

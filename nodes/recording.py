@@ -8,27 +8,38 @@ from collections import OrderedDict
 
 import torch
 
+from ..cones2_core.video import latent_frame_times
+
 
 class Recording:
     """Per grid (h, w): per subject, the attention mass of its tokens per pixel, summed over heads, layers,
-    guided rows and guided calls; plus the subject's region on that grid. ``calls``: guided model calls."""
+    guided rows and guided calls; plus the subject's region on that grid. ``calls``: guided model calls.
+
+    A video's grid is its frames stacked top to bottom (a strip, ``frames * h`` rows of ``w``: frame f's rows
+    are ``f * h ..``, its region that of the boxes at the frame's clip time); ``frames[grid]`` says how many."""
 
     def __init__(self):
         self.maps: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
         self.regions: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
+        self.frames: dict[tuple[int, int], int] = {}
         self.calls = 0
 
-    def add(self, h: int, w: int, masses: torch.Tensor, subjects, window=None) -> None:
+    def add(self, h: int, w: int, masses: torch.Tensor, subjects, window=None, frames: int | None = None) -> None:
         """``masses`` [subjects, h * w]: each subject's attention mass per pixel in one call (guided_attention's
-        token_mass)."""
-        grid = self.maps.setdefault((h, w), {})
-        regions = self.regions.setdefault((h, w), {})
+        token_mass); of a video of ``frames`` latent frames, [subjects, frames * h * w], recorded as the strip
+        (frames * h, w)."""
+        n = frames or 1
+        key = (n * h, w)
+        grid = self.maps.setdefault(key, {})
+        regions = self.regions.setdefault(key, {})
+        self.frames[key] = n
         for s, m in zip(subjects, masses, strict=True):
             # stays on the attention's device (no sync per layer); read out by the Attention Maps node
-            mass = m.reshape(h, w)
+            mass = m.reshape(n * h, w)
             grid[s.subject] = grid[s.subject] + mass if s.subject in grid else mass
             if s.subject not in regions:
-                regions[s.subject] = s.mask(h, w, window)
+                times = (None,) if frames is None else latent_frame_times(frames)
+                regions[s.subject] = torch.cat([s.mask(h, w, window, at) for at in times])
 
 
 _RECORDINGS: OrderedDict[str, Recording] = OrderedDict()

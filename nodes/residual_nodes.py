@@ -9,6 +9,8 @@ import folder_paths
 from comfy_api.latest import io
 
 from ..cones2_core.errors import Cones2Error
+from ..cones2_core.families import FAMILIES
+from ..cones2_core.families import names as family_names
 from ..cones2_core.residual import load_residual, resolve_residual_path
 from .common import CATEGORY, Residuals
 from .encoding import encode_with_residuals
@@ -29,7 +31,7 @@ def find_residual_file(name: str) -> str:
 
 class Cones2LoadResidual(io.ComfyNode):
     # The model families (cones2_core.families keys) it works with; its help page names each (tested).
-    SUPPORTED_FAMILIES = ("sd1", "sd2", "sdxl", "flux", "chroma")
+    SUPPORTED_FAMILIES = tuple(FAMILIES)  # every family of the table
 
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -43,8 +45,8 @@ class Cones2LoadResidual(io.ComfyNode):
                 "stack subjects, then connect the chain to Apply Residuals to Conditioning."),
             inputs=[
                 io.Combo.Input("residual_name", options=folder_paths.get_filename_list(FOLDER),
-                               tooltip="A .safetensors residual written by Train Residual (SD1.5, SD2.x, SDXL, "
-                                       "Flux or Chroma), or a reference .pt (SD2.1, 1024 floats), loaded safely (no "
+                               tooltip=f"A .safetensors residual written by Train Residual ({family_names()}), "
+                                       "or a reference .pt (SD2.1, 1024 floats), loaded safely (no "
                                        "pickled code)."),
                 io.Float.Input("strength", default=1.0, min=-10.0, max=10.0, step=0.05,
                                tooltip="Scale of the residual: 1.0 as trained; lower it if the subject dominates."),
@@ -73,7 +75,7 @@ class Cones2LoadResidual(io.ComfyNode):
 
 class Cones2ApplyResiduals(io.ComfyNode):
     # The model families (cones2_core.families keys) it works with; its help page names each (tested).
-    SUPPORTED_FAMILIES = ("sd1", "sd2", "sdxl", "flux", "chroma")
+    SUPPORTED_FAMILIES = tuple(FAMILIES)  # every family of the table
 
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -84,13 +86,12 @@ class Cones2ApplyResiduals(io.ComfyNode):
             description=(
                 "Encodes the prompt exactly as CLIP Text Encode does, then adds each residual at every "
                 "occurrence of its subject word (all 77-token chunks, weighted words, SDXL's two encoders, Flux's "
-                "and Chroma's T5 rows; the pooled output is left as the host made it). "
+                "T5 rows, SD3.5's CLIP and T5 rows; the pooled output is left as the host made it). "
                 "Any number of subjects compose without retraining. The output also records where each word "
                 "of the prompt sits, so Layout Guidance can bind boxes to words."),
             inputs=[
-                io.Clip.Input("clip", tooltip="The CLIP of an SD1.5, SD2.x or SDXL checkpoint, Flux's "
-                                              "(DualCLIPLoader, type flux: CLIP-L + T5-XXL) or Chroma's "
-                                              "(CLIPLoader, type chroma: T5-XXL)."),
+                io.Clip.Input("clip", tooltip="The CLIP of one of these families (how to load it): " + "; ".join(
+                    f"{f.name} ({f.clip_loader})" for f in FAMILIES.values()) + "."),
                 io.String.Input("text", multiline=True, dynamic_prompts=True,
                                 tooltip="The prompt; it must contain each residual's subject word, e.g. "
                                         "'a dog and a cat on a sofa'."),

@@ -113,11 +113,14 @@ def _resize_for_training(img: torch.Tensor, resolution: int) -> torch.Tensor:
 
 
 def encode_latents(vae, model, images: list[torch.Tensor], resolution: int) -> list[torch.Tensor]:
-    """Each image resized and VAE-encoded once, in the diffusion model's latent space: [C, h, w] each."""
+    """Each image resized and VAE-encoded once, in the diffusion model's latent space: [C, h, w] each (a video
+    VAE's single latent frame, as a still)."""
     out = []
     with torch.no_grad():
         for img in images:
             pixels = _resize_for_training(img, resolution).unsqueeze(0)
             lat = model.model.process_latent_in(vae.encode(pixels).float())
+            if lat.ndim == 5:  # a video VAE (Wan) encodes one image as one latent frame [1, C, 1, h, w]
+                lat = lat[:, :, 0]
             out.append(lat[0].detach().clone().cpu())
     return out

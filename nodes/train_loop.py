@@ -42,6 +42,7 @@ from ..cones2_core.objective import (
     MAX_GRAD_NORM,
     WEIGHT_DECAY,
     add_at_rows,
+    channel_mask,
     diffusion_loss,
     latent_batch,
     preservation_loss,
@@ -50,7 +51,7 @@ from ..cones2_core.objective import (
     template_prompts,
 )
 from .architectures.base import sdpa_attention
-from .encoding import escape_word
+from .encoding import clip_family, escape_word, word_rows
 from .train_encoder import private_text_encoder, subject_rows
 
 log = logging.getLogger("comfyui-cones2")
@@ -80,6 +81,11 @@ class Trainer:
         self.scaler = BoundaryLossScaler() if needs_loss_scaling(compute, self.unet_amp) else None
         self.instance_tokens = clip.tokenize(escape_word(subject))
         self.instance_rows = subject_rows(clip, subject, escape_word(subject))
+        # each encoder's rows among instance_rows (SD3.5: the CLIP rows, then the T5 rows), and which channels of
+        # each row a residual part covers (None: all of them, every family of one row group)
+        by_key = word_rows(clip, self.instance_tokens, subject)
+        self.rows_by_key = {k: [self.instance_rows.index(r) for r in occ[-1]] for k, occ in by_key.items()}
+        self.mask = channel_mask(clip_family(clip).key, self.rows_by_key, len(self.instance_rows))
         self.templates = template_prompts(escape_word(subject))
         self.template_tokens = [clip.tokenize(t) for t in self.templates]
         self.template_rows = [subject_rows(clip, subject, t) for t in self.templates]
@@ -123,8 +129,10 @@ class Trainer:
         topts = copy.copy(mp.model_options.get("transformer_options", {}))
         topts.setdefault("optimized_attention_override", sdpa_attention)
         with self._autocast(amp and self.unet_amp), self.frozen:
-            return mp.model.apply_model(x_t, sigma, c_crossattn=context.expand(x0.shape[0], -1, -1),
-                                        transformer_options=topts, **extra).float()
+            out = mp.model.apply_model(self.arch.model_latent(x_t), sigma,
+                                       c_crossattn=context.expand(x0.shape[0], -1, -1), transformer_options=topts,
+                                       **extra)
+            return self.arch.from_model_latent(out).float()
 
     def _eval_set(self):
         g = torch.Generator().manual_seed((self.s.seed + 1) % 2**64)
@@ -216,14 +224,16 @@ class Trainer:
             y = self.arch.training_conds(self.model, pooled, s, max(s.batch_size, EVAL_SAMPLES), self.device)
             opt, params, residual = self._optimiser(enc, frozen_ctx)
 
+            mask = None if self.mask is None else self.mask.to(self.device)
+
             def context():
                 if residual is not None:
-                    return add_at_rows(frozen_ctx, self.instance_rows, residual)
+                    return add_at_rows(frozen_ctx, self.instance_rows, residual if mask is None else residual * mask)
                 return self._encode(enc, self.instance_tokens)[0]
 
             losses, eval_points = self._loop(opt, params, context, frozen_ctx, y, paper, pbar, eval_every)
             if not paper:
-                return residual.detach().float().cpu(), losses, eval_points
+                return (residual if mask is None else residual * mask).detach().float().cpu(), losses, eval_points
             # the optimiser state (two moments per trainable weight) is done with: free it before the template
             # pass, so that pass reuses its memory instead of adding to the peak
             opt = params = None
@@ -273,7 +283,9 @@ class Trainer:
             every = max(1, s.steps // PREVIEW_UPDATES)
             for step in range(s.steps):
                 mm.throw_exception_if_processing_interrupted()
-                x0 = latent_batch(self.latents, self.size, s.batch_size, gen)
+                # paper mode crops as the reference does (no flips: they would mirror text and logos); fast mode
+                # (ours) keeps its random horizontal flips
+                x0 = latent_batch(self.latents, self.size, s.batch_size, gen, flip=not paper)
                 noise = torch.randn(x0.shape, generator=gen).to(self.device)
                 sigma = sample_sigmas(self.sigmas, s.batch_size, gen).to(self.device)
                 loss = self._step_or_checkpoint(frozen_model, opt, params, context, frozen_ctx, x0, noise, sigma,

@@ -15,12 +15,14 @@ import torch
 from comfy_api.latest import io
 
 from ..cones2_core.errors import Cones2Error
+from ..cones2_core.families import FAMILIES, resolutions
+from ..cones2_core.families import names as family_names
 from ..cones2_core.figures import draw_loss_curve
 from ..cones2_core.objective import MODES, TrainSettings, default_steps, split_channels
 from ..cones2_core.residual import Residual, resolve_residual_path, save_residual
 from . import architectures
 from .common import CATEGORY, Residuals
-from .encoding import clip_family, word_tokens
+from .encoding import clip_family, present_keys, word_tokens
 from .paths import default_residual_folder
 from .train_images import collect_images, encode_latents
 from .train_loop import Trainer
@@ -52,8 +54,16 @@ def train_residual(model, clip, vae, images: list[torch.Tensor], subject: str, s
     counts = {k: len(v) for k, v in word_tokens(clip, subject).items()}
     if not all(counts.values()):
         raise Cones2Error(f"the subject {subject!r} has no tokens for this CLIP; use a class word such as 'dog'")
-    if len(set(counts.values())) != 1:
-        raise Cones2Error(f"the subject {subject!r} tokenises differently for the two SDXL encoders; use a plain word")
+    for group in fam.groups:  # encoders that share their rows (SDXL's, SD3.5's CLIP-L and CLIP-G) must agree
+        if len({counts[e.key] for e in group if e.key in counts}) > 1:
+            names = " and ".join(e.name for e in group)
+            raise Cones2Error(f"the subject {subject!r} tokenises differently for the {names} encoders; use a plain "
+                              "word")
+    missing = [e.name for e in fam.encoders if e.key not in present_keys(clip, fam)]
+    if missing:
+        raise Cones2Error(f"this {fam.name} CLIP was loaded without {' and '.join(missing)}; Train Residual learns "
+                          "every encoder's part of the residual: load the CLIP with all its text encoders "
+                          "(TripleCLIPLoader with clip_l, clip_g and t5xxl, or a checkpoint that includes them)")
     prediction, sigma_data, ms = arch.prediction_type(model, fam)  # refuses a model of another kind
     s = settings.resolved(family, prediction)
     device = mm.get_torch_device()
@@ -66,7 +76,7 @@ def train_residual(model, clip, vae, images: list[torch.Tensor], subject: str, s
     meta = s.metadata(prediction=prediction, images=len(images), templates=len(trainer.templates),
                       eval_loss_start=repr(eval_points[0][1]), eval_loss_end=repr(eval_points[-1][1]),
                       loss_first=losses[0], loss_last=losses[-1], seconds=round(seconds, 1))
-    residual = Residual(subject, family, split_channels(delta, family), metadata=meta).validate()
+    residual = Residual(subject, family, split_channels(delta, family, trainer.rows_by_key), metadata=meta).validate()
     log.info("trained a %s residual for %r (%s mode, %d steps, %.1f s): eval loss %.5g -> %.5g",
              fam.name, subject, s.mode, s.steps, seconds, eval_points[0][1], eval_points[-1][1])
     return residual, losses, eval_points
@@ -116,7 +126,7 @@ def prepare_destination(save_name: str) -> str:
 
 class Cones2TrainResidual(io.ComfyNode):
     # The model families (cones2_core.families keys) it works with; its help page names each (tested).
-    SUPPORTED_FAMILIES = ("sd1", "sd2", "sdxl", "flux", "chroma")
+    SUPPORTED_FAMILIES = tuple(FAMILIES)  # every family of the table
 
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -131,11 +141,11 @@ class Cones2TrainResidual(io.ComfyNode):
                 "text encoder exactly as the Cones 2 paper (diffusion loss + text-embedding preservation loss, "
                 "prompt = the class word alone), then averages the change of the subject's output embedding "
                 "over 27 prompt templates. 'fast' mode (our addition) optimises that output-space residual "
-                "directly against the same diffusion loss. On Flux and Chroma only 'fast' mode trains (against "
-                "the model's own flow-matching loss, at the T5 rows of the subject). Your MODEL and CLIP are not changed."),
+                "directly against the same diffusion loss. On Flux and SD3.5 only 'fast' mode trains (against "
+                "the model's own flow-matching loss, at the subject's T5 rows, and on SD3.5 its CLIP rows too). Your MODEL and CLIP are not changed."),
             inputs=[
-                io.Model.Input("model", tooltip="The diffusion model of an SD1.5, SD2.x, SDXL, Flux or Chroma checkpoint "
-                                                "(kept frozen; gradients only flow through it)."),
+                io.Model.Input("model", tooltip=f"The diffusion model ({family_names()}) of the CLIP's checkpoint (kept "
+                                                "frozen; gradients only flow through it)."),
                 io.Clip.Input("clip", tooltip="The matching CLIP; a private copy is fine-tuned, yours is unchanged."),
                 io.Vae.Input("vae", tooltip="The checkpoint's VAE, to encode the training images once."),
                 io.String.Input("subject", default="dog",
@@ -150,15 +160,17 @@ class Cones2TrainResidual(io.ComfyNode):
                 io.Float.Input("preservation_weight_start", default=1e-2, min=0.0, max=10.0, step=1e-5,
                                tooltip="Paper mode: weight of ||e_0 - e*_0|| (start token keeps its embedding). "
                                        "It is weighed against the diffusion loss: if the residual learns little, "
-                                       "lower both weights (docs/training.md)."),
+                                       "lower both weights (docs/training.md). The default 1e-2 (and 1e-3 for the "
+                                       "rest) is the reference README's command; its script's defaults are half."),
                 io.Float.Input("preservation_weight_rest", default=1e-3, min=0.0, max=10.0, step=1e-6,
                                tooltip="Paper mode: weight of ||e_{1+n:} - e*_{1+n:}|| (tokens after the subject "
                                        "keep their embeddings). Weighed against the diffusion loss, as the start "
                                        "weight."),
                 io.Int.Input("resolution", default=0, min=0, max=2048, step=64,
-                             tooltip="Training crop size in pixels; 0 = automatic (SD1.5 512, SD2.x-v 768, "
-                                     "SDXL 1024, Flux and Chroma 512). Images are resized so their short side matches, then "
-                                     "randomly cropped and flipped."),
+                             tooltip=f"Training crop size in pixels; 0 = automatic ({resolutions()}; Wan's frames are "
+                                     "trained as stills). Images are resized so their short side matches, then "
+                                     "randomly cropped (fast mode also flips half the crops; paper mode does not, "
+                                     "as the reference)."),
                 io.Int.Input("batch_size", default=1, min=1, max=64, tooltip="Crops per step (the paper uses 1)."),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF,
                              tooltip="Seed of the crops, noise and timesteps: the same seed gives the same "

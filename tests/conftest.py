@@ -34,6 +34,8 @@ SLOW = {  # seconds measured (2 cores, load 5 to 11 from other work), the slowes
     "host/test_train.py::test_sd2_v_prediction_paper_mode": 87,
     "host/test_train.py::test_same_seed_same_residual": 66,
     "host/test_train.py::test_paper_mode_matches_a_naive_full_encoder_loop": 64,
+    # the unedited reference trainer beside paper mode, 4 steps each (the diffusers export built once per cache)
+    "host/test_reference_parity.py::test_paper_mode_matches_the_reference_trainer": 487,
 }
 # Module fixtures over 60 s: every test that uses one is slow (else `-m "not slow"` would still build it).
 SLOW_FIXTURES = {"paper_sd15": 99}  # test_train.py's 8-step paper-mode run

@@ -1,4 +1,5 @@
-"""Development-only ComfyUI custom node package: the tiny Flux and Chroma beds' text encoder loaders.
+"""Development-only ComfyUI custom node package: the tiny Flux, Wan and Chroma beds' text encoder loaders, the tiny SD3.5
+bed's checkpoint loader.
 
 It exists only because the host's Flux text loader (DualCLIPLoader, type ``flux``) always builds the full
 T5-XXL (``comfy/text_encoders/t5_config_xxl.json``, 4.7 B parameters), which no test machine here can hold.
@@ -45,18 +46,36 @@ def load_tiny_flux_clip(clip_l_path: str, t5_path: str, embedding_directory=None
                                                   model_options={"t5xxl_model_config": small_t5_config(t5)})
 
 
-def load_tiny_chroma_clip(t5_path: str, embedding_directory=None):
-    """The host's Chroma CLIP (tokenizer key {"t5xxl"}: the PixArt T5 text encoder) from a small-T5 file, through
-    ``comfy.sd.load_text_encoder_state_dicts(..., clip_type=CLIPType.CHROMA)`` as CLIPLoader (type chroma) calls
-    it, plus the small T5 config as the host's ``t5xxl_model_config`` override."""
+def tiny_wan_clip(spiece_model, config: dict, embedding_directory=None):
+    """The host's Wan CLIP (``comfy.text_encoders.wan``: WanT5Tokenizer, the umT5 model class, tokenizer key
+    "umt5xxl") with ``config`` as the host's ``umt5xxl_model_config`` override and ``spiece_model`` (a uint8
+    tensor, as real umT5 files carry it) as the tokenizer; weights left as the host's classes make them."""
     import comfy.sd
+    import comfy.supported_models_base
+    import comfy.text_encoders.wan
+    import torch
+
+    target = comfy.supported_models_base.ClipTarget(comfy.text_encoders.wan.WanT5Tokenizer,
+                                                    comfy.text_encoders.wan.te(dtype_t5=torch.float32))
+    return comfy.sd.CLIP(target=target, embedding_directory=embedding_directory,
+                         tokenizer_data={"spiece_model": spiece_model},
+                         model_options={"umt5xxl_model_config": config})
+
+
+def load_tiny_wan_clip(umt5_path: str, embedding_directory=None):
+    """The tiny Wan bed's CLIP from its small-umT5 file: the host's Wan text encoder class and tokenizer
+    (``tiny_wan_clip``) with the file's config read off its tensor shapes, its weights loaded by the host's
+    ``CLIP.load_sd``. (CLIPLoader, type wan, reads a one-layer file as T5-base: the host's detection looks for
+    block 23.)"""
     import comfy.utils
 
-    t5 = comfy.utils.load_torch_file(t5_path, safe_load=True)
-    return comfy.sd.load_text_encoder_state_dicts([t5], embedding_directory=embedding_directory,
-                                                  clip_type=comfy.sd.CLIPType.CHROMA,
-                                                  model_options={"t5xxl_model_config": small_t5_config(t5)})
-
+    sd = comfy.utils.load_torch_file(umt5_path, safe_load=True)
+    spm = sd.pop("spiece_model", None)
+    if spm is None:
+        raise ValueError("this file has no 'spiece_model' tensor; connect the tiny Wan bed's umT5 file")
+    clip = tiny_wan_clip(spm, small_t5_config(sd), embedding_directory=embedding_directory)
+    clip.load_sd(sd)
+    return clip
 
 class Cones2DevTinyFluxCLIPLoader:
     """DualCLIPLoader (type flux) for the tiny bed's small T5; development only (see the module docstring)."""
@@ -83,8 +102,94 @@ class Cones2DevTinyFluxCLIPLoader:
                                     embedding_directory=folder_paths.get_folder_paths("embeddings")),)
 
 
+SD3_TE_CONFIG_KEY = "cones2.te_model_options"  # the tiny SD3.5 bed's metadata: its text encoders' config overrides
+
+
+def load_tiny_sd3_checkpoint(path: str, without=(), embedding_directory=None):
+    """(MODEL, CLIP, VAE) of the tiny SD3.5 bed's checkpoint through the host's checkpoint loader (what
+    CheckpointLoaderSimple calls), with the text encoder config overrides the file names in its metadata as the
+    host's ``te_model_options``; ``without``: encoders ("clip_l", "clip_g", "t5xxl") left out of the state dict,
+    as a checkpoint or loader without them gives the CLIP."""
+    import json
+
+    import comfy.sd
+    import comfy.utils
+
+    sd, metadata = comfy.utils.load_torch_file(path, safe_load=True, return_metadata=True)
+    if SD3_TE_CONFIG_KEY not in (metadata or {}):
+        raise ValueError(f"{path} is not a tiny SD3.5 bed checkpoint (no {SD3_TE_CONFIG_KEY} metadata); connect "
+                         "the bed's checkpoint")
+    prefixes = tuple(f"text_encoders.{name}." for name in without)
+    if prefixes:
+        sd = {k: v for k, v in sd.items() if not k.startswith(prefixes)}
+    model, clip, vae, _ = comfy.sd.load_state_dict_guess_config(
+        sd, output_vae=True, output_clip=True, embedding_directory=embedding_directory,
+        te_model_options=json.loads(metadata[SD3_TE_CONFIG_KEY]), metadata=metadata)
+    return model, clip, vae
+
+
+class Cones2DevTinySD3CheckpointLoader:
+    """CheckpointLoaderSimple for the tiny SD3.5 bed (harness/tiny_sd3.py): the host's checkpoint loader with the
+    text encoder config overrides the file names in its metadata; development only."""
+
+    DESCRIPTION = ("Development only: loads the tiny SD3.5 test bed's checkpoint (the host's SD3 loader always builds "
+                   "the full T5-XXL and CLIP-G).")
+    RETURN_TYPES = ("MODEL", "CLIP", "VAE")
+    FUNCTION = "load"
+    CATEGORY = "_for_testing/cones2_dev"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        import folder_paths
+
+        return {"required": {"ckpt_name": (folder_paths.get_filename_list("checkpoints"),
+                                           {"tooltip": "the bed's checkpoint"})}}
+
+    def load(self, ckpt_name):
+        import folder_paths
+
+        return load_tiny_sd3_checkpoint(folder_paths.get_full_path_or_raise("checkpoints", ckpt_name),
+                               embedding_directory=folder_paths.get_folder_paths("embeddings"))
+
+
+class Cones2DevTinyWanCLIPLoader:
+    """CLIPLoader (type wan) for the tiny Wan bed's small umT5; development only (see load_tiny_wan_clip)."""
+
+    DESCRIPTION = ("Development only: loads the tiny Wan test bed's small umT5 (the host's loader reads a one-layer "
+                   "umT5 as T5-base).")
+    RETURN_TYPES = ("CLIP",)
+    FUNCTION = "load"
+    CATEGORY = "_for_testing/cones2_dev"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        import folder_paths
+
+        names = folder_paths.get_filename_list("text_encoders")
+        return {"required": {"umt5_name": (names, {"tooltip": "the bed's small umT5 file"})}}
+
+    def load(self, umt5_name):
+        import folder_paths
+
+        return (load_tiny_wan_clip(folder_paths.get_full_path_or_raise("text_encoders", umt5_name),
+                                   embedding_directory=folder_paths.get_folder_paths("embeddings")),)
+
+def load_tiny_chroma_clip(t5_path: str, embedding_directory=None):
+    """The host's Chroma CLIP (tokenizer key {"t5xxl"}: the PixArt T5 text encoder) from a small-T5 file, through
+    ``comfy.sd.load_text_encoder_state_dicts(..., clip_type=CLIPType.CHROMA)`` as CLIPLoader (type chroma) calls
+    it, plus the small T5 config as the host's ``t5xxl_model_config`` override (the bed's T5 has 24 thin layers,
+    so the host's detection takes its T5-XXL branch)."""
+    import comfy.sd
+    import comfy.utils
+
+    t5 = comfy.utils.load_torch_file(t5_path, safe_load=True)
+    return comfy.sd.load_text_encoder_state_dicts([t5], embedding_directory=embedding_directory,
+                                                  clip_type=comfy.sd.CLIPType.CHROMA,
+                                                  model_options={"t5xxl_model_config": small_t5_config(t5)})
+
+
 class Cones2DevTinyChromaCLIPLoader:
-    """CLIPLoader (type chroma) for the tiny Chroma bed's small T5; development only (see the module docstring)."""
+    """CLIPLoader (type chroma) for the tiny Chroma bed's small T5; development only (see load_tiny_chroma_clip)."""
 
     DESCRIPTION = ("Development only: loads the tiny Chroma test bed's small T5 (the host's Chroma loader always "
                    "builds the full T5-XXL).")
@@ -107,6 +212,10 @@ class Cones2DevTinyChromaCLIPLoader:
 
 
 NODE_CLASS_MAPPINGS = {"Cones2DevTinyFluxCLIPLoader": Cones2DevTinyFluxCLIPLoader,
+                       "Cones2DevTinySD3CheckpointLoader": Cones2DevTinySD3CheckpointLoader,
+                       "Cones2DevTinyWanCLIPLoader": Cones2DevTinyWanCLIPLoader,
                        "Cones2DevTinyChromaCLIPLoader": Cones2DevTinyChromaCLIPLoader}
 NODE_DISPLAY_NAME_MAPPINGS = {"Cones2DevTinyFluxCLIPLoader": "Cones2 DEV Tiny Flux CLIP Loader",
+                              "Cones2DevTinySD3CheckpointLoader": "Cones2 DEV Tiny SD3.5 Checkpoint Loader",
+                              "Cones2DevTinyWanCLIPLoader": "Cones2 DEV Tiny Wan CLIP Loader",
                               "Cones2DevTinyChromaCLIPLoader": "Cones2 DEV Tiny Chroma CLIP Loader"}

@@ -103,6 +103,14 @@ class Architecture:
 
     # -- training
 
+    def model_latent(self, x):
+        """A training batch of still latents [B, C, h, w] as the model takes it (a video model: with a frame
+        axis); ``from_model_latent`` undoes it on the model's output."""
+        return x
+
+    def from_model_latent(self, x):
+        return x
+
     def prediction_type(self, model, family: Family) -> tuple[str, float, object]:
         """(``"eps"``, ``"v"`` or ``"flow"``, sigma_data, the model_sampling object) of the host's model, which must
         be one ``family`` predicts; an error saying what to connect otherwise."""
@@ -160,15 +168,15 @@ def subject_token_lists(g) -> list[list[int]]:
     return [subject_tokens(s, g.offsets) for s in g.subjects]
 
 
-def record_maps(g, h: int, w: int, mass_of) -> None:
+def record_maps(g, h: int, w: int, mass_of, frames: int | None = None) -> None:
     """Add one call's attention mass of the subjects of ``g`` on its ``h`` x ``w`` grid to its node's recording,
     when that node records and a sampling run is being recorded: ``mass_of(token lists)`` -> [subjects, h * w]
-    (called only then)."""
+    (called only then); of a video of ``frames`` latent frames, [subjects, frames * h * w]."""
     if not g.spec.record:
         return
     rec = find_recording(g.spec.uid)
     if rec is not None:
-        rec.add(h, w, mass_of(subject_token_lists(g)), g.subjects, g.window)
+        rec.add(h, w, mass_of(subject_token_lists(g)), g.subjects, g.window, frames=frames)
 
 
 def guided_call(groups, batch: int, whole, attend, whole_always: bool = False):

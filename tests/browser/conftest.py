@@ -18,6 +18,13 @@ from harness import frontend, tiny_extras
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# (frontend, node renderer) of each browser run: which server serves it, and Comfy.VueNodes.Enabled (None: left as
+# it is)
+FRONTENDS = {
+    "host-frontend": ("server", None),
+    "newest-classic": ("newest_server", False),
+    "newest-nodes2": ("newest_server", True),
+}
 
 
 @pytest.fixture(scope="session")
@@ -63,3 +70,11 @@ def newest_server(host_dir, tiny_ckpts, extras_files, newest_frontend, tmp_path_
     srv.start()
     yield srv
     srv.stop()
+
+
+@pytest.fixture(scope="module", params=list(FRONTENDS))
+def ui(request):
+    """One run's frontend and renderer: {id, server, vue_nodes}; the newest frontend's server starts only for
+    the runs that use it."""
+    server_fixture, vue_nodes = FRONTENDS[request.param]
+    return {"id": request.param, "server": request.getfixturevalue(server_fixture), "vue_nodes": vue_nodes}

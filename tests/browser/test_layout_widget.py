@@ -27,12 +27,6 @@ REPO = os.path.dirname(os.path.dirname(HERE))
 WORKFLOW = os.path.join(REPO, "workflows", "two_subjects_layout.json")
 FLUX_WORKFLOW = os.path.join(REPO, "workflows", "flux_two_subjects_layout.json")
 NODE = "Cones2LayoutGuidance"
-# (frontend, node renderer): which server serves it, and Comfy.VueNodes.Enabled (None: left as it is)
-FRONTENDS = {
-    "host-frontend": ("server", None),
-    "newest-classic": ("newest_server", False),
-    "newest-nodes2": ("newest_server", True),
-}
 
 
 def shot_paths(ui_id: str) -> tuple[str, str, str, str]:
@@ -40,14 +34,6 @@ def shot_paths(ui_id: str) -> tuple[str, str, str, str]:
     tag = "" if ui_id == "host-frontend" else f"_{ui_id.replace('-', '_')}"
     return (os.path.join(HERE, "artifacts", f"layout_widget{tag}.png"), f"/tmp/cones2_layout_widget{tag}.png",
             os.path.join(HERE, "artifacts", f"layout_widget{tag}_maps.png"), f"/tmp/cones2_layout_widget{tag}_maps.png")
-
-
-@pytest.fixture(scope="module", params=list(FRONTENDS))
-def ui(request):
-    """One run's frontend and renderer: {id, server, vue_nodes}; the newest frontend's server starts only for
-    the runs that use it."""
-    server_fixture, vue_nodes = FRONTENDS[request.param]
-    return {"id": request.param, "server": request.getfixturevalue(server_fixture), "vue_nodes": vue_nodes}
 
 
 @pytest.fixture(scope="module")

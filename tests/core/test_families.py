@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from comfyui_cones2.cones2_core.errors import Cones2Error
@@ -12,28 +14,35 @@ from comfyui_cones2.cones2_core.families import (
     by_encoder_keys,
     by_reference_width,
     by_widths,
-    families_by_widths,
     family,
     family_name,
 )
+from comfyui_cones2.cones2_core.residual import family_from_widths
 
 
 @pytest.mark.parametrize("key", sorted(FAMILIES))
 def test_each_record_is_consistent_and_found_by_every_lookup(key):
     f = FAMILIES[key]
     assert f.key == key and family(key) is f
-    offset = 0
-    for enc in f.encoders:  # encoders sit side by side along the channels, in order
-        assert enc.offset == offset
-        offset += enc.width
-    assert f.width == offset
+    for group in f.groups:  # the encoders of a row group sit side by side along the channels, in order
+        offset = 0
+        for enc in group:
+            assert enc.offset == offset
+            offset += enc.width
+    assert f.width == max(e.offset + e.width for e in f.encoders)
     assert by_encoder_keys([*f.conditioning_keys, *f.pooled_only]) is f
     assert f.conditioning_keys == tuple(e.key for e in f.encoders) and not set(f.pooled_only) & set(f.conditioning_keys)
     assert f.chunk is None or f.chunk > 0
-    assert f in families_by_widths(f.widths)
-    shared = [g for g in FAMILIES.values() if g.widths == f.widths]
-    assert by_widths(f.widths) is (f if shared == [f] else None)  # several (Flux, Chroma): no guess
-    assert by_context_width(f.width) is (f if [g for g in FAMILIES.values() if g.width == f.width] == [f] else None)
+    if sum(g.widths == f.widths for g in FAMILIES.values()) == 1:
+        assert by_widths(f.widths) is f
+    else:  # Flux and Chroma: one 4096-wide T5-XXL each
+        with pytest.raises(Cones2Error, match=f"could be .*{f.name} \\('{f.key}'\\)"):
+            by_widths(f.widths)
+    if sum(g.width == f.width for g in FAMILIES.values()) == 1:
+        assert by_context_width(f.width) is f
+    else:  # Flux, SD3.5 and Wan all read 4096-wide text
+        with pytest.raises(Cones2Error, match=f"a {f.width}-wide conditioning could be .*{f.name}"):
+            by_context_width(f.width)
     if f.reference_width is not None:
         assert by_reference_width(f.reference_width) is f
     assert f.describe().startswith(f.name)
@@ -46,7 +55,10 @@ def test_lookups_refuse_what_no_record_has():
         for enc in f.encoders:
             assert by_widths({**f.widths, enc.key: enc.width + 1}) is None
             if len(f.encoders) > 1:  # one encoder of a pair is not this family (SDXL's CLIP-L alone is SD1.5)
-                assert by_widths({enc.key: enc.width}) is not f
+                try:
+                    assert by_widths({enc.key: enc.width}) is not f
+                except Cones2Error as e:  # SD3.5's T5-XXL alone: Flux's or Chroma's widths, refused as ambiguous
+                    assert f"{f.name} ('{f.key}')" not in str(e)
         assert by_widths({**f.widths, "x": 1}) is None
         assert by_encoder_keys(f.tokenizer_keys | {"x"}) is None
         if f.pooled_only:  # its conditioning encoders alone are another family or none, never this one
@@ -54,16 +66,22 @@ def test_lookups_refuse_what_no_record_has():
     widths = {f.width for f in FAMILIES.values()}
     assert by_context_width(max(widths) + 1) is None and by_context_width(0) is None
     assert by_reference_width(0) is None
-    assert by_encoder_keys({"l", "g", "t5xxl"}) is None  # SD3's tokenizer: no family of ours
+    assert by_encoder_keys({"l", "g", "t5xxl", "llama"}) is None  # HiDream's tokenizer: no family of ours
+    assert by_encoder_keys({"l", "g", "t5xxl"}) is FAMILIES["sd3"]
 
 
-def test_widths_several_families_share_find_none_of_them():
-    """Flux and Chroma: one T5-XXL of width 4096 each; only the tokenizer keys ({"l", "t5xxl"} vs {"t5xxl"}) and
-    a file's cones2.family metadata tell them apart."""
-    flux, chroma = FAMILIES["flux"], FAMILIES["chroma"]
-    assert families_by_widths({"t5xxl": 4096}) == (flux, chroma)
-    assert by_widths({"t5xxl": 4096}) is None and by_context_width(4096) is None
-    assert by_encoder_keys({"t5xxl"}) is chroma and by_encoder_keys({"l", "t5xxl"}) is flux
+def test_a_width_shared_by_two_families_is_never_a_silent_pick(monkeypatch):
+    """Flux's T5-XXL and Wan's umT5-XXL are both 4096 wide: the encoder key tells them apart, the width alone
+    does not (an error); a family with the very same keys and widths as another would be an error naming both."""
+    assert by_widths({"umt5xxl": 4096}) is FAMILIES["wan"]
+    with pytest.raises(Cones2Error, match="4096-wide conditioning could be"):
+        by_context_width(4096)
+    twin = dataclasses.replace(FAMILIES["wan"], key="wan_twin", name="Wan twin")
+    monkeypatch.setitem(FAMILIES, "wan_twin", twin)
+    with pytest.raises(Cones2Error, match=r"could be Wan \('wan'\) or Wan twin \('wan_twin'\).*cones2.family"):
+        by_widths({"umt5xxl": 4096})
+    with pytest.raises(Cones2Error, match="could be Wan"):
+        family_from_widths({"umt5xxl": 4096})
 
 
 def test_family_names_and_refusals_come_from_the_table():
@@ -89,7 +107,39 @@ def test_pooled_only_encoders_give_no_rows():
     rows alone, and {"l"} alone is still SD1.5."""
     for f in FAMILIES.values():
         assert not set(f.pooled_only) & set(f.widths)
-        assert f.width == sum(f.widths.values())
+        assert f.width == max(e.offset + e.width for e in f.encoders)
     flux = FAMILIES["flux"]
     assert flux.pooled_only and by_encoder_keys(flux.tokenizer_keys) is flux
     assert by_encoder_keys({"l"}) is FAMILIES["sd1"]
+
+
+def test_families_of_the_same_widths_are_an_error_not_a_guess(monkeypatch):
+    """Two records with the same encoder widths (a file without its family's name cannot tell them apart): the
+    lookup says to name the family instead of picking the first record; residual files without metadata get
+    that error through family_from_widths."""
+    import dataclasses
+
+    from comfyui_cones2.cones2_core import families
+    from comfyui_cones2.cones2_core.residual import family_from_widths
+
+    twin = dataclasses.replace(FAMILIES["sd2"], key="twin", name="Twin")
+    monkeypatch.setitem(families.FAMILIES, "twin", twin)
+    for lookup in (by_widths, family_from_widths):
+        with pytest.raises(Cones2Error, match=r"could be SD2.x \('sd2'\) or Twin \('twin'\).*'cones2.family'"):
+            lookup({"h": 1024})
+    assert by_widths(FAMILIES["sd3"].widths) is FAMILIES["sd3"]  # SD3.5's three widths are its own
+    assert family_from_widths({"l": 768, "g": 1280, "t5xxl": 4096}) == "sd3"
+
+
+def test_flux_and_chroma_share_their_widths_and_are_told_by_their_tokenizer_keys():
+    """Flux and Chroma: one 4096-wide T5-XXL tensor each. A residual file without cones2.family is an error that
+    names both and says to set the metadata, never a silent pick; their CLIPs' tokenizer keys differ ({"l",
+    "t5xxl"} vs {"t5xxl"}), which is how Apply Residuals tells them apart."""
+    from comfyui_cones2.cones2_core.residual import family_from_widths
+
+    flux, chroma = FAMILIES["flux"], FAMILIES["chroma"]
+    assert flux.widths == chroma.widths == {"t5xxl": 4096}
+    for lookup in (by_widths, family_from_widths):
+        with pytest.raises(Cones2Error, match=r"could be Flux \('flux'\) or Chroma \('chroma'\).*'cones2.family'"):
+            lookup({"t5xxl": 4096})
+    assert by_encoder_keys({"t5xxl"}) is chroma and by_encoder_keys({"l", "t5xxl"}) is flux

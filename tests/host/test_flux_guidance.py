@@ -143,6 +143,37 @@ def test_the_bias_the_host_attention_receives_is_the_documented_formula(pack, sm
     assert float(rows.sigmas[0]) == pytest.approx(1.0)  # Flux's first step is t = 1: the capped sigma
 
 
+def test_the_exact_path_equals_the_dense_mask_path(pack, small_flux, monkeypatch):
+    """Without another override, the guided rows take the exact mask-free path (guided_joint_attention): its samples
+    and maps equal those of the dense-mask path whose mask is the documented formula (the test above), and it is the
+    path taken."""
+    model, pos, neg = small_flux
+    joint = pack.nodes.architectures.joint
+    masks = []
+    runs = {}
+    for exact in (True, False):
+        monkeypatch.setattr(joint, "EXACT", exact)
+        gm, gpos = guide(pack, model, pos, gw=0.3, nw=-3.0)
+        with monkeypatch.context() as mp:
+            mp.setattr(joint, "guided_joint_attention", _counting(joint.guided_joint_attention, masks))
+            runs[exact] = (sample(gm, gpos, neg, steps=3), shares(pack, gm), len(masks))
+        masks.clear()
+    (exact_x, exact_maps, exact_calls), (dense_x, dense_maps, dense_calls) = runs[True], runs[False]
+    assert exact_calls == 3 * 2 and dense_calls == 0  # 3 steps x (1 double + 1 single block), CFG 1
+    torch.testing.assert_close(exact_x, dense_x, rtol=1e-4, atol=1e-4)
+    assert exact_maps.keys() == dense_maps.keys() == {"dog", "cat"}
+    for s in exact_maps:
+        assert exact_maps[s] == pytest.approx(dense_maps[s], abs=1e-4)
+    assert not torch.equal(exact_x, sample(model, pos, neg, steps=3))  # and the bias does something
+
+
+def _counting(fn, log):
+    def run(*args, **kwargs):
+        log.append("exact")
+        return fn(*args, **kwargs)
+    return run
+
+
 def test_composes_with_a_dit_block_replacement(pack, small_flux):
     """A PuLID-Flux style ``patches_replace['dit']`` double-block wrapper (it calls the original block and adds
     to the image stream): both act; guidance still places the subjects."""

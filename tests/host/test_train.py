@@ -112,10 +112,13 @@ def watched_run(pack, mc, **kw):
     seen = {}
     original_enc, original_train = pack.nodes.train_encoder.private_text_encoder, train_node.train_residual
 
+    templates = [mc[1].tokenize(t) for t in pack.cones2_core.objective.template_prompts(SUBJECT)]
+
     def enc_spy(clip, device, trainable_ids=None, **kwargs):
         enc = original_enc(clip, device, trainable_ids, **kwargs)
         with torch.no_grad():
             seen["frozen"] = enc.encode_token_weights(clip.tokenize(SUBJECT))[0].clone()
+            seen["frozen_templates"] = [enc.encode_token_weights(t)[0].clone() for t in templates]
         seen["enc"] = enc
         return enc
 
@@ -130,8 +133,10 @@ def watched_run(pack, mc, **kw):
         mp.setattr(train_node, "train_residual", train_spy)
         out = train(pack, mc, **kw)
     if "enc" in seen:
+        enc = seen.pop("enc")
         with torch.no_grad():
-            seen["tuned"] = seen.pop("enc").encode_token_weights(mc[1].tokenize(SUBJECT))[0].clone()
+            seen["tuned"] = enc.encode_token_weights(mc[1].tokenize(SUBJECT))[0].clone()
+            seen["tuned_templates"] = [enc.encode_token_weights(t)[0].clone() for t in templates]
     return {"out": out, "before": before, "after": snapshot(mc[0], mc[1]), **seen}
 
 
@@ -202,6 +207,32 @@ def test_paper_preservation_keeps_other_tokens(paper_sd15):
     assert subject > 0
     # 8 steps at a raised learning rate: the preservation terms hold the other rows well below the subject's
     assert start < 0.5 * subject and rest < 0.7 * subject, (subject, start, rest)
+
+
+def test_paper_residual_is_the_encoders_change_at_the_subject_rows(pack, paper_sd15, sd1):
+    """Paper mode with the preservation term on (the paper's weights): the saved residual is the mean over the 27
+    templates of (tuned - untuned) private-encoder output at the subject's rows, found here by an independent row
+    finder, with that sign. Taking it at the row after the subject or with the sign flipped fails: measured on
+    this fixture, the row after the subject's change is 0.46 of the residual's norm away from it and the flipped
+    sign 2 away, against the 1e-4 allowed."""
+    from harness.test_helpers import independent_rows
+
+    clip = sd1[1]
+    ob = pack.cones2_core.objective
+    assert pack.cones2_core.objective.TrainSettings().preservation_weight_start > 0  # the fixture runs with the term
+    residual = paper_sd15["out"][0][0].tensors["l"].float()
+    changes, after = [], []
+    for text, tuned, frozen in zip(ob.template_prompts(SUBJECT), paper_sd15["tuned_templates"],
+                                   paper_sd15["frozen_templates"], strict=True):
+        rows = independent_rows(clip, text, SUBJECT, "l")
+        delta = (tuned - frozen)[0].float()
+        changes.append(delta[rows])
+        after.append(delta[[r + 1 for r in rows]])  # the row the preservation term holds
+    expected, held = torch.stack(changes).mean(0), torch.stack(after).mean(0)
+    assert expected.norm() > 1e-3
+    assert (residual - expected).norm() < 1e-4 * expected.norm(), ((residual - expected).norm(), expected.norm())
+    # so a residual taken there fails the line above (measured: 0.46 of the norm away; a flipped sign is 2 away)
+    assert (held - expected).norm() > 0.1 * expected.norm()
 
 
 def test_paper_leaves_model_and_clip_unchanged(paper_sd15):
@@ -998,3 +1029,26 @@ def test_a_float8_weight_unet_trains(pack, tiny_ckpts, res_dir):
     assert torch.isfinite(got).all() and ref.norm() > 0
     assert torch.nn.functional.cosine_similarity(got.flatten(), ref.flatten(), dim=0) > 0.99
     assert changed_tensors(before[0], snapshot(fp8[0], fp8[1])[0]) == []
+
+
+@pytest.mark.parametrize(("mode", "flips"), [("paper", False), ("fast", True)])
+def test_paper_mode_crops_without_flips_as_the_reference(pack, sd1, res_dir, monkeypatch, mode, flips):
+    """Paper mode takes its crops as train_cones2.py does, never flipped (flips would mirror text and logos); fast
+    mode (ours) flips half of them. The loop's first crop is watched and the run stopped there."""
+    train_loop = pack.nodes.train_loop
+    crops = train_loop.latent_batch
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def watched(latents, size, batch, generator, flip=True):
+        if batch == 1:  # the evaluation set's crops (batch 1, never flipped); train() trains at batch 2
+            return crops(latents, size, batch, generator, flip=flip)
+        seen.append(flip)
+        raise Stop
+
+    monkeypatch.setattr(train_loop, "latent_batch", watched)
+    with pytest.raises(Stop):
+        train(pack, sd1, mode=mode, steps=1)
+    assert seen == [flips]

@@ -1,6 +1,7 @@
 // Cones2 layout editor: a canvas on "Cones2 Layout Guidance" for drawing one box per subject.
 // This file is the pack's one frontend extension; the modules under layout/ only export:
-//   model.js   the layout text read and written, hit-testing (no DOM, no ComfyUI: node can import it)
+//   model.js   the layout text read and written, box tracks (keyframes) interpolated, hit-testing (no DOM, no
+//              ComfyUI: node can import it)
 //   graph.js   questions to the workflow graph (widgets, latent size, prompt words, maps source)
 //   render.js  drawing the frame, boxes, labels and attention maps on the canvas
 //   panel.js   the editor's DOM and style sheet

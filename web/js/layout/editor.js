@@ -5,13 +5,17 @@
 // every change of the text (typing, loading a workflow, pasting a node, undo) redraws the canvas.
 import { attachEvents } from "./events.js";
 import { checkState, latentSize, mapsSource, pixelRatio, promptWords } from "./graph.js";
-import { MAPS_UI_KEY, formatLayout, isNum, nextSubject, parseLayoutText, readMaps, round } from "./model.js";
+import {
+  MAPS_UI_KEY, boxAt, deleteKeyframe, formatLayout, isNum, keyframeIndex, nextSubject, parseLayoutText, readMaps,
+  round, setKeyframe, trackPath,
+} from "./model.js";
 import { vacate, watch } from "./mount.js";
 import { buildPanel, el } from "./panel.js";
 import { drawLayout } from "./render.js";
 
 const HINT_EMPTY = "drag on the frame to draw a box for each subject";
 const HINT_BOXES = "drag a box to move it · edges/corners resize · Delete removes · drag empty space for another";
+const HINT_TRACK = "drag or resize a box to set its keyframe at this time · the slider moves through the clip";
 const HINT_NO_MAPS = "maps: none yet; run the workflow with a Cones2 Attention Maps node fed by this node's MODEL output";
 
 export class LayoutEditor {
@@ -23,6 +27,8 @@ export class LayoutEditor {
     this.extra = {};
     this.selected = -1;
     this.snap = false;
+    this.tracking = false;    // "track" on: the time slider is shown and edits set keyframes
+    this.time = 0;            // the clip time shown (0..1); 0 whenever tracking is off
     this.error = null;        // why the text cannot be drawn (the canvas keeps the last boxes it could draw)
     this.refusal = null;      // why the node would refuse the layout
     this.lastText = null;
@@ -68,6 +74,8 @@ export class LayoutEditor {
       this.canvasSize = parsed.canvas;
       this.extra = parsed.extra;
       if (this.selected >= this.boxes.length) this.selected = this.boxes.length - 1;
+      // a layout with tracks shows its time slider
+      if (this.boxes.some((b) => b.frames)) this.setTracking(true, false);
     }
     this.updateAspect();
     this.refresh();
@@ -85,6 +93,39 @@ export class LayoutEditor {
     this.refresh();
     this.node.setDirtyCanvas?.(true, true);
     if (final) checkState();
+  }
+
+  // ---- tracks --------------------------------------------------------------------------------------
+  /** The boxes as drawn: each at the time shown. */
+  shownBoxes() {
+    return this.boxes.map((b) => boxAt(b, this.time));
+  }
+
+  /** An edit of box i to the rectangle r: its keyframe at the time shown when tracking (or when it has a track,
+   * at t = 0), else the still box itself. */
+  applyRect(i, r) {
+    const b = this.boxes[i];
+    if (!b) return;
+    if (this.tracking || b.frames) setKeyframe(b, this.time, r);
+    else Object.assign(b, { x: r.x, y: r.y, w: r.w, h: r.h });
+  }
+
+  setTracking(on, refresh = true) {
+    this.tracking = on;
+    if (!on) this.time = 0;
+    this.trackBox.checked = on;
+    this.timeRow.hidden = !on;
+    if (refresh) this.refresh();
+  }
+
+  setTime(t) {
+    this.time = Math.min(Math.max(round(t), 0), 1);
+    this.refresh();
+  }
+
+  deleteKeyframe() {
+    const b = this.boxes[this.selected];
+    if (b && deleteKeyframe(b, this.time)) this.commit(true);
   }
 
   deleteSelected() {
@@ -153,11 +194,13 @@ export class LayoutEditor {
       return `attention maps of the last run (${m?.h ?? 0}×${m?.w ?? 0} grid) under the boxes · % = attention `
         + "inside the subject's region";
     }
+    if (this.tracking && this.boxes.length) return HINT_TRACK;
     return this.boxes.length ? HINT_BOXES : HINT_EMPTY;
   }
 
   updateControls() {
-    const b = this.boxes[this.selected];
+    const own = this.boxes[this.selected];
+    const b = own && boxAt(own, this.time);
     const on = !!b;
     for (const input of [this.subjectInput, this.weightInput, ...Object.values(this.numInputs)]) input.disabled = !on;
     this.delButton.disabled = !on;
@@ -167,6 +210,16 @@ export class LayoutEditor {
     set(this.subjectInput, on ? b.subject : "");
     set(this.weightInput, on && isNum(b.weight) ? String(b.weight) : "");
     for (const k of ["x", "y", "w", "h"]) set(this.numInputs[k], on ? String(round(b[k])) : "");
+    this.trackBox.checked = this.tracking;
+    this.timeRow.hidden = !this.tracking;
+    set(this.timeSlider, String(this.time));
+    this.timeLabel.textContent = `t ${this.time.toFixed(2)}`;
+    const atKey = on && keyframeIndex(own, this.time) >= 0;
+    this.delKeyButton.disabled = !atKey;
+    const ticks = (own?.frames ?? []).map((f) => String(f.t));
+    if (ticks.join() !== [...this.keyList.options].map((o) => o.value).join()) {
+      this.keyList.replaceChildren(...ticks.map((t) => el("option", { value: t })));
+    }
     // an empty layout is refused too, but the hint to draw says that already
     const refused = !this.error && this.boxes.length && this.refusal;
     this.status.classList.toggle("c2-error", !!this.error);
@@ -185,8 +238,9 @@ export class LayoutEditor {
     const W = Math.round(this.cssW * pr), H = Math.round(this.cssH * pr);
     if (this.canvas.width !== W || this.canvas.height !== H) { this.canvas.width = W; this.canvas.height = H; }
     this.drawnRatio = pr;
-    this.labels = drawLayout(this.ctx, W, H, pr, { boxes: this.boxes, selected: this.selected, snap: this.snap,
-      dim: !!this.error, maps: this.mapsShown() ? this.maps.subjects : null, cache: this.mapImages });
+    this.labels = drawLayout(this.ctx, W, H, pr, { boxes: this.shownBoxes(), selected: this.selected, snap: this.snap,
+      dim: !!this.error, maps: this.mapsShown() ? this.maps.subjects : null, cache: this.mapImages,
+      tracks: this.tracking ? this.boxes.map(trackPath) : null, now: this.time });
     this.redraws++;
   }
 
@@ -224,8 +278,11 @@ export class LayoutEditor {
   /** The one hook for tests and debugging: a plain snapshot of what the editor holds and shows. */
   state() {
     const r = this.canvas.getBoundingClientRect();
+    const plain = ({ subject, x, y, w, h, weight }) => ({ subject, x, y, w, h, weight });
     return {
-      boxes: this.boxes.map(({ subject, x, y, w, h, weight }) => ({ subject, x, y, w, h, weight })),
+      boxes: this.boxes.map((b) => ({ ...plain(b), ...(b.frames ? { frames: b.frames.map(({ t, x, y, w, h }) =>
+        ({ t, x, y, w, h })) } : {}) })),
+      tracking: this.tracking, time: this.time, shownBoxes: this.shownBoxes().map(plain),
       selected: this.selected, error: this.error, refusal: this.refusal, aspect: this.aspect, snap: this.snap,
       redraws: this.redraws, shown: this.root.isConnected, remounts: this.remounts, rect: { left: r.left, top: r.top, width: r.width, height: r.height },
       showMaps: this.showMaps, mapsShown: this.mapsShown(), mapEvents: this.mapEvents, labels: [...this.labels],

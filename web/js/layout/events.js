@@ -3,7 +3,7 @@
 // Only exports (see model.js).
 import { comfyApi } from "./comfy.js";
 import { checkState, graphCanvas } from "./graph.js";
-import { DECIMALS, GRID_STEPS, clamp, cursorFor, hitTest, snapValue } from "./model.js";
+import { DECIMALS, GRID_STEPS, boxAt, clamp, cursorFor, hitTest, snapValue } from "./model.js";
 
 const HANDLE_PX = 7;       // grab distance for edges and corners, in screen pixels
 const DRAG_START_PX = 3;   // a press that moves less than this is a click
@@ -15,7 +15,7 @@ function pointerPos(ed, e) {
   return { x: (e.clientX - r.left) / r.width, y: (e.clientY - r.top) / r.height, px: 1 / r.width, py: 1 / r.height };
 }
 
-const hitAt = (ed, p) => hitTest(ed.boxes, ed.selected, p, { x: HANDLE_PX * p.px, y: HANDLE_PX * p.py });
+const hitAt = (ed, p) => hitTest(ed.shownBoxes(), ed.selected, p, { x: HANDLE_PX * p.px, y: HANDLE_PX * p.py });
 
 function onPointerDown(ed, e) {
   if (e.button === 1) { graphCanvas()?.processMouseDown?.(e); return; }   // middle button pans the graph
@@ -28,7 +28,8 @@ function onPointerDown(ed, e) {
   const hit = hitAt(ed, p);
   if (hit) {
     ed.selected = hit.index;
-    ed.drag = { mode: hit.mode, edges: hit.edges, start: p, orig: { ...ed.boxes[hit.index] }, moved: false };
+    // the box as shown at the slider's time: the drag sets its keyframe there (see LayoutEditor.applyRect)
+    ed.drag = { mode: hit.mode, edges: hit.edges, start: p, orig: boxAt(ed.boxes[hit.index], ed.time), moved: false };
   } else {
     ed.drag = { mode: "new", start: p, moved: false };
   }
@@ -75,7 +76,13 @@ function onPointerMove(ed, e) {
   d.moved = true;
   const b = ed.boxes[ed.selected];
   if (!b) return;
-  dragBox(ed, d, b, p);
+  if (d.mode === "new") {
+    dragBox(ed, d, b, p);   // a new box holds still until it is moved at another time
+  } else {
+    const r = { ...d.orig };
+    dragBox(ed, d, r, p);
+    ed.applyRect(ed.selected, r);
+  }
   ed.commit(false);
 }
 
@@ -103,7 +110,8 @@ function onPointerUp(ed, e) {
 }
 
 function onKeyDown(ed, e) {
-  const b = ed.boxes[ed.selected];
+  const own = ed.boxes[ed.selected];
+  const b = own && boxAt(own, ed.time);
   let handled = true;
   if (e.key === "Delete" || e.key === "Backspace") {
     ed.deleteSelected();   // never the node's Delete while the drawing has the focus
@@ -118,6 +126,7 @@ function onKeyDown(ed, e) {
     if (e.key === "ArrowRight") b.x = clamp(b.x + sx * step, 0, 1 - b.w);
     if (e.key === "ArrowUp") b.y = clamp(b.y - sy * step, 0, 1 - b.h);
     if (e.key === "ArrowDown") b.y = clamp(b.y + sy * step, 0, 1 - b.h);
+    ed.applyRect(ed.selected, b);
     ed.commit(true);
   } else {
     handled = false;
@@ -129,12 +138,14 @@ function onKeyDown(ed, e) {
 }
 
 function setCoordinate(ed, k, v) {
-  const b = ed.boxes[ed.selected];
-  if (!b || !Number.isFinite(v)) { ed.updateControls(); return; }
+  const own = ed.boxes[ed.selected];
+  if (!own || !Number.isFinite(v)) { ed.updateControls(); return; }
+  const b = boxAt(own, ed.time);
   if (k === "x") b.x = clamp(v, 0, 1 - b.w);
   if (k === "y") b.y = clamp(v, 0, 1 - b.h);
   if (k === "w") b.w = clamp(v, 1 / DECIMALS, 1 - b.x);
   if (k === "h") b.h = clamp(v, 1 / DECIMALS, 1 - b.y);
+  ed.applyRect(ed.selected, b);
   ed.commit(true);
 }
 
@@ -155,6 +166,9 @@ function attachCanvas(ed) {
 function attachControls(ed) {
   ed.listen(ed.snapBox, "change", () => { ed.snap = ed.snapBox.checked; ed.redraw(); });
   ed.listen(ed.mapsBox, "change", () => { ed.showMaps = ed.mapsBox.checked; ed.refresh(); });
+  ed.listen(ed.trackBox, "change", () => ed.setTracking(ed.trackBox.checked));
+  ed.listen(ed.timeSlider, "input", () => ed.setTime(parseFloat(ed.timeSlider.value)));
+  ed.listen(ed.delKeyButton, "click", () => ed.deleteKeyframe());
   ed.listen(ed.delButton, "click", () => ed.deleteSelected());
   ed.listen(ed.clearButton, "click", () => {
     if (!ed.boxes.length) return;

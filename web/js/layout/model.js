@@ -14,11 +14,14 @@ export const EDITOR_WIDGET = "cones2_layout_editor";
 export const LAYOUT_VERSION = 1;            // owner: LAYOUT_VERSION in cones2_core/layout.py
 const MAX_LAYOUT_CHARS = 1_000_000;         // owner: MAX_LAYOUT_CHARS in cones2_core/layout.py
 const MAX_BOX_WEIGHT = 50;                  // owner: MAX_BOX_WEIGHT in cones2_core/layout.py
+const MAX_KEYFRAMES = 1000;                 // owner: MAX_KEYFRAMES in cones2_core/layout.py
 const SLACK = 1e-6;                         // owner: _SLACK in cones2_core/layout.py
 export const GRID_STEPS = 16;               // snapping grid: 1/16 of the image on each axis
 export const DECIMALS = 1e4;                // coordinates are stored with 4 decimals
 const COORDS = ["x", "y", "w", "h"];
-const BOX_KEYS = ["subject", ...COORDS, "weight"];
+const BOX_KEYS = ["subject", ...COORDS, "weight", "frames"];
+const KEY_KEYS = ["t", ...COORDS];
+const KEY_EXAMPLE = '{"t": 0.5, "x": 0.1, "y": 0.1, "w": 0.4, "h": 0.8}';
 const STOPWORDS = new Set((
   "a an the and or of on in at to with by for from into onto under over near next beside behind " +
   "front back top left right is are be this that his her its their photo picture image style very " +
@@ -32,14 +35,11 @@ const isObject = (v) => !!v && typeof v === "object" && !Array.isArray(v);
 // how the Python messages print a value, near enough to read the same
 const show = (v) => (typeof v === "string" ? `'${v}'` : JSON.stringify(v));
 
-/** One box of the text: {box} to draw, `problem` = why parse_layout refuses it, `fatal` = it cannot be drawn.
- * The checks run in parse_layout's order, so the first problem is the one the node reports. */
-function readBox(i, raw) {
-  if (!isObject(raw)) return { problem: `box ${i} is not an object`, fatal: true };
-  const subject = typeof raw.subject === "string" ? raw.subject.trim() : "";
-  let problem = subject ? null : `box ${i} has no subject: type the subject word for it (e.g. "dog")`;
-  const name = `box ${i} ('${subject}')`;
+/** x, y, w, h of a box or keyframe object `raw` called `name`, checked as parse_layout's `_rect` checks them:
+ * {c} to draw (inside the frame), `problem` = the first refusal, `fatal` = it cannot be drawn. */
+function readRect(raw, name) {
   const c = {};
+  let problem = null;
   for (const k of COORDS) {
     const v = raw[k];
     let bad = null;
@@ -53,9 +53,60 @@ function readBox(i, raw) {
   if (c.w <= 0 || c.h <= 0) problem ??= `${name} has zero area (w=${c.w}, h=${c.h})`;
   if (c.x + c.w > 1 + SLACK) problem ??= `${name} extends past the right edge (x + w = ${+(c.x + c.w).toPrecision(6)} > 1)`;
   if (c.y + c.h > 1 + SLACK) problem ??= `${name} extends past the bottom edge (y + h = ${+(c.y + c.h).toPrecision(6)} > 1)`;
-  // a box past the edge is drawn up to the edge (the refusal says why); within the slack it stays as parsed
-  const box = { subject, x: c.x, y: c.y, w: c.x + c.w > 1 + SLACK ? 1 - c.x : c.w,
-    h: c.y + c.h > 1 + SLACK ? 1 - c.y : c.h, extra: {} };
+  // past the edge: drawn up to the edge (the refusal says why); within the slack it stays as parsed
+  if (c.x + c.w > 1 + SLACK) c.w = 1 - c.x;
+  if (c.y + c.h > 1 + SLACK) c.h = 1 - c.y;
+  return { c, problem };
+}
+
+/** A box's `frames` (its track) as parse_layout's `_parse_frames` reads them: {frames} sorted by t (of two
+ * keyframes at one t the first is drawn), `problem` = the first refusal, `fatal` = the box cannot be drawn. */
+function readFrames(raw, name) {
+  if (raw === undefined || raw === null) return { frames: [], problem: null };
+  if (!Array.isArray(raw)) {
+    const type = isObject(raw) ? "dict" : typeof raw === "string" ? "str" : typeof raw;
+    return { problem: `${name}: 'frames' must be a list of keyframes like ${KEY_EXAMPLE}, got a ${type}`, fatal: true };
+  }
+  let problem = raw.length > MAX_KEYFRAMES
+    ? `${name} has ${raw.length} keyframes; a track holds at most ${MAX_KEYFRAMES}` : null;
+  const frames = [];
+  for (const [j, item] of raw.entries()) {
+    const where = `${name}, keyframe ${j}`;
+    if (!isObject(item)) return { problem: problem ?? `${where} is not an object like ${KEY_EXAMPLE}`, fatal: true };
+    const t = item.t;
+    let bad = null;
+    if (!("t" in item)) bad = `${where} is missing 't' (its time in the clip, 0 = first frame, 1 = last)`;
+    else if (typeof t !== "number") bad = `${where}: 't' must be a number, got ${show(t)}`;
+    else if (!Number.isFinite(t)) bad = `${where}: 't' must be a finite number, got ${t}`;
+    if (bad) return { problem: problem ?? bad, fatal: true };
+    if (!(t >= 0 && t <= 1)) problem ??= `${where}: 't' = ${t} is outside 0..1 (0 = the first frame, 1 = the last)`;
+    const r = readRect(item, where);
+    if (r.fatal) return { problem: problem ?? r.problem, fatal: true };
+    problem ??= r.problem;
+    const extra = {};
+    for (const [k, v] of Object.entries(item)) if (!KEY_KEYS.includes(k)) extra[k] = v;
+    frames.push({ t: clamp(t, 0, 1), ...r.c, extra });
+  }
+  frames.sort((a, b) => a.t - b.t);   // stable, like Python's sort
+  const kept = [];
+  for (const f of frames) {
+    if (kept.length && kept[kept.length - 1].t === f.t) problem ??= `${name} has two keyframes at t = ${f.t}: keep one`;
+    else kept.push(f);
+  }
+  return { frames: kept, problem };
+}
+
+/** One box of the text: {box} to draw, `problem` = why parse_layout refuses it, `fatal` = it cannot be drawn.
+ * The checks run in parse_layout's order, so the first problem is the one the node reports. */
+function readBox(i, raw) {
+  if (!isObject(raw)) return { problem: `box ${i} is not an object`, fatal: true };
+  const subject = typeof raw.subject === "string" ? raw.subject.trim() : "";
+  let problem = subject ? null : `box ${i} has no subject: type the subject word for it (e.g. "dog")`;
+  const name = `box ${i} ('${subject}')`;
+  const r = readRect(raw, name);
+  if (r.fatal) return { problem: problem ?? r.problem, fatal: true };
+  problem ??= r.problem;
+  const box = { subject, ...r.c, extra: {} };
   const weight = raw.weight;
   if (isNum(weight)) {
     box.weight = weight;
@@ -63,6 +114,10 @@ function readBox(i, raw) {
   } else if (weight !== undefined && weight !== null) {
     problem ??= `${name}: 'weight' must be a ${typeof weight === "number" ? "finite " : ""}number, got ${show(weight)}`;
   }
+  const f = readFrames(raw.frames, name);
+  if (f.fatal) return { problem: problem ?? f.problem, fatal: true };
+  problem ??= f.problem;
+  if (f.frames.length) box.frames = f.frames;
   for (const [k, v] of Object.entries(raw)) if (!BOX_KEYS.includes(k)) box.extra[k] = v;
   return { box, problem };
 }
@@ -103,13 +158,27 @@ export function parseLayoutText(text) {
   return { boxes, canvas, extra, refusal };
 }
 
+/** x, y, w, h rounded to DECIMALS: the right/bottom edges are rounded, not the sizes, so boxes that touch stay
+ * touching. */
+function roundRect(r) {
+  const x = round(r.x), y = round(r.y);
+  return { x, y, w: round(round(r.x + r.w) - x), h: round(round(r.y + r.h) - y) };
+}
+
+const keyToJson = (f) => ({ t: round(f.t), ...roundRect(f), ...(f.extra || {}) });
+
 function boxToJson(b) {
-  // the right/bottom edges are rounded, not the sizes, so boxes that touch stay touching
-  const x = round(b.x), y = round(b.y);
-  const item = { subject: b.subject.trim(), x, y, w: round(round(b.x + b.w) - x), h: round(round(b.y + b.h) - y) };
+  const item = { subject: b.subject.trim(), ...roundRect(b) };
   if (isNum(b.weight)) item.weight = b.weight;
+  if (b.frames?.length) item.frames = b.frames.map(keyToJson);
   Object.assign(item, b.extra || {});
-  return "{" + Object.entries(item).map(([k, v]) => `${JSON.stringify(k)}: ${JSON.stringify(v)}`).join(", ") + "}";
+  return objectJson(item);
+}
+
+/** {"k": v, ...} with a space after each colon and comma (a box's keyframes too), as the rest of the text. */
+function objectJson(item) {
+  const value = (v) => (Array.isArray(v) && v.every(isObject) ? `[${v.map(objectJson).join(", ")}]` : JSON.stringify(v));
+  return "{" + Object.entries(item).map(([k, v]) => `${JSON.stringify(k)}: ${value(v)}`).join(", ") + "}";
 }
 
 /** The JSON text for a layout: one box per line (readable in the node's text box), unknown keys kept. */
@@ -119,6 +188,70 @@ export function formatLayout(boxes, canvas, extra) {
   if (canvas) head += `, "canvas": {"width": ${canvas.width}, "height": ${canvas.height}}`;
   if (!boxes.length) return head + `, "boxes": []}`;
   return head + `, "boxes": [\n  ` + boxes.map(boxToJson).join(",\n  ") + `\n]}`;
+}
+
+// ---- tracks: a box's keyframes over the clip (t = 0 first frame, 1 last) ----------------------------------
+
+/** The box at clip time t: its keyframes linearly interpolated, held before the first and after the last; the
+ * box itself (x, y, w, h) without keyframes. The same numbers as Box.at in cones2_core/layout.py (checked on
+ * the fixture's `tracks`). Returns a new box without `frames`. */
+export function boxAt(box, t) {
+  const { frames, ...still } = box;
+  const f = frames ?? [];
+  if (!f.length) return still;
+  let a, b, u;
+  if (t <= f[0].t) [a, b, u] = [f[0], f[0], 0];
+  else if (t >= f[f.length - 1].t) [a, b, u] = [f[f.length - 1], f[f.length - 1], 0];
+  else {
+    const i = f.findIndex((k, j) => j >= 1 && k.t >= t);
+    [a, b] = [f[i - 1], f[i]];
+    u = (t - a.t) / (b.t - a.t);
+  }
+  for (const k of COORDS) still[k] = (1 - u) * a[k] + u * b[k];
+  return still;
+}
+
+/** The index of the box's keyframe at time t (equal once rounded to DECIMALS, as written), else -1. */
+export function keyframeIndex(box, t) {
+  return (box.frames ?? []).findIndex((f) => round(f.t) === round(t));
+}
+
+/** Keeps the box's own x, y, w, h equal to its track at t = 0 (what image models use). */
+function syncStill(box) {
+  if (box.frames?.length) Object.assign(box, roundRect(boxAt(box, 0)));
+}
+
+/** Sets the box's keyframe at time t to the rectangle r ({x, y, w, h}), in place. A box without a track gets one:
+ * a keyframe at t = 0 where it stands now (unless t is 0), and the one at t. Returns the box. */
+export function setKeyframe(box, t, r) {
+  t = clamp(round(t), 0, 1);
+  if (!box.frames?.length) box.frames = t > 0 ? [{ t: 0, ...roundRect(box), extra: {} }] : [];
+  const rect = roundRect(r);
+  const i = keyframeIndex(box, t);
+  if (i >= 0) Object.assign(box.frames[i], rect, { t });
+  else {
+    box.frames.push({ t, ...rect, extra: {} });
+    box.frames.sort((a, b) => a.t - b.t);
+  }
+  syncStill(box);
+  return box;
+}
+
+/** Removes the box's keyframe at time t, in place; a track left with one keyframe becomes a still box there (the
+ * same boxes at every t). Returns whether a keyframe was removed. */
+export function deleteKeyframe(box, t) {
+  const i = keyframeIndex(box, t);
+  if (i < 0) return false;
+  box.frames.splice(i, 1);
+  if (box.frames.length === 1) Object.assign(box, roundRect(box.frames[0]));
+  syncStill(box);
+  if (box.frames.length < 2) delete box.frames;
+  return true;
+}
+
+/** The faint path of a moving box: its centre at each keyframe, in time order ([] for a still box). */
+export function trackPath(box) {
+  return (box.frames ?? []).map((f) => ({ t: f.t, x: f.x + f.w / 2, y: f.y + f.h / 2 }));
 }
 
 export const snapValue = (v, snap) => (snap ? Math.round(v * GRID_STEPS) / GRID_STEPS : v);

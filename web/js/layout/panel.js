@@ -26,6 +26,9 @@ const CSS = `
 .cones2-layout .c2-status { opacity: 0.7; white-space: nowrap; overflow: hidden; text-overflow: ellipsis; min-height: 15px; }
 .cones2-layout .c2-status.c2-error { color: #ff6b6b; opacity: 1; }
 .cones2-layout .c2-status.c2-refused { color: #f5a623; opacity: 1; }
+.cones2-layout .c2-time-row[hidden] { display: none; }
+.cones2-layout .c2-time { flex: 1 1 120px; min-width: 80px; height: 18px; padding: 0; }
+.cones2-layout .c2-time-label { width: 44px; font-variant-numeric: tabular-nums; white-space: nowrap; }
 `;
 
 let styleAdded = false;
@@ -53,10 +56,12 @@ function checkbox(parent, className, text, title) {
 
 let panelCount = 0;
 
-/** Builds one editor's controls; returns {root, snapBox, mapsBox, delButton, clearButton, info, stage, canvas,
- * datalist, subjectInput, weightInput, numInputs: {x, y, w, h}, status}. */
+/** Builds one editor's controls; returns {root, snapBox, mapsBox, trackBox, delButton, clearButton, info, stage,
+ * canvas, timeRow, timeSlider, timeLabel, keyList, delKeyButton, datalist, subjectInput, weightInput,
+ * numInputs: {x, y, w, h}, status}. */
 export function buildPanel() {
   addStyle();
+  const n = ++panelCount;   // ids of the editor's datalists: unique in the page
   const p = {};
   const root = p.root = el("div", { className: "cones2-layout" });
 
@@ -64,6 +69,8 @@ export function buildPanel() {
   p.snapBox = checkbox(bar, "c2-snap", "snap", `Snap edges to a ${GRID_STEPS}×${GRID_STEPS} grid`);
   p.mapsBox = checkbox(bar, "c2-maps", "maps", "Show the attention maps of the last run under the boxes, and each "
     + "subject's in-region share in its label (needs a Cones2 Attention Maps node fed by this node's MODEL)");
+  p.trackBox = checkbox(bar, "c2-track", "track", "Video: move boxes over the clip. Shows a time slider under the "
+    + "drawing; moving or resizing a box at a time sets its keyframe there (image models use the boxes at t = 0)");
   p.delButton = el("button", { textContent: "Delete box", className: "c2-delete",
     title: "Remove the selected box (Delete / Backspace)" }, bar);
   p.clearButton = el("button", { textContent: "Clear", className: "c2-clear", title: "Remove all boxes" }, bar);
@@ -72,9 +79,21 @@ export function buildPanel() {
   p.stage = el("div", { className: "c2-stage" }, root);
   p.canvas = el("canvas", { tabIndex: 0, className: "c2-canvas" }, p.stage);
 
+  // the clip's time (shown with "track"): 0 = the first frame, 1 = the last
+  const timeRow = p.timeRow = el("div", { className: "c2-row c2-time-row", hidden: true }, root);
+  p.timeLabel = el("span", { className: "c2-time-label", title: "Time in the clip: 0 = first frame, 1 = last" },
+    timeRow);
+  p.keyList = el("datalist", { id: `cones2-layout-${n}-keys` }, root);
+  p.timeSlider = el("input", { type: "range", className: "c2-time", min: "0", max: "1", step: "0.01", value: "0",
+    title: "Time in the clip; the drawing shows the boxes at this time, the ticks are the selected box's keyframes" },
+  timeRow);
+  p.timeSlider.setAttribute("list", p.keyList.id);
+  p.delKeyButton = el("button", { textContent: "Delete key", className: "c2-delkey",
+    title: "Remove the selected box's keyframe at this time (a box left with one keyframe holds still there)" },
+  timeRow);
+
   const row = el("div", { className: "c2-row" }, root);
-  // one datalist per editor: its id must be unique in the page
-  p.datalist = el("datalist", { id: `cones2-layout-${++panelCount}-words` }, root);
+  p.datalist = el("datalist", { id: `cones2-layout-${n}-words` }, root);
   p.subjectInput = el("input", { type: "text", className: "c2-subject", placeholder: "subject word",
     title: "The word of the prompt this box places (e.g. dog)" }, row);
   p.subjectInput.setAttribute("list", p.datalist.id);

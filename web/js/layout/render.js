@@ -120,8 +120,37 @@ function drawBox(ctx, r, { col, sel, dim, label, font, pr }) {
   ctx.globalAlpha = 1;
 }
 
+/** The faint path of a moving box's centre through its keyframes (a dot at each, ringed where `now` is one). */
+function drawTrack(ctx, W, H, path, { col, sel, pr, now }) {
+  ctx.save();
+  ctx.globalAlpha = sel ? 0.75 : 0.4;
+  ctx.strokeStyle = col;
+  ctx.fillStyle = col;
+  ctx.lineWidth = 1.5 * pr;
+  ctx.setLineDash([5 * pr, 4 * pr]);
+  ctx.beginPath();
+  path.forEach((p, i) => (i ? ctx.lineTo(p.x * W, p.y * H) : ctx.moveTo(p.x * W, p.y * H)));
+  ctx.stroke();
+  ctx.setLineDash([]);
+  for (const p of path) {
+    ctx.beginPath();
+    ctx.arc(p.x * W, p.y * H, 3 * pr, 0, 2 * Math.PI);
+    ctx.fill();
+    if (p.t === now) {
+      ctx.strokeStyle = "#ffffff";
+      ctx.beginPath();
+      ctx.arc(p.x * W, p.y * H, 5 * pr, 0, 2 * Math.PI);
+      ctx.stroke();
+      ctx.strokeStyle = col;
+    }
+  }
+  ctx.restore();
+}
+
 /** Draws the whole frame on ctx (W×H device pixels, `pr` device pixels per CSS pixel). `view`: {boxes,
- * selected, snap, dim (the text is broken: boxes shown faded), maps (subjects to draw, or null), cache}.
+ * selected, snap, dim (the text is broken: boxes shown faded), maps (subjects to draw, or null), cache, tracks
+ * (per box, the centre path of its keyframes to draw faintly, or null), now (the time shown, its keyframes
+ * ringed)}. `boxes` are the boxes at the time shown.
  * Returns each box's label, in box order. */
 export function drawLayout(ctx, W, H, pr, view) {
   ctx.setTransform(1, 0, 0, 1, 0, 0);
@@ -131,6 +160,12 @@ export function drawLayout(ctx, W, H, pr, view) {
   drawGrid(ctx, W, H, view.snap);
   const colours = subjectColours(view.boxes);
   if (view.maps) drawMaps(ctx, W, H, view.maps, colours, view.cache);
+  view.tracks?.forEach((path, i) => {
+    if (path.length > 1) {
+      drawTrack(ctx, W, H, path, { col: colours.get(subjectKey(view.boxes[i])), sel: i === view.selected, pr,
+        now: view.now });
+    }
+  });
   const font = Math.max(9, Math.round(11 * pr));
   ctx.font = `${font}px sans-serif`;
   ctx.textBaseline = "top";
