@@ -188,3 +188,23 @@ def test_training_through_the_in_place_blocks_gives_autograds_gradient(pack, sma
 
     assert float(plain.abs().sum()) > 0
     torch.testing.assert_close(_context_grad(dm, checkpointed), plain, rtol=1e-5, atol=1e-7)
+
+
+def test_the_exact_path_equals_the_dense_mask_path_with_the_hosts_mask(pack, small_chroma, monkeypatch):
+    """Without another pack's override the guided rows take the exact mask-free path (joint.EXACT): on Chroma,
+    with the host's attention mask on the prompt and its shorter negative in separate calls, it gives the samples
+    and maps of the dense-mask path (whose mask is the formula plus the host's mask, tests above)."""
+    model, pos, neg = small_chroma
+    joint = pack.nodes.architectures.joint
+    g = torch.Generator().manual_seed(7)
+    host_mask = torch.randn(1, T + H * W, T + H * W, generator=g)
+    mpos = [[pos[0][0], {**pos[0][1], "attention_mask": host_mask, "attention_mask_img_shape": (H, W)}]]
+    runs = {}
+    for exact in (True, False):
+        monkeypatch.setattr(joint, "EXACT", exact)
+        gm, gpos = guide(pack, model, mpos, gw=0.3, nw=-3.0)
+        runs[exact] = (sample(gm, gpos, neg, steps=2), shares(pack, gm))
+    torch.testing.assert_close(runs[True][0], runs[False][0], rtol=1e-4, atol=1e-4)
+    for s in ("dog", "cat"):
+        assert runs[True][1][s] == pytest.approx(runs[False][1][s], abs=1e-4)
+    assert not torch.equal(runs[True][0], sample(model, mpos, neg, steps=2))
