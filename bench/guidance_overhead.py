@@ -1,19 +1,21 @@
 """Sampling time with Cones 2 layout guidance (self-recurrence off), without and with recording the attention maps
 (record_maps), versus plain sampling, measured in one run.
 
-    python bench/guidance_overhead.py [--families sd1 sdxl flux chroma] [--size 256] [--steps 4] [--repeats 5]
+    python bench/guidance_overhead.py [--families sd1 sdxl flux qwen_image chroma] [--size 256] [--steps 4] [--repeats 5]
                                       [--flux-size 128] [--flux-tokens 64]
 
-Builds (or reuses) the tiny random-weight checkpoints (and the tiny Flux bed, harness/tiny_flux.py), loads them
+Builds (or reuses) the tiny random-weight checkpoints (and the tiny Flux and Qwen-Image beds, harness/tiny_flux.py,
+harness/tiny_qwen_image.py), loads them
 through the real host in-process, and alternates plain, guided and guided-and-recorded sampling of the same
 prompt and seed; prints one table of median times and their ratios to plain (targets for guided: at most 1.05
-on the UNets, 1.10 on Flux). Flux samples at CFG 1 (as Flux is used) with T5 padded to ``--flux-tokens``. The
-machine is noisy: compare the ratio, not the absolute seconds. On joint-attention families the last column is
-guided sampling through the dense-mask path (``nodes/architectures/joint.py`` EXACT off: what the guided rows take
-when another pack's attention override sits inside ours). Chroma
-(harness/tiny_chroma.py, at ``--flux-size``) samples at CFG 4 with an unpadded T5 and a shorter negative (separate
-cond and uncond calls, as Chroma is used); its approximator is memoised by the bed after the warm-up, so the times
-are the blocks' (guidance never touches the approximator).
+on the UNets, 1.10 on Flux and Qwen-Image). Qwen-Image samples at CFG 2.5 at ``--flux-size``; Flux samples at CFG 1
+(as Flux is used) with T5 padded to ``--flux-tokens``. The machine is noisy: compare the ratio, not the absolute
+seconds. On joint-attention families the last column is guided sampling through the dense-mask path
+(``nodes/architectures/joint.py`` EXACT off: what the guided rows take when another pack's attention override sits
+inside ours).
+Chroma (harness/tiny_chroma.py, at ``--flux-size``) samples at CFG 4 with an unpadded T5 and a shorter negative
+(separate cond and uncond calls, as Chroma is used); its approximator is memoised by the bed after the warm-up, so
+the times are the blocks' (guidance never touches the approximator).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from harness import tiny_checkpoints, tiny_chroma, tiny_flux  # noqa: E402
+from harness import tiny_checkpoints, tiny_chroma, tiny_flux, tiny_qwen_image  # noqa: E402
 from harness.host import build, find_host, import_host, load_pack  # noqa: E402
 
 LAYOUT = ('{"version":1,"boxes":[{"subject":"dog","x":0.05,"y":0.1,"w":0.4,"h":0.8},'
@@ -44,12 +46,14 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     args = ap.parse_args(argv)
     host = find_host()
-    unets = [f for f in args.families if f not in ("flux", "chroma")]
+    unets = [f for f in args.families if f not in ("flux", "qwen_image", "chroma")]
     paths = {}
     if unets:
         paths = build(tiny_checkpoints.__file__, host, *unets)
     if "flux" in args.families:
         flux_paths = build(tiny_flux.__file__, host, out=tiny_flux.default_cache_dir())
+    if "qwen_image" in args.families:
+        qwen_paths = build(tiny_qwen_image.__file__, host, out=tiny_qwen_image.default_cache_dir())
     if "chroma" in args.families:
         chroma_paths = build(tiny_chroma.__file__, host, out=tiny_chroma.default_cache_dir())
     import_host(host)
@@ -74,6 +78,9 @@ def main(argv=None) -> int:
             model, clip, _vae = tiny_flux.load(flux_paths)
             clip = T5TokenizerOptions.execute(clip, 0, args.flux_tokens).result[0]
             size, cfg, channels = args.flux_size, 1.0, 16
+        elif fam == "qwen_image":
+            model, clip, _vae = tiny_qwen_image.load(qwen_paths)
+            size, cfg, channels = args.flux_size, 2.5, 16
         elif fam == "chroma":
             model, clip, _vae = tiny_chroma.load(chroma_paths)
             size, cfg, channels = args.flux_size, 4.0, 16

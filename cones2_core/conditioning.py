@@ -70,14 +70,21 @@ def spelled_without_spaces(word: str) -> bool:
     return any(unicodedata.category(ch) == "Lo" or unicodedata.category(ch).startswith("S") for ch in word)
 
 
+def _word_char(ch: str) -> bool:
+    """Whether ``ch`` (one character or none) is part of a word: a letter or a digit."""
+    return ch.isalnum()
+
+
 def find_spelled(token_text: Sequence[Sequence[bytes | None]], word: str, chunk_len: int,
                  whole_words: bool = False) -> list[list[int]]:
     """Occurrences of ``word`` found by what the prompt's tokens spell, as lists of flat token rows.
 
-    ``token_text``: per chunk, per token, the UTF-8 bytes the token decodes to (a word-final token ends with
-    b" "), or None for start, end, padding and embedding tokens. Each occurrence is the rows of every token
-    whose bytes overlap the word's; the text is lower-cased as CLIP's tokenizer does. ``whole_words``: only
-    occurrences that start and end at word boundaries (a phrase "red dog", not "red doghouse").
+    ``token_text``: per chunk, per token, the UTF-8 bytes the token decodes to (CLIP's word-final token ends with
+    b" "; a byte-level BPE token without end marks starts with the space before its word, b" dog"), or None for
+    start, end, padding and embedding tokens. Each occurrence is the rows of every token whose bytes overlap the
+    word's; the text is lower-cased (ASCII) as CLIP's tokenizer does (a byte-level BPE keeps case: "Dog" is
+    found for "dog"). ``whole_words``: only occurrences with no letter or digit right before or after them (a
+    phrase "red dog", not "red doghouse"; the word "dog" in " (dog:1.3)" or "dog," but not in "hotdog").
     """
     needle = " ".join(word.lower().split()).encode("utf-8")
     if not needle:
@@ -91,10 +98,12 @@ def find_spelled(token_text: Sequence[Sequence[bytes | None]], word: str, chunk_
                 continue
             spans.append((len(text), len(text) + len(piece), c * chunk_len + p))
             text += piece
+        text = text.lower()
         start = text.find(needle)
         while start >= 0:
             end = start + len(needle)
-            bounded = (start == 0 or text[start - 1:start] in (b" ", b"\0")) and text[end:end + 1] == b" "
+            bounded = not _word_char(text[:start].decode("utf-8", "ignore")[-1:]) and not _word_char(
+                text[end:end + 4].decode("utf-8", "ignore")[:1])
             rows = [row for a, b, row in spans if a < end and b > start]
             hit = bool(rows) and (bounded or not whole_words)
             if hit:

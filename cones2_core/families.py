@@ -12,7 +12,11 @@ from dataclasses import dataclass
 
 from .errors import Cones2Error
 
-TOKENIZERS = ("clip_bpe", "sentencepiece")  # the kinds of tokenizer a family's encoders can have
+# The kinds of tokenizer a family's encoders can have: "clip_bpe" (CLIP's BPE, end-of-word marks, start/end tokens),
+# "sentencepiece" (T5, no start token), "byte_bpe" (a GPT-style byte-level BPE without end-of-word marks, as an
+# LLM's: a word is one token sequence after a space and another at the start or after a bracket, " dog" / "dog",
+# so its rows are found by what the tokens spell, at word boundaries).
+TOKENIZERS = ("clip_bpe", "sentencepiece", "byte_bpe")
 
 
 @dataclass(frozen=True)
@@ -30,7 +34,7 @@ class Encoder:
     offset: int  # first channel
     width: int  # channels
     group: int = 0  # row group (see above)
-    tokenizer: str = "clip_bpe"  # "clip_bpe": byte-level BPE with start/end tokens; "sentencepiece": T5, no start
+    tokenizer: str = "clip_bpe"  # one of TOKENIZERS
     skip_rows: int = 0  # leading token rows the host drops before the encoder's output
 
     def __post_init__(self) -> None:
@@ -132,6 +136,20 @@ FAMILIES: dict[str, Family] = {f.key: f for f in (
                             Encoder("t5xxl", "T5-XXL", 0, 4096, group=1, tokenizer="sentencepiece")),
            "sd3", ("SD3",), ("flow",), 512, paper_refusal=_T5_PAPER.format(name="SD3.5"),
            clip_loader="its checkpoint, or TripleCLIPLoader"),
+    # Qwen-Image: the rows of Qwen2.5-VL-7B's last hidden state after the chat template's prefix, which the host
+    # drops (comfy/text_encoders/qwen_image.py, encode_token_weights: up to the second <|im_start|> and its
+    # "user\n", 34 tokens of the plain template); the template's tail (<|im_end|>\n<|im_start|>assistant\n, 5
+    # tokens) stays in the conditioning. One joint-attention sequence [text, image] like Flux's; no pooled vector,
+    # no distilled guidance (real CFG). Training crop 512 as Flux (native 1328).
+    Family("qwen_image", "Qwen-Image", (Encoder("qwen25_7b", "Qwen2.5-VL-7B", 0, 3584, tokenizer="byte_bpe",
+                                                skip_rows=34),), "qwen_image", ("QwenImage",), ("flow",), 512,
+           chunk=None,
+           paper_refusal=("paper mode fine-tunes the whole text encoder, which on Qwen-Image is Qwen2.5-VL-7B (7.6 B "
+                          "parameters in its language model: about 91 GB for their float32 weights and AdamW's two "
+                          "moments, before any activation, besides the 20 B-parameter diffusion model); set mode to "
+                          "'fast', which optimises the residual at the subject's rows of the LLM's output directly "
+                          "against Qwen-Image's own flow-matching loss"),
+           clip_loader="CLIPLoader, type qwen_image: Qwen2.5-VL-7B"),
     # Chroma (Flux-derived, docs/chroma.md): T5-XXL alone (the host's CLIPLoader type chroma: tokenizer key
     # "t5xxl", no pooled CLIP, no padding), real CFG (no distilled guidance input), Flux's joint attention with its
     # own modulation. Its T5 rows are 4096 wide like Flux's: a residual file without cones2.family metadata cannot

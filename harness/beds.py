@@ -76,6 +76,7 @@ BEDS: dict[str, Bed] = {b.family: b for b in (
     Bed("wan", "tiny_wan", 16, 5.0, supports=FEATURES - {"train_paper", "self_recurrence"}, short_text=True,
         frames=3),
     Bed("sd3", "tiny_sd3", 16, 4.0, supports=FEATURES - {"train_paper", "self_recurrence"}),
+    Bed("qwen_image", "tiny_qwen_image", 16, 2.5, supports=FEATURES - {"train_paper", "self_recurrence"}),
     # Chroma: real CFG (no distilled guidance), its T5 pads nothing (short already)
     Bed("chroma", "tiny_chroma", 16, 4.0, supports=FEATURES - {"train_paper", "self_recurrence"}),
 )}

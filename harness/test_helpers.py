@@ -41,6 +41,9 @@ def independent_rows(clip, text: str, word: str, key: str) -> list[int]:
     """The rows of ``word``'s tokens in ``text``'s encoder ``key``, found by the host's tokenizer alone (not by the
     pack): every position where the word's own tokens (without start/end/padding) appear in a chunk, as flat rows
     (chunk index x chunk length + position)."""
+    template = getattr(clip.tokenizer, "llama_template", None)
+    if template is not None:  # an LLM encoder behind a chat template (Qwen-Image)
+        return _template_rows(clip, text, word, key, template)
     chunks = clip.tokenize(text)[key]
     pattern = [t for t, _w, wid in clip.tokenize(word, return_word_ids=True)[key][0] if wid != 0]
     rows = []
@@ -66,6 +69,28 @@ def independent_context_rows(clip, text: str, word: str, family, key: str) -> li
 def word_context_rows(clip, text: str, word: str, family) -> list[int]:
     """Every encoder's ``independent_context_rows`` of ``word``, together, sorted."""
     return sorted({r for e in family.encoders for r in independent_context_rows(clip, text, word, family, e.key)})
+def _template_rows(clip, text: str, word: str, key: str, template: str) -> list[int]:
+    """``independent_rows`` for an LLM encoder whose prompt sits in the host's chat template (its
+    ``llama_template``) and whose byte-level BPE spells a word " dog" after a space and "dog" after a bracket or at
+    the start: the rows of either token sequence of the word, found by the host's Hugging Face tokenizer alone, in
+    the prompt's part of the tokens (the template's prefix, which the host drops, and its tail left out), where
+    the tokens before and after do not continue the word; row 0 is the prompt's first token."""
+    hf = getattr(clip.tokenizer, key).tokenizer
+    before, after = template.split("{}")
+    first, tail = len(hf(before)["input_ids"]), len(hf(after)["input_ids"])
+    ids = [t for t, _w in clip.tokenize(text)[key][0]]
+    assert ids[:first] == hf(before)["input_ids"], "the prompt is not in the host's template"
+    prompt = ids[first:len(ids) - tail]
+    rows = []
+    for pattern in (hf(word)["input_ids"], hf(" " + word)["input_ids"]):
+        for i in range(len(prompt) - len(pattern) + 1):
+            if prompt[i:i + len(pattern)] != pattern:
+                continue
+            prev = hf.decode(prompt[i - 1:i]) if i and hf.decode(pattern)[:1].isalnum() else ""  # " dog": any
+            nxt = hf.decode(prompt[i + len(pattern):i + len(pattern) + 1])
+            if not (prev[-1:].isalnum() or nxt[:1].isalnum()):
+                rows += range(i, i + len(pattern))
+    return sorted(rows)
 
 
 class CallLog:

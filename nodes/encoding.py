@@ -16,6 +16,7 @@ from ..cones2_core.conditioning import (
     agreed_occurrences,
     bpe_token_bytes,
     find_occurrences,
+    find_spelled,
     spelled_without_spaces,
 )
 from ..cones2_core.errors import Cones2Error, short
@@ -71,24 +72,83 @@ def escape_word(word: str) -> str:
     return word.replace("\\", "\\\\").replace("(", "\\(").replace(")", "\\)")
 
 
+def _encoder_tokenizer(clip, key: str):
+    """The host's per-encoder tokenizer object (``clip_l`` for CLIP's "l"; the key itself for LLM encoders such
+    as Qwen-Image's "qwen25_7b"), or None."""
+    return getattr(clip.tokenizer, f"clip_{key}", None) or getattr(clip.tokenizer, key, None)
+
+
+def _template(clip, enc) -> tuple[list, list]:
+    """An encoder's chat template around the prompt (``Encoder.skip_rows`` > 0): the token ids before the prompt
+    (which the host drops) and after it (which stay in the conditioning), read off the host's tokenisation of an
+    empty prompt."""
+    ids = [t[0] for t in clip.tokenize("")[enc.key][0]]
+    return ids[:enc.skip_rows], ids[enc.skip_rows:]
+
+
+def _prompt_span(clip, tokens, enc) -> tuple[int, int]:
+    """The token positions ``start, stop`` of the user's prompt in an encoder's single chunk: after the chat
+    template's prefix and before its tail (the whole chunk without a template). An error when the tokens are not
+    the host's template around the prompt (a prompt that brings its own template)."""
+    chunk = tokens[enc.key][0]
+    if not enc.skip_rows:
+        return 0, len(chunk)
+    prefix, tail = _template(clip, enc)
+    ids = [t[0] for t in chunk]
+    if ids[:len(prefix)] != prefix or len(ids) < len(prefix) + len(tail) or ids[len(ids) - len(tail):] != tail:
+        raise Cones2Error(f"this prompt does not sit in the host's {enc.name} chat template: a prompt that starts "
+                          "with its own template (<|im_start|> ...) moves the rows the host drops, so its words "
+                          "cannot be placed; write the prompt as plain text")
+    return len(prefix), len(ids) - len(tail)
+
+
+def _byte_bpe_text(clip, tokens, enc) -> list[list[bytes | None]]:
+    """A byte-level BPE encoder's tokens as the bytes they spell, as conditioning rows: the template's dropped
+    prefix left out, its tail and anything not a vocabulary token None (never part of a word)."""
+    start, stop = _prompt_span(clip, tokens, enc)
+    vocab = getattr(_encoder_tokenizer(clip, enc.key), "inv_vocab", None)
+    if not isinstance(vocab, dict):
+        raise Cones2Error(f"the {enc.name} tokenizer of this CLIP has no vocabulary to read words from; connect "
+                          "the CLIP of the host's own loader")
+    chunk = tokens[enc.key][0]
+    return [[bpe_token_bytes(vocab.get(t[0])) if start <= p < stop and isinstance(t[0], int) else None
+             for p, t in enumerate(chunk)][enc.skip_rows:]]
+
+
 def word_tokens(clip, word: str) -> dict[str, list[int]]:
     """The tokens of ``word`` alone, per conditioning encoder key, without start/end/padding tokens (word id 0
-    marks those, for CLIP's BPE and T5's SentencePiece alike)."""
+    marks those, for CLIP's BPE and T5's SentencePiece alike; a byte-level BPE's are the tokens that spell the
+    word inside its chat template)."""
     toks = clip.tokenize(escape_word(word), return_word_ids=True)
-    return {k: [t for t, _w, wid in toks[k][0] if wid != 0 and isinstance(t, int)] for k in _conditioning_keys(toks)}
+    family = by_encoder_keys(toks)
+    out = {}
+    for k in _conditioning_keys(toks):
+        enc = family.encoder(k) if family is not None else None
+        if enc is not None and enc.tokenizer == "byte_bpe":
+            found = find_spelled(_byte_bpe_text(clip, toks, enc), word, len(toks[k][0]), whole_words=True)
+            out[k] = [toks[k][0][r + enc.skip_rows][0] for r in found[0]] if found else []
+        else:
+            out[k] = [t for t, _w, wid in toks[k][0] if wid != 0 and isinstance(t, int)]
+    return out
 
 
 def token_text(clip, text: str) -> dict[str, list[list[bytes | None]]]:
-    """Per encoder key whose tokenizer is CLIP's byte-level BPE (the family record's ``Encoder.tokenizer``), per
-    chunk, per token: the UTF-8 bytes the token spells (b" " after a word's last token), None for
-    start/end/padding/embeddings. Empty for a family without such an encoder (Flux's T5)."""
+    """Per encoder key whose tokenizer is a byte-level BPE (CLIP's, or an LLM's: the family record's
+    ``Encoder.tokenizer``), per chunk, per token (for an LLM: per conditioning row), the UTF-8 bytes the token
+    spells (CLIP: b" " after a word's last token; an LLM's: the space before the word), None for
+    start/end/padding/embeddings and a chat template's tail. Empty for a family without such an encoder (Flux's
+    T5)."""
     toks = clip.tokenize(text, return_word_ids=True)
     family = by_encoder_keys(toks)
     out = {}
     for key in _conditioning_keys(toks):
-        if family is not None and family.encoder(key).tokenizer != "clip_bpe":
+        kind = family.encoder(key).tokenizer if family is not None else "clip_bpe"
+        if kind == "byte_bpe":
+            out[key] = _byte_bpe_text(clip, toks, family.encoder(key))
             continue
-        vocab = getattr(getattr(clip.tokenizer, f"clip_{key}", None), "inv_vocab", None)
+        if kind != "clip_bpe":
+            continue
+        vocab = getattr(_encoder_tokenizer(clip, key), "inv_vocab", None)
         if not isinstance(vocab, dict):
             return {}
         out[key] = [[bpe_token_bytes(vocab.get(t)) if wid != 0 and isinstance(t, int) else None
@@ -115,6 +175,16 @@ def word_rows(clip, tokens, word: str, text_by_key: dict | None = None) -> dict[
         group = tuple(e for e in group if e.key in present)  # the CLIP's own encoders (see present_keys)
         if not group:  # a row group the CLIP does not produce (SD3.5 without T5): no rows
             continue
+        skip = group[0].skip_rows
+        if all(e.tokenizer == "byte_bpe" for e in group):  # by spelling, at word boundaries; already rows
+            found = agreed_occurrences({e.key: find_spelled(_byte_bpe_text(clip, tokens, e), word, 0,
+                                                            whole_words=not spelled_without_spaces(word))
+                                        for e in group})
+            rows = [[start + r for r in occ] for occ in found]
+            for enc in group:
+                out[enc.key] = rows
+            start += len(tokens[group[0].key][0]) - skip
+            continue
         per_key = {}
         for enc in group:
             if not patterns.get(enc.key):
@@ -124,7 +194,6 @@ def word_rows(clip, tokens, word: str, text_by_key: dict | None = None) -> dict[
         found = agreed_occurrences(per_key)
         if not found and spelled_without_spaces(word):
             found = spelled_positions({e.key: text_by_key[e.key] for e in group if e.key in text_by_key}, word)
-        skip = group[0].skip_rows
         rows = [[start + r - skip for r in occ] for occ in found if min(occ) >= skip]
         for enc in group:
             out[enc.key] = rows

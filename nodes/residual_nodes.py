@@ -86,7 +86,7 @@ class Cones2ApplyResiduals(io.ComfyNode):
             description=(
                 "Encodes the prompt exactly as CLIP Text Encode does, then adds each residual at every "
                 "occurrence of its subject word (all 77-token chunks, weighted words, SDXL's two encoders, Flux's "
-                "T5 rows, SD3.5's CLIP and T5 rows; the pooled output is left as the host made it). "
+                "T5 rows, SD3.5's CLIP and T5 rows, Qwen-Image's LLM rows, Wan's umT5 rows; the pooled output is left as the host made it). "
                 "Any number of subjects compose without retraining. The output also records where each word "
                 "of the prompt sits, so Layout Guidance can bind boxes to words."),
             inputs=[

@@ -141,8 +141,9 @@ class Cones2TrainResidual(io.ComfyNode):
                 "text encoder exactly as the Cones 2 paper (diffusion loss + text-embedding preservation loss, "
                 "prompt = the class word alone), then averages the change of the subject's output embedding "
                 "over 27 prompt templates. 'fast' mode (our addition) optimises that output-space residual "
-                "directly against the same diffusion loss. On Flux and SD3.5 only 'fast' mode trains (against "
-                "the model's own flow-matching loss, at the subject's T5 rows, and on SD3.5 its CLIP rows too). Your MODEL and CLIP are not changed."),
+                "directly against the same diffusion loss. On Flux, SD3.5, Qwen-Image and Wan only 'fast' mode trains "
+                "(against the model's own flow-matching loss, at the subject's T5, LLM or umT5 rows, and on SD3.5 "
+                "its CLIP rows too). Your MODEL and CLIP are not changed."),
             inputs=[
                 io.Model.Input("model", tooltip=f"The diffusion model ({family_names()}) of the CLIP's checkpoint (kept "
                                                 "frozen; gradients only flow through it)."),

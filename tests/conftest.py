@@ -13,6 +13,7 @@ import pytest
 
 from harness import tiny_checkpoints, tiny_extras, toy_world
 from harness import tiny_flux as flux_bed
+from harness import tiny_qwen_image as qwen_image_bed
 from harness.host import PACK_NAME, BuildFailed, HostNotFound, build, find_host, pack_package
 
 # One name for the pack: tests import its maths as comfyui_cones2.cones2_core (no host needed), the same modules that
@@ -203,6 +204,30 @@ def flux_server(host_dir, tiny_flux, tmp_path_factory):
 
     srv = ComfyServer(base_dir=str(tmp_path_factory.mktemp("comfy-flux")), host=host_dir, dev_nodes=True)
     srv.flux_files = flux_bed.install(tiny_flux, srv)
+    srv.start()
+    yield srv
+    srv.stop()
+    if os.environ.get("CONES2_KEEP_LOG"):
+        sys.stderr.write(srv.log_text())
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen_image(host_dir) -> dict[str, str]:
+    """{"unet", "llm", "vae"}: paths of the tiny Qwen-Image bed (harness/tiny_qwen_image.py), built once into its
+    versioned cache (about 80 s, 1.6 GB; CONES2_QWEN_IMAGE_DIR overrides the folder)."""
+    paths = _build(qwen_image_bed, host_dir, out=qwen_image_bed.default_cache_dir(), timeout=1200)
+    assert set(paths) == set(qwen_image_bed.FILES)
+    return paths
+
+
+@pytest.fixture(scope="session")
+def qwen_image_server(host_dir, tiny_qwen_image, tmp_path_factory):
+    """A real ComfyUI server with this pack, the dev-only nodes (the tiny Qwen-Image CLIP loader) and the tiny
+    Qwen-Image bed in its model folders."""
+    from harness.server import ComfyServer
+
+    srv = ComfyServer(base_dir=str(tmp_path_factory.mktemp("comfy-qwen-image")), host=host_dir, dev_nodes=True)
+    srv.qwen_image_files = qwen_image_bed.install(tiny_qwen_image, srv)
     srv.start()
     yield srv
     srv.stop()

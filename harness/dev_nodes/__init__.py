@@ -1,5 +1,5 @@
-"""Development-only ComfyUI custom node package: the tiny Flux, Wan and Chroma beds' text encoder loaders, the tiny SD3.5
-bed's checkpoint loader.
+"""Development-only ComfyUI custom node package: the tiny Flux, Wan, Qwen-Image and Chroma beds' text
+encoder loaders, the tiny SD3.5 bed's checkpoint loader.
 
 It exists only because the host's Flux text loader (DualCLIPLoader, type ``flux``) always builds the full
 T5-XXL (``comfy/text_encoders/t5_config_xxl.json``, 4.7 B parameters), which no test machine here can hold.
@@ -174,6 +174,60 @@ class Cones2DevTinyWanCLIPLoader:
         return (load_tiny_wan_clip(folder_paths.get_full_path_or_raise("text_encoders", umt5_name),
                                    embedding_directory=folder_paths.get_folder_paths("embeddings")),)
 
+QWEN_EMBED_KEY = "model.embed_tokens.weight"
+
+
+def small_qwen_config(sd: dict) -> dict:
+    """The host's ``qwen25_7b_model_config`` overrides that fit a Qwen2.5 text model state dict (layers, heads,
+    MLP width; hidden width and vocabulary from the embedding table)."""
+    if QWEN_EMBED_KEY not in sd or "model.layers.0.self_attn.q_proj.weight" not in sd:
+        raise ValueError("this file is not a Qwen2.5 text model (no model.embed_tokens / layers.0.self_attn); "
+                         "connect the tiny Qwen-Image bed's LLM file")
+    layers = {int(m.group(1)) for k in sd if (m := re.match(r"model\.layers\.(\d+)\.", k))}
+    head_dim = 128  # the host's Qwen25_7BVLI_Config.head_dim (a class constant, not overridable)
+    return {"num_hidden_layers": len(layers), "vocab_size": int(sd[QWEN_EMBED_KEY].shape[0]),
+            "hidden_size": int(sd[QWEN_EMBED_KEY].shape[1]),
+            "num_attention_heads": int(sd["model.layers.0.self_attn.q_proj.weight"].shape[0]) // head_dim,
+            "num_key_value_heads": int(sd["model.layers.0.self_attn.k_proj.weight"].shape[0]) // head_dim,
+            "intermediate_size": int(sd["model.layers.0.mlp.gate_proj.weight"].shape[0])}
+
+
+def load_tiny_qwen_clip(llm_path: str, embedding_directory=None):
+    """The host's Qwen-Image CLIP (tokenizer key "qwen25_7b") from a small Qwen2.5-7B-wide LLM file, through
+    ``comfy.sd.load_text_encoder_state_dicts(..., clip_type=CLIPType.QWEN_IMAGE)`` as CLIPLoader (type
+    qwen_image) calls it, plus the small config as the host's ``qwen25_7b_model_config`` override."""
+    import comfy.sd
+    import comfy.utils
+
+    sd = comfy.utils.load_torch_file(llm_path, safe_load=True)
+    return comfy.sd.load_text_encoder_state_dicts([sd], embedding_directory=embedding_directory,
+                                                  clip_type=comfy.sd.CLIPType.QWEN_IMAGE,
+                                                  model_options={"qwen25_7b_model_config": small_qwen_config(sd)})
+
+
+class Cones2DevTinyQwenImageCLIPLoader:
+    """CLIPLoader (type qwen_image) for the tiny Qwen-Image bed's small LLM; development only."""
+
+    DESCRIPTION = ("Development only: loads the tiny Qwen-Image test bed's small Qwen2.5 LLM (the host's loader "
+                   "always builds the full 28-layer Qwen2.5-VL-7B).")
+    RETURN_TYPES = ("CLIP",)
+    FUNCTION = "load"
+    CATEGORY = "_for_testing/cones2_dev"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        import folder_paths
+
+        names = folder_paths.get_filename_list("text_encoders")
+        return {"required": {"llm_name": (names, {"tooltip": "the bed's small Qwen2.5 LLM file"})}}
+
+    def load(self, llm_name):
+        import folder_paths
+
+        return (load_tiny_qwen_clip(folder_paths.get_full_path_or_raise("text_encoders", llm_name),
+                                    embedding_directory=folder_paths.get_folder_paths("embeddings")),)
+
+
 def load_tiny_chroma_clip(t5_path: str, embedding_directory=None):
     """The host's Chroma CLIP (tokenizer key {"t5xxl"}: the PixArt T5 text encoder) from a small-T5 file, through
     ``comfy.sd.load_text_encoder_state_dicts(..., clip_type=CLIPType.CHROMA)`` as CLIPLoader (type chroma) calls
@@ -214,8 +268,10 @@ class Cones2DevTinyChromaCLIPLoader:
 NODE_CLASS_MAPPINGS = {"Cones2DevTinyFluxCLIPLoader": Cones2DevTinyFluxCLIPLoader,
                        "Cones2DevTinySD3CheckpointLoader": Cones2DevTinySD3CheckpointLoader,
                        "Cones2DevTinyWanCLIPLoader": Cones2DevTinyWanCLIPLoader,
+                       "Cones2DevTinyQwenImageCLIPLoader": Cones2DevTinyQwenImageCLIPLoader,
                        "Cones2DevTinyChromaCLIPLoader": Cones2DevTinyChromaCLIPLoader}
 NODE_DISPLAY_NAME_MAPPINGS = {"Cones2DevTinyFluxCLIPLoader": "Cones2 DEV Tiny Flux CLIP Loader",
                               "Cones2DevTinySD3CheckpointLoader": "Cones2 DEV Tiny SD3.5 Checkpoint Loader",
                               "Cones2DevTinyWanCLIPLoader": "Cones2 DEV Tiny Wan CLIP Loader",
+                              "Cones2DevTinyQwenImageCLIPLoader": "Cones2 DEV Tiny Qwen-Image CLIP Loader",
                               "Cones2DevTinyChromaCLIPLoader": "Cones2 DEV Tiny Chroma CLIP Loader"}

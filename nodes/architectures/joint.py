@@ -97,7 +97,15 @@ class Cones2JointAttention:
         n = h * w
         if q.shape[2 if skip else 1] < txt + n:  # not the model's joint attention (a shorter sequence): leave it
             return base(*args, **kwargs)
-        mask = kwargs.get("mask")
+        # The host passes the mask by keyword (Flux) or fifth by position (Qwen-Image's optimized_attention_masked);
+        # ours goes where the host's was.
+        positional = len(args) > 4
+        mask = args[4] if positional else kwargs.get("mask")
+
+        def call_masked(qs, ks, vs, m):
+            if positional:
+                return base(qs, ks, vs, args[3], m, *args[5:], **kwargs)
+            return base(qs, ks, vs, *args[3:], **{**kwargs, "mask": m})
 
         def attend(g):
             rows, sig = g.tensors(q.device)
@@ -114,7 +122,7 @@ class Cones2JointAttention:
             if gw != 0:
                 bias = joint_bias(q4, k4, txt, n, wm, flow_sigma(sig), gw, text_queries=CONFINE_TEXT_QUERIES)
                 full = bias if host_mask is None else bias + host_mask.float()
-                res = base(qs, ks, vs, *args[3:], **{**kwargs, "mask": full.to(q.dtype)})
+                res = call_masked(qs, ks, vs, full.to(q.dtype))
             record_maps(g, h, w, lambda tokens: token_mass(q4, k4, full, txt, n, tokens))
             return res
 

@@ -131,6 +131,25 @@ def test_families_of_the_same_widths_are_an_error_not_a_guess(monkeypatch):
     assert family_from_widths({"l": 768, "g": 1280, "t5xxl": 4096}) == "sd3"
 
 
+def test_two_families_with_the_same_encoder_widths_are_an_error_not_a_guess(monkeypatch):
+    """A residual file without family metadata is told by its widths; when two families share them (Qwen-Image
+    and another family built on Qwen2.5-VL-7B's 3584-wide rows), the lookup says so instead of picking the first."""
+    import dataclasses
+
+    from comfyui_cones2.cones2_core import families
+    from comfyui_cones2.cones2_core.residual import family_from_widths
+
+    qwen = FAMILIES["qwen_image"]
+    assert by_widths({"qwen25_7b": 3584}) is qwen and family_from_widths({"qwen25_7b": 3584}) == "qwen_image"
+    twin = dataclasses.replace(qwen, key="qwen_twin", name="Qwen Twin")
+    monkeypatch.setitem(families.FAMILIES, twin.key, twin)
+    for lookup in (by_widths, family_from_widths):
+        with pytest.raises(Cones2Error, match=r"could be Qwen-Image \('qwen_image'\) or Qwen Twin \('qwen_twin'\).*"
+                                              r"'cones2.family'"):
+            lookup({"qwen25_7b": 3584})
+    assert by_widths({"l": 768}) is FAMILIES["sd1"]  # the others are untouched
+
+
 def test_flux_and_chroma_share_their_widths_and_are_told_by_their_tokenizer_keys():
     """Flux and Chroma: one 4096-wide T5-XXL tensor each. A residual file without cones2.family is an error that
     names both and says to set the metadata, never a silent pick; their CLIPs' tokenizer keys differ ({"l",

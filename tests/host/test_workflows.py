@@ -5,7 +5,8 @@ workflows name (tiny LoRA and ControlNet, demo residuals, input images) come fro
 
 The Flux workflow is checked against a server with the tiny Flux bed (``flux_server``: the loaders list the
 bed's files) and run there shortened, with its DualCLIPLoader swapped for the dev-only tiny loader (the
-host's Flux text loader always builds the full T5-XXL)."""
+host's Flux text loader always builds the full T5-XXL); the Qwen-Image workflow likewise (``qwen_image_server``,
+its CLIPLoader swapped for the dev-only tiny Qwen-Image loader)."""
 
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 WORKFLOW_DIR = os.path.join(REPO, "workflows")
 EXAMPLES = ["train_residual", "two_subjects_layout", "layout_only", "mixed_controlnet_lora"]
 FLUX_EXAMPLE = "flux_two_subjects_layout"
+QWEN_EXAMPLE = "qwen_image_two_subjects_layout"
 CHROMA_EXAMPLE = "chroma_two_subjects_layout"
 PANEL = 256  # the workflows' Cones2AttentionMaps panel_size
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
@@ -79,7 +81,7 @@ def run_and_check(client, server, name: str, info: dict, n_subjects: int, size: 
 
 def test_templates_are_listed_and_served(server, extras):
     on_disk = sorted(os.path.splitext(os.path.basename(p))[0] for p in glob.glob(os.path.join(WORKFLOW_DIR, "*.json")))
-    assert set(EXAMPLES) | {FLUX_EXAMPLE, CHROMA_EXAMPLE} <= set(on_disk)
+    assert set(EXAMPLES) | {FLUX_EXAMPLE, QWEN_EXAMPLE, CHROMA_EXAMPLE} <= set(on_disk)
     listed = server.get_json("/workflow_templates")
     assert sorted(listed.get(PACK_LINK_NAME, [])) == on_disk, listed
     url = f"{server.url}/api/workflow_templates/{PACK_LINK_NAME}/two_subjects_layout.json"
@@ -206,6 +208,57 @@ def test_flux_two_subjects_layout_runs_on_the_tiny_bed(flux_server, flux_client,
         elif node["class_type"] == "KSampler":
             node["inputs"]["steps"] = 2
     entry = run_and_check(flux_client, flux_server, FLUX_EXAMPLE, flux_info, n_subjects=2, prompt=prompt, timeout=600)
+    maps_id = next(nid for nid, n in prompt.items() if n["class_type"] == "Cones2AttentionMaps")
+    report = "\n".join(entry["outputs"][maps_id]["text"])
+    subjects = [line.split("\t")[0] for line in report.splitlines()]
+    assert subjects == ["dog", "cat"], report
+
+
+@pytest.fixture(scope="module")
+def qwen_client(qwen_image_server) -> ComfyClient:
+    return ComfyClient(qwen_image_server.url)
+
+
+@pytest.fixture(scope="module")
+def qwen_info(qwen_client) -> dict:
+    return qwen_client.object_info()  # the server's loaders list the tiny Qwen-Image bed's files
+
+
+def test_qwen_image_workflow_is_valid_for_the_live_nodes(qwen_image_server, qwen_info):
+    """Valid for the live node definitions, and a Qwen-Image graph as its users build it: UNETLoader, CLIPLoader
+    type qwen_image, Apply Residuals straight into Layout Guidance (no FluxGuidance), a negative prompt, KSampler
+    at real CFG; the loaders name the bed's files."""
+    prompt = assert_valid(load(QWEN_EXAMPLE), qwen_info)
+    files = qwen_image_server.qwen_image_files
+    assert by_class(prompt, "UNETLoader")["unet_name"] == files["unet"]
+    clip = by_class(prompt, "CLIPLoader")
+    assert (clip["clip_name"], clip["type"]) == (files["llm"], "qwen_image")
+    assert by_class(prompt, "VAELoader")["vae_name"] == files["vae"]
+    ks = by_class(prompt, "KSampler")
+    assert ks["cfg"] > 1 and prompt[ks["negative"][0]]["class_type"] == "CLIPTextEncode"
+    layout = by_class(prompt, "Cones2LayoutGuidance")
+    assert prompt[layout["conditioning"][0]]["class_type"] == "Cones2ApplyResiduals"
+    assert not [n for n in prompt.values() if n["class_type"] == "FluxGuidance"]
+    assert layout["record_maps"] is True
+    assert [b["subject"] for b in json.loads(layout["layout"])["boxes"]] == ["dog", "cat"]
+
+
+def test_qwen_image_two_subjects_layout_runs_on_the_tiny_bed(qwen_image_server, qwen_client, qwen_info):
+    """The Qwen-Image workflow, shortened (64x64, 2 steps), runs on the tiny bed with its CLIPLoader swapped for
+    the dev-only loader of the same file (CLIPLoader would build the full 28-layer LLM): the image and the maps
+    are written and the maps report names both subjects."""
+    prompt = to_api(load(QWEN_EXAMPLE), qwen_info)
+    files = qwen_image_server.qwen_image_files
+    for node in prompt.values():
+        if node["class_type"] == "CLIPLoader":
+            node.update(class_type="Cones2DevTinyQwenImageCLIPLoader", inputs={"llm_name": node["inputs"]["clip_name"]})
+            assert node["inputs"] == {"llm_name": files["llm"]}
+        elif node["class_type"] == "EmptySD3LatentImage":
+            node["inputs"].update(width=64, height=64)
+        elif node["class_type"] == "KSampler":
+            node["inputs"]["steps"] = 2
+    entry = run_and_check(qwen_client, qwen_image_server, QWEN_EXAMPLE, qwen_info, n_subjects=2, prompt=prompt,
+                          timeout=600)
     maps_id = next(nid for nid, n in prompt.items() if n["class_type"] == "Cones2AttentionMaps")
     report = "\n".join(entry["outputs"][maps_id]["text"])
     subjects = [line.split("\t")[0] for line in report.splitlines()]
