@@ -63,12 +63,17 @@ def independent_context_rows(clip, text: str, word: str, family, key: str) -> li
     enc = family.encoder(key)
     start = sum(len(tokens[g[0].key]) * len(tokens[g[0].key][0]) - g[0].skip_rows
                 for g in family.groups if g[0].group < enc.group)
-    return [start + r - enc.skip_rows for r in independent_rows(clip, text, word, key) if r >= enc.skip_rows]
+    rows = independent_rows(clip, text, word, key)
+    if getattr(clip.tokenizer, "llama_template", None) is None:  # (an LLM template's rows come without its prefix)
+        rows = [r - enc.skip_rows for r in rows if r >= enc.skip_rows]
+    return [start + r for r in rows]
 
 
 def word_context_rows(clip, text: str, word: str, family) -> list[int]:
     """Every encoder's ``independent_context_rows`` of ``word``, together, sorted."""
     return sorted({r for e in family.encoders for r in independent_context_rows(clip, text, word, family, e.key)})
+
+
 def _template_rows(clip, text: str, word: str, key: str, template: str) -> list[int]:
     """``independent_rows`` for an LLM encoder whose prompt sits in the host's chat template (its
     ``llama_template``) and whose byte-level BPE spells a word " dog" after a space and "dog" after a bracket or at

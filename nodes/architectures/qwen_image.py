@@ -45,5 +45,13 @@ class QwenImageArchitecture(Architecture):
         dm = model_patcher.get_model_object("diffusion_model")
         return functools.partial(per_call, patch_size=int(dm.patch_size))
 
+    def model_latent(self, x):
+        """Training's still latents [B, C, h, w] as Qwen-Image takes them (its latents carry Wan's VAE's frame axis:
+        [B, C, 1, h, w])."""
+        return x.unsqueeze(2)
+
+    def from_model_latent(self, x):
+        return x.squeeze(2)
+
 
 ARCHITECTURE = QwenImageArchitecture()
