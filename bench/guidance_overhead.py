@@ -1,7 +1,7 @@
 """Sampling time with Cones 2 layout guidance (self-recurrence off), without and with recording the attention maps
 (record_maps), versus plain sampling, measured in one run.
 
-    python bench/guidance_overhead.py [--families sd1 sdxl flux qwen_image] [--size 256] [--steps 4] [--repeats 5]
+    python bench/guidance_overhead.py [--families sd1 sdxl flux qwen_image chroma] [--size 256] [--steps 4] [--repeats 5]
                                       [--flux-size 128] [--flux-tokens 64]
 
 Builds (or reuses) the tiny random-weight checkpoints (and the tiny Flux and Qwen-Image beds, harness/tiny_flux.py,
@@ -13,6 +13,9 @@ on the UNets, 1.10 on Flux and Qwen-Image). Qwen-Image samples at CFG 2.5 at ``-
 seconds. On joint-attention families the last column is guided sampling through the dense-mask path
 (``nodes/architectures/joint.py`` EXACT off: what the guided rows take when another pack's attention override sits
 inside ours).
+Chroma (harness/tiny_chroma.py, at ``--flux-size``) samples at CFG 4 with an unpadded T5 and a shorter negative
+(separate cond and uncond calls, as Chroma is used); its approximator is memoised by the bed after the warm-up, so
+the times are the blocks' (guidance never touches the approximator).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from harness import tiny_checkpoints, tiny_flux, tiny_qwen_image  # noqa: E402
+from harness import tiny_checkpoints, tiny_chroma, tiny_flux, tiny_qwen_image  # noqa: E402
 from harness.host import build, find_host, import_host, load_pack  # noqa: E402
 
 LAYOUT = ('{"version":1,"boxes":[{"subject":"dog","x":0.05,"y":0.1,"w":0.4,"h":0.8},'
@@ -43,7 +46,7 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     args = ap.parse_args(argv)
     host = find_host()
-    unets = [f for f in args.families if f not in ("flux", "qwen_image")]
+    unets = [f for f in args.families if f not in ("flux", "qwen_image", "chroma")]
     paths = {}
     if unets:
         paths = build(tiny_checkpoints.__file__, host, *unets)
@@ -51,6 +54,8 @@ def main(argv=None) -> int:
         flux_paths = build(tiny_flux.__file__, host, out=tiny_flux.default_cache_dir())
     if "qwen_image" in args.families:
         qwen_paths = build(tiny_qwen_image.__file__, host, out=tiny_qwen_image.default_cache_dir())
+    if "chroma" in args.families:
+        chroma_paths = build(tiny_chroma.__file__, host, out=tiny_chroma.default_cache_dir())
     import_host(host)
     if args.device != "cpu":
         import comfy.cli_args
@@ -76,10 +81,13 @@ def main(argv=None) -> int:
         elif fam == "qwen_image":
             model, clip, _vae = tiny_qwen_image.load(qwen_paths)
             size, cfg, channels = args.flux_size, 2.5, 16
+        elif fam == "chroma":
+            model, clip, _vae = tiny_chroma.load(chroma_paths)
+            size, cfg, channels = args.flux_size, 4.0, 16
         else:
             model, clip, _, _ = comfy.sd.load_checkpoint_guess_config(paths[fam], output_vae=False, output_clip=True)
         pos = apply_node.execute(clip, "a dog and a cat on a sofa").result[0]
-        neg = host_nodes.CLIPTextEncode().encode(clip, "")[0]
+        neg = host_nodes.CLIPTextEncode().encode(clip, "blurry" if fam == "chroma" else "")[0]
         guided, gpos = guide_node.execute(model, pos, LAYOUT, 0.08, 2.5, -1e8, 0.0, 1.0, False).result
         recorded, rpos = guide_node.execute(model, pos, LAYOUT, 0.08, 2.5, -1e8, 0.0, 1.0, False,
                                             record_maps=True).result

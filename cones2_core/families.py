@@ -150,6 +150,13 @@ FAMILIES: dict[str, Family] = {f.key: f for f in (
                           "'fast', which optimises the residual at the subject's rows of the LLM's output directly "
                           "against Qwen-Image's own flow-matching loss"),
            clip_loader="CLIPLoader, type qwen_image: Qwen2.5-VL-7B"),
+    # Chroma (Flux-derived, docs/chroma.md): T5-XXL alone (the host's CLIPLoader type chroma: tokenizer key
+    # "t5xxl", no pooled CLIP, no padding), real CFG (no distilled guidance input), Flux's joint attention with its
+    # own modulation. Its T5 rows are 4096 wide like Flux's: a residual file without cones2.family metadata cannot
+    # tell the two apart (by_widths refuses to guess).
+    Family("chroma", "Chroma", (Encoder("t5xxl", "T5-XXL", 0, 4096, tokenizer="sentencepiece"),), "chroma",
+           ("Chroma",), ("flow",), 512, chunk=None, paper_refusal=_T5_PAPER.format(name="Chroma"),
+           clip_loader="CLIPLoader, type chroma: T5-XXL"),
 )}
 
 

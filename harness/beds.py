@@ -18,7 +18,7 @@ FEATURES = frozenset({"residuals", "guidance", "maps", "train_fast", "train_pape
 @dataclass(frozen=True)
 class Bed:
     family: str  # the key of its record in cones2_core.families.FAMILIES
-    builder: str  # the harness module whose build gives its files: "tiny_checkpoints", "tiny_flux", "tiny_sd3"
+    builder: str  # the harness module whose build gives its files: "tiny_checkpoints", "tiny_flux", "tiny_sd3", "tiny_chroma"
     latent_channels: int
     cfg: float  # the CFG its models sample at (Flux: 1, its guidance is distilled)
     supports: frozenset = FEATURES
@@ -77,4 +77,6 @@ BEDS: dict[str, Bed] = {b.family: b for b in (
         frames=3),
     Bed("sd3", "tiny_sd3", 16, 4.0, supports=FEATURES - {"train_paper", "self_recurrence"}),
     Bed("qwen_image", "tiny_qwen_image", 16, 2.5, supports=FEATURES - {"train_paper", "self_recurrence"}),
+    # Chroma: real CFG (no distilled guidance), its T5 pads nothing (short already)
+    Bed("chroma", "tiny_chroma", 16, 4.0, supports=FEATURES - {"train_paper", "self_recurrence"}),
 )}

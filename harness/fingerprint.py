@@ -9,7 +9,7 @@ Development only. Run it on two checkouts (before and after a change) and compar
 Each line is ``name<TAB>sha256 of the exact bytes`` of one result: the conditioning Apply Residuals makes with two
 residuals, sampled latents with Layout Guidance (with and without self-recurrence), the attention maps of the
 guided run, and the residuals Train Residual learns in a few steps (fast and paper mode), on the tiny SD1.5,
-SD2.x-v, SDXL and Flux beds, and a guided sample of the trained toy world. The pack and harness are the ones of
+SD2.x-v, SDXL, Flux and Chroma beds, and a guided sample of the trained toy world. The pack and harness are the ones of
 the checkout this file is in; the beds come from the shared caches (built when missing).
 """
 
@@ -24,6 +24,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from harness import tiny_checkpoints, toy_world  # noqa: E402
+from harness import tiny_chroma as chroma_bed  # noqa: E402
 from harness import tiny_flux as flux_bed  # noqa: E402
 from harness.host import build, import_host, load_pack  # noqa: E402
 
@@ -142,6 +143,12 @@ def run(host: str, only=None) -> list[tuple[str, str]]:
         res = residuals(pack, "flux", fams["flux"].widths, seed=7)
         lines += guided_lines(pack, "flux", model, clip, res, cfg=1.0, channels=16)
         lines += train_lines(pack, "flux", model, clip, vae, ("fast",), guidance=3.5)
+    if not only or "chroma" in only:  # real CFG with a negative of another length (separate calls)
+        chroma_paths = build(chroma_bed.__file__, host, out=chroma_bed.default_cache_dir(), timeout=1200)
+        model, clip, vae = chroma_bed.load(chroma_paths)
+        res = residuals(pack, "chroma", fams["chroma"].widths, seed=8)
+        lines += guided_lines(pack, "chroma", model, clip, res, cfg=4.0, channels=16, neg_text="blurry")
+        lines += train_lines(pack, "chroma", model, clip, vae, ("fast",))
     if not only or "toy" in only:
         path = build(toy_world.__file__, host, out=toy_world.default_cache_dir(), timeout=2400)["toy"]
         with torch.inference_mode():
@@ -153,7 +160,7 @@ def run(host: str, only=None) -> list[tuple[str, str]]:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--comfyui", default=None, help="the ComfyUI host (default: as the tests find it)")
-    ap.add_argument("--only", nargs="*", help="beds to run: sd1 sd2 sdxl flux toy")
+    ap.add_argument("--only", nargs="*", help="beds to run: sd1 sd2 sdxl flux chroma toy")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     from harness.host import find_host

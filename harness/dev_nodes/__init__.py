@@ -1,5 +1,5 @@
-"""Development-only ComfyUI custom node package: the tiny Flux, Wan and Qwen-Image beds' text encoder loaders,
-the tiny SD3.5 bed's checkpoint loader.
+"""Development-only ComfyUI custom node package: the tiny Flux, Wan, Qwen-Image and Chroma beds' text
+encoder loaders, the tiny SD3.5 bed's checkpoint loader.
 
 It exists only because the host's Flux text loader (DualCLIPLoader, type ``flux``) always builds the full
 T5-XXL (``comfy/text_encoders/t5_config_xxl.json``, 4.7 B parameters), which no test machine here can hold.
@@ -228,11 +228,50 @@ class Cones2DevTinyQwenImageCLIPLoader:
                                     embedding_directory=folder_paths.get_folder_paths("embeddings")),)
 
 
+def load_tiny_chroma_clip(t5_path: str, embedding_directory=None):
+    """The host's Chroma CLIP (tokenizer key {"t5xxl"}: the PixArt T5 text encoder) from a small-T5 file, through
+    ``comfy.sd.load_text_encoder_state_dicts(..., clip_type=CLIPType.CHROMA)`` as CLIPLoader (type chroma) calls
+    it, plus the small T5 config as the host's ``t5xxl_model_config`` override (the bed's T5 has 24 thin layers,
+    so the host's detection takes its T5-XXL branch)."""
+    import comfy.sd
+    import comfy.utils
+
+    t5 = comfy.utils.load_torch_file(t5_path, safe_load=True)
+    return comfy.sd.load_text_encoder_state_dicts([t5], embedding_directory=embedding_directory,
+                                                  clip_type=comfy.sd.CLIPType.CHROMA,
+                                                  model_options={"t5xxl_model_config": small_t5_config(t5)})
+
+
+class Cones2DevTinyChromaCLIPLoader:
+    """CLIPLoader (type chroma) for the tiny Chroma bed's small T5; development only (see load_tiny_chroma_clip)."""
+
+    DESCRIPTION = ("Development only: loads the tiny Chroma test bed's small T5 (the host's Chroma loader always "
+                   "builds the full T5-XXL).")
+    RETURN_TYPES = ("CLIP",)
+    FUNCTION = "load"
+    CATEGORY = "_for_testing/cones2_dev"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        import folder_paths
+
+        return {"required": {"t5_name": (folder_paths.get_filename_list("text_encoders"),
+                                         {"tooltip": "the bed's small T5 file"})}}
+
+    def load(self, t5_name):
+        import folder_paths
+
+        return (load_tiny_chroma_clip(folder_paths.get_full_path_or_raise("text_encoders", t5_name),
+                                      embedding_directory=folder_paths.get_folder_paths("embeddings")),)
+
+
 NODE_CLASS_MAPPINGS = {"Cones2DevTinyFluxCLIPLoader": Cones2DevTinyFluxCLIPLoader,
                        "Cones2DevTinySD3CheckpointLoader": Cones2DevTinySD3CheckpointLoader,
                        "Cones2DevTinyWanCLIPLoader": Cones2DevTinyWanCLIPLoader,
-                       "Cones2DevTinyQwenImageCLIPLoader": Cones2DevTinyQwenImageCLIPLoader}
+                       "Cones2DevTinyQwenImageCLIPLoader": Cones2DevTinyQwenImageCLIPLoader,
+                       "Cones2DevTinyChromaCLIPLoader": Cones2DevTinyChromaCLIPLoader}
 NODE_DISPLAY_NAME_MAPPINGS = {"Cones2DevTinyFluxCLIPLoader": "Cones2 DEV Tiny Flux CLIP Loader",
                               "Cones2DevTinySD3CheckpointLoader": "Cones2 DEV Tiny SD3.5 Checkpoint Loader",
                               "Cones2DevTinyWanCLIPLoader": "Cones2 DEV Tiny Wan CLIP Loader",
-                              "Cones2DevTinyQwenImageCLIPLoader": "Cones2 DEV Tiny Qwen-Image CLIP Loader"}
+                              "Cones2DevTinyQwenImageCLIPLoader": "Cones2 DEV Tiny Qwen-Image CLIP Loader",
+                              "Cones2DevTinyChromaCLIPLoader": "Cones2 DEV Tiny Chroma CLIP Loader"}

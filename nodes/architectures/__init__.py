@@ -15,11 +15,12 @@ from __future__ import annotations
 
 from ...cones2_core.errors import Cones2Error
 from ...cones2_core.families import Family, article
-from . import flux, qwen_image, sd3, unet, wan
+from . import chroma, flux, qwen_image, sd3, unet, wan
 from .base import Architecture, describe_model, model_family, supported_names
 
 ARCHITECTURES: dict[str, Architecture] = {a.key: a for a in (unet.ARCHITECTURE, flux.ARCHITECTURE, sd3.ARCHITECTURE,
-                                                             qwen_image.ARCHITECTURE, wan.ARCHITECTURE)}
+                                                             qwen_image.ARCHITECTURE, wan.ARCHITECTURE,
+                                                             chroma.ARCHITECTURE)}
 
 
 def for_family(family: Family) -> Architecture:

@@ -142,8 +142,8 @@ class Architecture:
         kwargs = {"device": device, "noise": torch.zeros(1, 1, max(1, size // 8), max(1, size // 8), device=device),
                   "width": size, "height": size, "crop_w": 0, "crop_h": 0, "target_width": size,
                   "target_height": size}
-        if pooled is not None:
-            kwargs["pooled_output"] = pooled.float()
+        # None for a family without a pooled encoder (Chroma), as its sampling conditioning carries it
+        kwargs["pooled_output"] = None if pooled is None else pooled.float()
         if settings.guidance is not None:
             kwargs["guidance"] = float(settings.guidance)
         out = {}

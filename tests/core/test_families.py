@@ -33,7 +33,11 @@ def test_each_record_is_consistent_and_found_by_every_lookup(key):
     assert by_encoder_keys([*f.conditioning_keys, *f.pooled_only]) is f
     assert f.conditioning_keys == tuple(e.key for e in f.encoders) and not set(f.pooled_only) & set(f.conditioning_keys)
     assert f.chunk is None or f.chunk > 0
-    assert by_widths(f.widths) is f
+    if sum(g.widths == f.widths for g in FAMILIES.values()) == 1:
+        assert by_widths(f.widths) is f
+    else:  # Flux and Chroma: one 4096-wide T5-XXL each
+        with pytest.raises(Cones2Error, match=f"could be .*{f.name} \\('{f.key}'\\)"):
+            by_widths(f.widths)
     if sum(g.width == f.width for g in FAMILIES.values()) == 1:
         assert by_context_width(f.width) is f
     else:  # Flux, SD3.5 and Wan all read 4096-wide text
@@ -51,7 +55,10 @@ def test_lookups_refuse_what_no_record_has():
         for enc in f.encoders:
             assert by_widths({**f.widths, enc.key: enc.width + 1}) is None
             if len(f.encoders) > 1:  # one encoder of a pair is not this family (SDXL's CLIP-L alone is SD1.5)
-                assert by_widths({enc.key: enc.width}) is not f
+                try:
+                    assert by_widths({enc.key: enc.width}) is not f
+                except Cones2Error as e:  # SD3.5's T5-XXL alone: Flux's or Chroma's widths, refused as ambiguous
+                    assert f"{f.name} ('{f.key}')" not in str(e)
         assert by_widths({**f.widths, "x": 1}) is None
         assert by_encoder_keys(f.tokenizer_keys | {"x"}) is None
         if f.pooled_only:  # its conditioning encoders alone are another family or none, never this one
@@ -66,7 +73,7 @@ def test_lookups_refuse_what_no_record_has():
 def test_a_width_shared_by_two_families_is_never_a_silent_pick(monkeypatch):
     """Flux's T5-XXL and Wan's umT5-XXL are both 4096 wide: the encoder key tells them apart, the width alone
     does not (an error); a family with the very same keys and widths as another would be an error naming both."""
-    assert by_widths({"t5xxl": 4096}) is FAMILIES["flux"] and by_widths({"umt5xxl": 4096}) is FAMILIES["wan"]
+    assert by_widths({"umt5xxl": 4096}) is FAMILIES["wan"]
     with pytest.raises(Cones2Error, match="4096-wide conditioning could be"):
         by_context_width(4096)
     twin = dataclasses.replace(FAMILIES["wan"], key="wan_twin", name="Wan twin")
@@ -115,11 +122,11 @@ def test_families_of_the_same_widths_are_an_error_not_a_guess(monkeypatch):
     from comfyui_cones2.cones2_core import families
     from comfyui_cones2.cones2_core.residual import family_from_widths
 
-    twin = dataclasses.replace(FAMILIES["flux"], key="twin", name="Twin")
+    twin = dataclasses.replace(FAMILIES["sd2"], key="twin", name="Twin")
     monkeypatch.setitem(families.FAMILIES, "twin", twin)
     for lookup in (by_widths, family_from_widths):
-        with pytest.raises(Cones2Error, match=r"could be Flux \('flux'\) or Twin \('twin'\).*'cones2.family'"):
-            lookup({"t5xxl": 4096})
+        with pytest.raises(Cones2Error, match=r"could be SD2.x \('sd2'\) or Twin \('twin'\).*'cones2.family'"):
+            lookup({"h": 1024})
     assert by_widths(FAMILIES["sd3"].widths) is FAMILIES["sd3"]  # SD3.5's three widths are its own
     assert family_from_widths({"l": 768, "g": 1280, "t5xxl": 4096}) == "sd3"
 
@@ -141,3 +148,17 @@ def test_two_families_with_the_same_encoder_widths_are_an_error_not_a_guess(monk
                                               r"'cones2.family'"):
             lookup({"qwen25_7b": 3584})
     assert by_widths({"l": 768}) is FAMILIES["sd1"]  # the others are untouched
+
+
+def test_flux_and_chroma_share_their_widths_and_are_told_by_their_tokenizer_keys():
+    """Flux and Chroma: one 4096-wide T5-XXL tensor each. A residual file without cones2.family is an error that
+    names both and says to set the metadata, never a silent pick; their CLIPs' tokenizer keys differ ({"l",
+    "t5xxl"} vs {"t5xxl"}), which is how Apply Residuals tells them apart."""
+    from comfyui_cones2.cones2_core.residual import family_from_widths
+
+    flux, chroma = FAMILIES["flux"], FAMILIES["chroma"]
+    assert flux.widths == chroma.widths == {"t5xxl": 4096}
+    for lookup in (by_widths, family_from_widths):
+        with pytest.raises(Cones2Error, match=r"could be Flux \('flux'\) or Chroma \('chroma'\).*'cones2.family'"):
+            lookup({"t5xxl": 4096})
+    assert by_encoder_keys({"t5xxl"}) is chroma and by_encoder_keys({"l", "t5xxl"}) is flux

@@ -36,7 +36,7 @@ def files_in(folder) -> list[str]:
 # --- round trip -----------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("family", "n_tokens"), [("sd1", 1), ("sd2", 2), ("sdxl", 3), ("flux", 2)])
+@pytest.mark.parametrize(("family", "n_tokens"), [("sd1", 1), ("sd2", 2), ("sdxl", 3), ("flux", 2), ("chroma", 2)])
 def test_round_trip_is_bit_exact_and_keeps_metadata(tmp_path, family, n_tokens):
     res = make(family, n_tokens, subject="teddy", metadata={"steps": "800", "cones2.lr": "5e-5"})
     path = tmp_path / f"teddy_{family}.safetensors"
@@ -313,6 +313,19 @@ def test_missing_family_is_inferred_from_widths(tmp_path):
         {"l": torch.ones(1, 768), "g": torch.ones(1, 1280)}, str(tmp_path / "x.safetensors"), metadata=meta
     )
     assert load_residual(tmp_path / "x.safetensors").family == "sdxl"
+
+
+def test_widths_two_families_share_are_refused_without_family_metadata(tmp_path):
+    """Flux's and Chroma's T5-XXL rows are both 4096 wide: a file without cones2.family is refused, saying what to
+    set, instead of being read as whichever family comes first; with the metadata each loads as its own."""
+    meta = {"cones2.format": "1", "cones2.subject": "dog"}
+    save_file({"t5xxl": torch.ones(2, 4096)}, str(tmp_path / "t5.safetensors"), metadata=meta)
+    with pytest.raises(Cones2Error, match=r"could be Flux \('flux'\) or Chroma \('chroma'\).*'cones2.family'"):
+        load_residual(tmp_path / "t5.safetensors")
+    for key in ("flux", "chroma"):
+        save_file({"t5xxl": torch.ones(2, 4096)}, str(tmp_path / f"{key}.safetensors"),
+                  metadata={**meta, "cones2.family": key})
+        assert load_residual(tmp_path / f"{key}.safetensors").family == key
 
 
 def test_unknown_extension_and_missing_file(tmp_path):

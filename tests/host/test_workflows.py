@@ -29,6 +29,7 @@ WORKFLOW_DIR = os.path.join(REPO, "workflows")
 EXAMPLES = ["train_residual", "two_subjects_layout", "layout_only", "mixed_controlnet_lora"]
 FLUX_EXAMPLE = "flux_two_subjects_layout"
 QWEN_EXAMPLE = "qwen_image_two_subjects_layout"
+CHROMA_EXAMPLE = "chroma_two_subjects_layout"
 PANEL = 256  # the workflows' Cones2AttentionMaps panel_size
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
@@ -80,7 +81,7 @@ def run_and_check(client, server, name: str, info: dict, n_subjects: int, size: 
 
 def test_templates_are_listed_and_served(server, extras):
     on_disk = sorted(os.path.splitext(os.path.basename(p))[0] for p in glob.glob(os.path.join(WORKFLOW_DIR, "*.json")))
-    assert set(EXAMPLES) | {FLUX_EXAMPLE, QWEN_EXAMPLE} <= set(on_disk)
+    assert set(EXAMPLES) | {FLUX_EXAMPLE, QWEN_EXAMPLE, CHROMA_EXAMPLE} <= set(on_disk)
     listed = server.get_json("/workflow_templates")
     assert sorted(listed.get(PACK_LINK_NAME, [])) == on_disk, listed
     url = f"{server.url}/api/workflow_templates/{PACK_LINK_NAME}/two_subjects_layout.json"
@@ -262,6 +263,59 @@ def test_qwen_image_two_subjects_layout_runs_on_the_tiny_bed(qwen_image_server, 
     report = "\n".join(entry["outputs"][maps_id]["text"])
     subjects = [line.split("\t")[0] for line in report.splitlines()]
     assert subjects == ["dog", "cat"], report
+
+
+@pytest.fixture(scope="module")
+def chroma_files(host_dir, flux_server) -> dict[str, str]:
+    """The tiny Chroma bed (harness/tiny_chroma.py), built once, linked into the Flux server's model folders (one
+    server with the dev nodes for both joint-attention beds); {name: file name as the loaders list it}."""
+    from harness import tiny_chroma
+    from harness.host import build
+
+    return tiny_chroma.install(build(tiny_chroma.__file__, host_dir, out=tiny_chroma.default_cache_dir(),
+                                     timeout=1200), flux_server)
+
+
+@pytest.fixture(scope="module")
+def chroma_info(flux_client, chroma_files) -> dict:
+    return flux_client.object_info()  # after the Chroma files are linked, so the loaders list them
+
+
+def test_chroma_workflow_is_valid_for_the_live_nodes(chroma_files, chroma_info):
+    """Valid for the live node definitions, and a Chroma graph as Chroma users build it: UNETLoader, CLIPLoader
+    type chroma (one T5-XXL file), no FluxGuidance (Apply Residuals straight into Layout Guidance), a negative
+    prompt and real CFG; the loaders name the bed's files."""
+    prompt = assert_valid(load(CHROMA_EXAMPLE), chroma_info)
+    assert by_class(prompt, "UNETLoader")["unet_name"] == chroma_files["unet"]
+    clip = by_class(prompt, "CLIPLoader")
+    assert (clip["clip_name"], clip["type"]) == (chroma_files["t5"], "chroma")
+    assert by_class(prompt, "VAELoader")["vae_name"] == chroma_files["vae"]
+    assert not [n for n in prompt.values() if n["class_type"] == "FluxGuidance"]
+    ks = by_class(prompt, "KSampler")
+    assert ks["cfg"] > 1.0 and by_class(prompt, "CLIPTextEncode")["text"].strip()
+    layout = by_class(prompt, "Cones2LayoutGuidance")
+    assert prompt[layout["conditioning"][0]]["class_type"] == "Cones2ApplyResiduals"
+    assert layout["record_maps"] is True
+    assert [b["subject"] for b in json.loads(layout["layout"])["boxes"]] == ["dog", "cat"]
+
+
+def test_chroma_two_subjects_layout_runs_on_the_tiny_bed(flux_server, flux_client, chroma_files, chroma_info):
+    """The Chroma workflow, shortened (64x64, 2 steps), runs on the tiny bed with the maps of both subjects. The
+    host's CLIPLoader would build the full T5-XXL around the bed's thin T5: swapped for the dev-only loader."""
+    prompt = to_api(load(CHROMA_EXAMPLE), chroma_info)
+    for node in prompt.values():
+        if node["class_type"] == "CLIPLoader":
+            node.update(class_type="Cones2DevTinyChromaCLIPLoader", inputs={"t5_name": node["inputs"]["clip_name"]})
+            assert node["inputs"] == {"t5_name": chroma_files["t5"]}
+        elif node["class_type"] == "EmptySD3LatentImage":
+            node["inputs"].update(width=64, height=64)
+        elif node["class_type"] == "KSampler":
+            node["inputs"]["steps"] = 2
+    entry = run_and_check(flux_client, flux_server, CHROMA_EXAMPLE, chroma_info, n_subjects=2, prompt=prompt,
+                          timeout=900)
+    maps_id = next(nid for nid, n in prompt.items() if n["class_type"] == "Cones2AttentionMaps")
+    report = "\n".join(entry["outputs"][maps_id]["text"])
+    assert [line.split("\t")[0] for line in report.splitlines()] == ["dog", "cat"], report
 
 
 def test_checker_reports_broken_workflows(info):
