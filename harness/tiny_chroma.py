@@ -20,7 +20,6 @@ checkpoints' initialiser. Run as a script (inside the project's venv) to build; 
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import logging
 import os
@@ -30,7 +29,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if __name__ == "__main__" and REPO not in sys.path:  # run as a script: make ``harness`` importable
     sys.path.insert(0, REPO)
 
-from harness import tiny_checkpoints  # noqa: E402
+from harness import bed_files, tiny_checkpoints  # noqa: E402
 from harness.dev_nodes import load_tiny_chroma_clip  # noqa: E402
 
 log = logging.getLogger("comfyui-cones2")
@@ -53,7 +52,8 @@ SMALL_T5 = {"num_layers": 24, "num_heads": 2, "d_kv": 64, "d_ff": 256}
 
 def cache_key() -> str:
     """Changes whenever this file's code or the initialiser it borrows (harness/tiny_checkpoints.py) changes."""
-    return hashlib.sha256(tiny_checkpoints.code_digest(__file__) + tiny_checkpoints.cache_key().encode()).hexdigest()[:12]
+    return hashlib.sha256(tiny_checkpoints.code_digest(__file__) + tiny_checkpoints.code_digest(bed_files.__file__)
+                          + tiny_checkpoints.cache_key().encode()).hexdigest()[:12]
 
 
 def default_cache_dir() -> str:
@@ -62,17 +62,8 @@ def default_cache_dir() -> str:
 
 
 def _save(sd: dict, path: str, dtype, part: str) -> None:
-    import comfy.utils
-
-    sd = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in sd.items()}
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        comfy.utils.save_torch_file(sd, tmp, metadata={"cones2.tiny": f"chroma-{part}",
+    bed_files.save(sd, path, dtype, {"cones2.tiny": f"chroma-{part}",
                                                        "cones2.build": str(BUILD_VERSION)})
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def build(out_dir: str, seed: int = 0) -> dict[str, str]:
@@ -119,11 +110,7 @@ def build(out_dir: str, seed: int = 0) -> dict[str, str]:
 
 def ensure(out_dir: str) -> dict[str, str]:
     """Build the bed into ``out_dir`` unless all its files are there; return {name: path}."""
-    paths = {k: os.path.join(out_dir, f) for k, f in FILES.items()}
-    if not all(os.path.exists(p) for p in paths.values()):
-        log.info("building the tiny Chroma bed in %s", out_dir)
-        build(out_dir)
-    return paths
+    return bed_files.ensure(FILES, out_dir, build, "tiny Chroma bed")
 
 
 class MemoApproximator:
@@ -167,31 +154,12 @@ def load(paths: dict[str, str]):
 
 
 def install(paths: dict[str, str], server) -> dict[str, str]:
-    """Link the bed's files into a ``harness.server.ComfyServer``'s model folders (diffusion_models,
-    text_encoders, vae); returns {name: file name as the loaders list it}."""
-    out = {}
-    for name, src in paths.items():
-        dst = os.path.join(server.models_dir(FOLDERS[name]), os.path.basename(src))
-        if not os.path.lexists(dst):
-            os.symlink(os.path.abspath(src), dst)
-        out[name] = os.path.basename(src)
-    return out
+    """Link the bed's files into a ``harness.server.ComfyServer``'s model folders; {name: file name as listed}."""
+    return bed_files.install(paths, server, FOLDERS)
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--comfyui", required=True, help="the ComfyUI folder (the host)")
-    ap.add_argument("--out", default=None, help="output folder (default: the versioned cache folder)")
-    args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    sys.path.insert(0, os.path.abspath(args.comfyui))
-    sys.argv = [sys.argv[0], "--cpu"]  # the host parses its own CLI arguments on import
-    import comfy.options
-
-    comfy.options.enable_args_parsing()
-    for name, path in ensure(args.out or default_cache_dir()).items():
-        sys.stdout.write(f"{name}\t{path}\n")
-    return 0
+    return bed_files.main(argv, __doc__, ensure, default_cache_dir)
 
 
 if __name__ == "__main__":
