@@ -1,21 +1,19 @@
 """Sampling time with Cones 2 layout guidance (self-recurrence off), without and with recording the attention maps
 (record_maps), versus plain sampling, measured in one run.
 
-    python bench/guidance_overhead.py [--families sd1 sdxl flux qwen_image chroma] [--size 256] [--steps 4] [--repeats 5]
-                                      [--flux-size 128] [--flux-tokens 64]
+    python bench/guidance_overhead.py [--families sd1 sdxl flux sd3 qwen_image chroma wan] [--size 256] [--steps 4]
+                                      [--repeats 5] [--flux-size 128] [--flux-tokens 64]
 
-Builds (or reuses) the tiny random-weight checkpoints (and the tiny Flux and Qwen-Image beds, harness/tiny_flux.py,
-harness/tiny_qwen_image.py), loads them
-through the real host in-process, and alternates plain, guided and guided-and-recorded sampling of the same
-prompt and seed; prints one table of median times and their ratios to plain (targets for guided: at most 1.05
-on the UNets, 1.10 on Flux and Qwen-Image). Qwen-Image samples at CFG 2.5 at ``--flux-size``; Flux samples at CFG 1
-(as Flux is used) with T5 padded to ``--flux-tokens``. The machine is noisy: compare the ratio, not the absolute
-seconds. On joint-attention families the last column is guided sampling through the dense-mask path
-(``nodes/architectures/joint.py`` EXACT off: what the guided rows take when another pack's attention override sits
-inside ours).
-Chroma (harness/tiny_chroma.py, at ``--flux-size``) samples at CFG 4 with an unpadded T5 and a shorter negative
-(separate cond and uncond calls, as Chroma is used); its approximator is memoised by the bed after the warm-up, so
-the times are the blocks' (guidance never touches the approximator).
+Builds (or reuses) the tiny random-weight checkpoints of the UNet families (at ``--size``) and every other family's
+test bed (harness/beds.py, at ``--flux-size``, with the bed's CFG and latent: Flux at CFG 1 with T5 padded to
+``--flux-tokens``, Wan's latent with its frames), loads them through the real host in-process, and alternates
+plain, guided and guided-and-recorded sampling of the same prompt and seed; prints one table of median times and
+their ratios to plain (targets for guided: at most 1.05 on the UNets, 1.10 on the others). On joint-attention
+families the last column is guided sampling through the dense-mask path (``nodes/architectures/joint.py`` EXACT
+off: what the guided rows take when another pack's attention override sits inside ours). Chroma samples with a
+shorter negative (separate cond and uncond calls, as Chroma is used); its bed memoises the approximator after the
+warm-up, so the times are the blocks' (guidance never touches the approximator). The machine is noisy: compare the
+ratio, not the absolute seconds.
 """
 
 from __future__ import annotations
@@ -28,7 +26,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from harness import tiny_checkpoints, tiny_chroma, tiny_flux, tiny_qwen_image  # noqa: E402
+from harness import tiny_checkpoints  # noqa: E402
+from harness.beds import BEDS  # noqa: E402
 from harness.host import build, find_host, import_host, load_pack  # noqa: E402
 
 LAYOUT = ('{"version":1,"boxes":[{"subject":"dog","x":0.05,"y":0.1,"w":0.4,"h":0.8},'
@@ -46,16 +45,15 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     args = ap.parse_args(argv)
     host = find_host()
-    unets = [f for f in args.families if f not in ("flux", "qwen_image", "chroma")]
+    unets = [f for f in args.families if f in ("sd1", "sd2", "sdxl")]
     paths = {}
     if unets:
         paths = build(tiny_checkpoints.__file__, host, *unets)
-    if "flux" in args.families:
-        flux_paths = build(tiny_flux.__file__, host, out=tiny_flux.default_cache_dir())
-    if "qwen_image" in args.families:
-        qwen_paths = build(tiny_qwen_image.__file__, host, out=tiny_qwen_image.default_cache_dir())
-    if "chroma" in args.families:
-        chroma_paths = build(tiny_chroma.__file__, host, out=tiny_chroma.default_cache_dir())
+    beds = {}  # every other family: its test bed (harness/beds.py), built once
+    for fam in args.families:
+        if fam not in unets:
+            module = BEDS[fam].builder_module()
+            beds[fam] = build(module.__file__, host, out=module.default_cache_dir())
     import_host(host)
     if args.device != "cpu":
         import comfy.cli_args
@@ -71,19 +69,17 @@ def main(argv=None) -> int:
     guide_node = pack.nodes.layout_node.Cones2LayoutGuidance
     rows = []
     for fam in args.families:
-        size, cfg, channels = args.size, 5.0, 4
-        if fam == "flux":
-            from comfy_extras.nodes_cond import T5TokenizerOptions
+        size, cfg = args.size, 5.0
+        latent = {"samples": torch.zeros(1, 4, size // 8, size // 8)}
+        if fam in beds:  # at --flux-size, the bed's CFG and latent (a video bed's has its frames)
+            bed = BEDS[fam]
+            model, clip, _vae = bed.load(beds[fam])
+            if fam == "flux":
+                from comfy_extras.nodes_cond import T5TokenizerOptions
 
-            model, clip, _vae = tiny_flux.load(flux_paths)
-            clip = T5TokenizerOptions.execute(clip, 0, args.flux_tokens).result[0]
-            size, cfg, channels = args.flux_size, 1.0, 16
-        elif fam == "qwen_image":
-            model, clip, _vae = tiny_qwen_image.load(qwen_paths)
-            size, cfg, channels = args.flux_size, 2.5, 16
-        elif fam == "chroma":
-            model, clip, _vae = tiny_chroma.load(chroma_paths)
-            size, cfg, channels = args.flux_size, 4.0, 16
+                clip = T5TokenizerOptions.execute(clip, 0, args.flux_tokens).result[0]
+            size, cfg = args.flux_size, bed.cfg
+            latent = {"samples": bed.empty_latent(size)}
         else:
             model, clip, _, _ = comfy.sd.load_checkpoint_guess_config(paths[fam], output_vae=False, output_clip=True)
         pos = apply_node.execute(clip, "a dog and a cat on a sofa").result[0]
@@ -91,7 +87,6 @@ def main(argv=None) -> int:
         guided, gpos = guide_node.execute(model, pos, LAYOUT, 0.08, 2.5, -1e8, 0.0, 1.0, False).result
         recorded, rpos = guide_node.execute(model, pos, LAYOUT, 0.08, 2.5, -1e8, 0.0, 1.0, False,
                                             record_maps=True).result
-        latent = {"samples": torch.zeros(1, channels, size // 8, size // 8)}
 
         def run(m, p, exact=True, latent=latent, neg=neg, cfg=cfg):
             pack.nodes.architectures.joint.EXACT = exact
@@ -100,7 +95,7 @@ def main(argv=None) -> int:
             return time.perf_counter() - t, time.process_time() - c
 
         runs = [(model, pos, True), (guided, gpos, True), (recorded, rpos, True)]
-        joint = pack.cones2_core.families.FAMILIES[fam].architecture != "unet"
+        joint = pack.cones2_core.families.FAMILIES[fam].architecture not in ("unet", "wan")
         if joint:  # the joint attention's dense-mask path, for comparison (the path another pack's override gets)
             runs.append((guided, gpos, False))
         for m, p, exact in runs:  # warm-up
