@@ -12,10 +12,10 @@ const path = require('path');
 const { openComfy } = require('./browser_common');
 
 const CKPT = 'cones2_tiny_sd15.safetensors';
-// The tiny Flux bed's files as the loaders list them (harness/tiny_flux.py FILES); a user picks their own.
+// The files a Flux user downloads (the note names them); tests/host/test_workflows.py puts the tiny Flux bed's files
+// in their place (its FAMILY_WORKFLOWS table).
 const FLUX = {
-  unet: 'cones2_tiny_flux.safetensors', clipL: 'cones2_tiny_flux_clip_l.safetensors',
-  t5: 'cones2_tiny_flux_t5.safetensors', vae: 'cones2_tiny_flux_vae.safetensors',
+  unet: 'flux1-dev.safetensors', clipL: 'clip_l.safetensors', t5: 't5xxl_fp16.safetensors', vae: 'ae.safetensors',
 };
 const LAYOUT_2 = (a, b) => '{"version": 1, "canvas": {"width": 64, "height": 64}, "boxes": [\n'
   + `  {"subject": "${a}", "x": 0.05, "y": 0.2, "w": 0.42, "h": 0.7},\n`
@@ -215,9 +215,10 @@ function buildAll(spec) {
     link(layout, 0, maps, 'model');
     link(ks, 0, maps, 'samples');
     link(maps, 0, saveMaps, 'images');
-    note([20, 680], 'Cones 2 on Flux. Download a Flux transformer (flux1-dev or flux1-schnell) into '
-      + 'models/diffusion_models, clip_l and t5xxl (fp16 or fp8) into models/text_encoders and the Flux VAE (ae) '
-      + 'into models/vae, and pick them in the three loaders (DualCLIPLoader: clip_l, t5xxl, type flux). '
+    note([20, 680], 'Cones 2 on Flux. Download a Flux transformer (flux1-dev.safetensors, or '
+      + 'flux1-schnell.safetensors) into models/diffusion_models, clip_l.safetensors and t5xxl_fp16.safetensors (or '
+      + 't5xxl_fp8_e4m3fn.safetensors) into models/text_encoders and the Flux VAE ae.safetensors into models/vae, '
+      + 'and pick them in the three loaders (DualCLIPLoader: clip_l, t5xxl, type flux). '
       + 'Apply Residuals encodes the prompt like CLIP Text Encode and records where its words sit in the T5 '
       + 'rows; chain Cones2 Load Residual nodes with Flux residuals (family flux) into "residuals" to add your '
       + 'own subjects. FluxGuidance sets the distilled guidance (3.5 for dev); sample at cfg 1 (schnell: 4 steps). '
