@@ -197,18 +197,37 @@ def server(host_dir, tiny_ckpts, extras_files, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def flux_server(host_dir, tiny_flux, tmp_path_factory):
-    """A real ComfyUI server with this pack, the dev-only nodes (harness/dev_nodes: the tiny Flux CLIP loader)
-    and the tiny Flux bed in its model folders (diffusion_models, text_encoders, vae)."""
+def beds_server(host_dir, tiny_flux, tmp_path_factory):
+    """ONE real ComfyUI server for every bed with its own builder (harness/beds.py BEDS: Flux, Wan, SD3.5,
+    Qwen-Image, ...; the SD checkpoints are ``server``'s): this pack, the dev-only nodes (harness/dev_nodes: the
+    beds' text encoder and checkpoint loaders) and each bed's files in its model folders, linked by the bed's
+    builder (``install``). ``srv.bed_files[family]``: {name: file name as the loaders list it}. A bed declared in
+    BEDS is installed here with no other change; the family workflows (tests/host/test_workflows.py) and the
+    server tests of Flux and Qwen-Image share it, so a session starts one server for all of them."""
+    from harness.beds import BEDS
     from harness.server import ComfyServer
 
-    srv = ComfyServer(base_dir=str(tmp_path_factory.mktemp("comfy-flux")), host=host_dir, dev_nodes=True)
-    srv.flux_files = flux_bed.install(tiny_flux, srv)
+    srv = ComfyServer(base_dir=str(tmp_path_factory.mktemp("comfy-beds")), host=host_dir, dev_nodes=True)
+    srv.bed_files = {}
+    for family, bed in sorted(BEDS.items()):
+        if bed.builder == "tiny_checkpoints":
+            continue
+        builder = bed.builder_module()
+        paths = tiny_flux if family == "flux" else _build(builder, host_dir, out=builder.default_cache_dir(),
+                                                          timeout=1200)
+        srv.bed_files[family] = builder.install(paths, srv)
     srv.start()
     yield srv
     srv.stop()
     if os.environ.get("CONES2_KEEP_LOG"):
         sys.stderr.write(srv.log_text())
+
+
+@pytest.fixture(scope="session")
+def flux_server(beds_server):
+    """The server with the tiny Flux bed (``beds_server``); ``flux_files``: the bed's file names as listed."""
+    beds_server.flux_files = beds_server.bed_files["flux"]
+    return beds_server
 
 
 @pytest.fixture(scope="session")
@@ -221,18 +240,10 @@ def tiny_qwen_image(host_dir) -> dict[str, str]:
 
 
 @pytest.fixture(scope="session")
-def qwen_image_server(host_dir, tiny_qwen_image, tmp_path_factory):
-    """A real ComfyUI server with this pack, the dev-only nodes (the tiny Qwen-Image CLIP loader) and the tiny
-    Qwen-Image bed in its model folders."""
-    from harness.server import ComfyServer
-
-    srv = ComfyServer(base_dir=str(tmp_path_factory.mktemp("comfy-qwen-image")), host=host_dir, dev_nodes=True)
-    srv.qwen_image_files = qwen_image_bed.install(tiny_qwen_image, srv)
-    srv.start()
-    yield srv
-    srv.stop()
-    if os.environ.get("CONES2_KEEP_LOG"):
-        sys.stderr.write(srv.log_text())
+def qwen_image_server(beds_server):
+    """The server with the tiny Qwen-Image bed (``beds_server``); ``qwen_image_files``: its file names as listed."""
+    beds_server.qwen_image_files = beds_server.bed_files["qwen_image"]
+    return beds_server
 
 
 @pytest.fixture(scope="session")

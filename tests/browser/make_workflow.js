@@ -12,10 +12,10 @@ const path = require('path');
 const { openComfy } = require('./browser_common');
 
 const CKPT = 'cones2_tiny_sd15.safetensors';
-// The tiny Flux bed's files as the loaders list them (harness/tiny_flux.py FILES); a user picks their own.
+// The files a Flux user downloads (the note names them); tests/host/test_workflows.py puts the tiny Flux bed's files
+// in their place (its FAMILY_WORKFLOWS table).
 const FLUX = {
-  unet: 'cones2_tiny_flux.safetensors', clipL: 'cones2_tiny_flux_clip_l.safetensors',
-  t5: 'cones2_tiny_flux_t5.safetensors', vae: 'cones2_tiny_flux_vae.safetensors',
+  unet: 'flux1-dev.safetensors', clipL: 'clip_l.safetensors', t5: 't5xxl_fp16.safetensors', vae: 'ae.safetensors',
 };
 const LAYOUT_2 = (a, b) => '{"version": 1, "canvas": {"width": 64, "height": 64}, "boxes": [\n'
   + `  {"subject": "${a}", "x": 0.05, "y": 0.2, "w": 0.42, "h": 0.7},\n`
@@ -215,9 +215,10 @@ function buildAll(spec) {
     link(layout, 0, maps, 'model');
     link(ks, 0, maps, 'samples');
     link(maps, 0, saveMaps, 'images');
-    note([20, 680], 'Cones 2 on Flux. Download a Flux transformer (flux1-dev or flux1-schnell) into '
-      + 'models/diffusion_models, clip_l and t5xxl (fp16 or fp8) into models/text_encoders and the Flux VAE (ae) '
-      + 'into models/vae, and pick them in the three loaders (DualCLIPLoader: clip_l, t5xxl, type flux). '
+    note([20, 680], 'Cones 2 on Flux. Download a Flux transformer (flux1-dev.safetensors, or '
+      + 'flux1-schnell.safetensors) into models/diffusion_models, clip_l.safetensors and t5xxl_fp16.safetensors (or '
+      + 't5xxl_fp8_e4m3fn.safetensors) into models/text_encoders and the Flux VAE ae.safetensors into models/vae, '
+      + 'and pick them in the three loaders (DualCLIPLoader: clip_l, t5xxl, type flux). '
       + 'Apply Residuals encodes the prompt like CLIP Text Encode and records where its words sit in the T5 '
       + 'rows; chain Cones2 Load Residual nodes with Flux residuals (family flux) into "residuals" to add your '
       + 'own subjects. FluxGuidance sets the distilled guidance (3.5 for dev); sample at cfg 1 (schnell: 4 steps). '
@@ -226,6 +227,50 @@ function buildAll(spec) {
       + 'Cones2 Layout Guidance > Flux (joint attention).', [560, 220]);
   }
   out.flux_two_subjects_layout = app.graph.serialize();
+
+  // 6. SD3.5: one checkpoint with its three text encoders (CheckpointLoaderSimple), real CFG and a negative prompt;
+  // the MMDiT's joint attention is guided like Flux's, with no FluxGuidance.
+  app.graph.clear();
+  {
+    const ckpt = add('CheckpointLoaderSimple', [20, 200], { ckpt_name: spec.sd3Ckpt });
+    const pos = add('Cones2ApplyResiduals', [420, 60], { text: spec.fluxPrompt }, [400, 160]);
+    const layout = add('Cones2LayoutGuidance', [1200, 60], { layout: spec.layoutFlux, record_maps: true });
+    const neg = add('CLIPTextEncode', [420, 280], { text: '' }, [400, 140]);
+    const latent = add('EmptySD3LatentImage', [420, 480], { width: 1024, height: 1024, batch_size: 1 });
+    const ks = add('KSampler', [1680, 60],
+      { seed: 1, steps: 30, cfg: 4.5, sampler_name: 'euler', scheduler: 'sgm_uniform' });
+    fixSeed(ks);
+    const dec = add('VAEDecode', [2020, 60]);
+    const save = add('SaveImage', [2020, 180], { filename_prefix: 'cones2_sd3_layout' }, [300, 300]);
+    const maps = add('Cones2AttentionMaps', [1680, 420], { resolution: 'largest', panel_size: 256 });
+    const saveMaps = add('SaveImage', [2020, 520], { filename_prefix: 'cones2_sd3_layout_maps' }, [420, 300]);
+    link(ckpt, 1, pos, 'clip');
+    link(ckpt, 1, neg, 'clip');
+    link(ckpt, 0, layout, 'model');
+    link(pos, 0, layout, 'conditioning');
+    link(layout, 0, ks, 'model');
+    link(layout, 1, ks, 'positive');
+    link(neg, 0, ks, 'negative');
+    link(latent, 0, ks, 'latent_image');
+    link(ks, 0, dec, 'samples');
+    link(ckpt, 2, dec, 'vae');
+    link(dec, 0, save, 'images');
+    link(layout, 0, maps, 'model');
+    link(ks, 0, maps, 'samples');
+    link(maps, 0, saveMaps, 'images');
+    note([20, 680], 'Cones 2 on SD3.5 (medium or large). Download sd3.5_medium_incl_clips_t5xxlfp8scaled.safetensors '
+      + '(from Comfy-Org/stable-diffusion-3.5-fp8; the transformer, the VAE and the three text encoders in '
+      + 'one file; sd3.5_large_fp8_scaled.safetensors works the same way) into models/checkpoints and pick it '
+      + 'in the checkpoint loader. With stabilityai\'s own sd3.5_medium.safetensors (no text encoders inside), '
+      + 'load clip_l.safetensors, clip_g.safetensors and t5xxl_fp16.safetensors from models/text_encoders '
+      + 'with a TripleCLIPLoader and connect its CLIP instead. Apply Residuals encodes the prompt like CLIP '
+      + 'Text Encode and records where its words sit in the CLIP-L/CLIP-G and T5 rows; chain Cones2 Load '
+      + 'Residual nodes with SD3.5 residuals (family sd3) into "residuals" to add your own subjects. SD3.5 '
+      + 'samples with real CFG (4.5 here) and a negative prompt. Layout Guidance biases the MMDiT\'s joint '
+      + 'attention: image queries x each subject\'s text keys, inside its box up, outside down; Attention Maps '
+      + 'shows where each word attended. More in the pack\'s docs/sd3.md.', [560, 220]);
+  }
+  out.sd3_two_subjects_layout = app.graph.serialize();
   app.graph.clear();
   return out;
 }
@@ -244,6 +289,7 @@ function buildAll(spec) {
     layoutCatDog: LAYOUT_2('cat', 'dog'),
     layout3: LAYOUT_3,
     flux: FLUX,
+    sd3Ckpt: 'sd3.5_medium_incl_clips_t5xxlfp8scaled.safetensors',  // what an SD3.5 user downloads (the note)
     fluxPrompt: 'a photo of a dog and a cat sitting on a red sofa',
     layoutFlux: LAYOUT_2('dog', 'cat').replace('"width": 64, "height": 64', '"width": 1024, "height": 1024'),
   };

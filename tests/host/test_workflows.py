@@ -3,10 +3,11 @@ every node, widget value and link valid for the real node definitions, and the l
 ControlNet/LoRA one and training, shortened) run to completion on the tiny SD1.5 checkpoint. The files the
 workflows name (tiny LoRA and ControlNet, demo residuals, input images) come from harness/tiny_extras.py.
 
-The Flux workflow is checked against a server with the tiny Flux bed (``flux_server``: the loaders list the
-bed's files) and run there shortened, with its DualCLIPLoader swapped for the dev-only tiny loader (the
-host's Flux text loader always builds the full T5-XXL); the Qwen-Image workflow likewise (``qwen_image_server``,
-its CLIPLoader swapped for the dev-only tiny Qwen-Image loader)."""
+The other families' workflows (Flux, SD3.5, Qwen-Image, Wan, ...) are rows of one table, ``FAMILY_WORKFLOWS``:
+each names the real files a user downloads, and the row says which of its bed's files stands in for each, what
+the graph must look like, which dev-only loader the run swaps in (the host's text loaders would build the full
+T5-XXL / LLM around the beds' small encoders) and how the run is shortened. All of them are checked and run in
+one server that has every bed installed (conftest ``beds_server``)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import glob
 import json
 import os
 import urllib.request
+from dataclasses import dataclass, field
 
 import pytest
 from PIL import Image
@@ -27,9 +29,6 @@ from harness.ui_to_api import WorkflowError, check_workflow, to_api
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 WORKFLOW_DIR = os.path.join(REPO, "workflows")
 EXAMPLES = ["train_residual", "two_subjects_layout", "layout_only", "mixed_controlnet_lora"]
-FLUX_EXAMPLE = "flux_two_subjects_layout"
-QWEN_EXAMPLE = "qwen_image_two_subjects_layout"
-CHROMA_EXAMPLE = "chroma_two_subjects_layout"
 PANEL = 256  # the workflows' Cones2AttentionMaps panel_size
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
@@ -60,33 +59,50 @@ def save_nodes(prompt: dict) -> dict[str, str]:
     return out
 
 
-def run_and_check(client, server, name: str, info: dict, n_subjects: int, size: int = 64,
-                  prompt: dict | None = None, timeout: float = 300) -> dict:
-    """Run the workflow (or ``prompt``, its API form as changed by the test); check that the image and the maps
-    were written at their sizes; return the history entry."""
+def run_and_check(client, server, name: str, info: dict, n_subjects: int, size: int | tuple = 64,
+                  prompt: dict | None = None, timeout: float = 300, frames: int = 1, maps_frames: int = 1) -> dict:
+    """Run the workflow (or ``prompt``, its API form as changed by the test); check that the image (``frames``
+    files: a video's SaveImage writes each frame) and the maps (a video's panels: a strip of ``maps_frames``
+    latent frames) were written at their sizes; return the history entry."""
     prompt = to_api(load(name), info) if prompt is None else prompt
+    width, height = (size, size) if isinstance(size, int) else size
     saves = save_nodes(prompt)
     assert sorted(saves.values()) == ["image", "maps"], saves
     entry = client.run(prompt, timeout=timeout)
     for nid, kind in saves.items():
         files = client.output_files(entry, server.output_dir, node_id=nid)
-        assert len(files) == 1 and os.path.isfile(files[0]), f"{name}: {kind} not written: {entry['outputs']}"
-        with Image.open(files[0]) as im:
-            if kind == "image":
-                assert im.size == (size, size)
-            else:  # one PANEL-high panel per subject, 4 px apart
-                assert im.size == (n_subjects * PANEL + 4 * (n_subjects - 1), PANEL), f"{name}: maps {im.size}"
+        count = frames if kind == "image" else 1
+        assert len(files) == count and all(map(os.path.isfile, files)), \
+            f"{name}: {len(files)} {kind} files, not {count}: {entry['outputs']}"
+        for path in files:
+            with Image.open(path) as im:
+                if kind == "image":
+                    assert im.size == (width, height), f"{name}: image {im.size}"
+                else:  # one PANEL-high panel per subject (a video's: one per latent frame, stacked), 4 px apart
+                    pw = round(PANEL * width / height)
+                    assert im.size == (n_subjects * pw + 4 * (n_subjects - 1), PANEL * maps_frames), \
+                        f"{name}: maps {im.size}"
     return entry
 
 
 def test_templates_are_listed_and_served(server, extras):
     on_disk = sorted(os.path.splitext(os.path.basename(p))[0] for p in glob.glob(os.path.join(WORKFLOW_DIR, "*.json")))
-    assert set(EXAMPLES) | {FLUX_EXAMPLE, QWEN_EXAMPLE, CHROMA_EXAMPLE} <= set(on_disk)
+    # every workflow is tested: an SD one here, a family one as a row of FAMILY_WORKFLOWS
+    assert sorted(EXAMPLES + [fw.name for fw in FAMILY_WORKFLOWS]) == on_disk
+    assert len({fw.family for fw in FAMILY_WORKFLOWS}) == len(FAMILY_WORKFLOWS)
     listed = server.get_json("/workflow_templates")
     assert sorted(listed.get(PACK_LINK_NAME, [])) == on_disk, listed
-    url = f"{server.url}/api/workflow_templates/{PACK_LINK_NAME}/two_subjects_layout.json"
-    with urllib.request.urlopen(url, timeout=30) as r:
-        assert json.loads(r.read()) == load("two_subjects_layout")
+    for name in on_disk:
+        url = f"{server.url}/api/workflow_templates/{PACK_LINK_NAME}/{name}.json"
+        with urllib.request.urlopen(url, timeout=30) as r:
+            assert json.loads(r.read()) == load(name), name
+
+
+def by_class(prompt: dict, class_type: str) -> dict:
+    """The inputs of the prompt's one node of ``class_type``."""
+    found = [n["inputs"] for n in prompt.values() if n["class_type"] == class_type]
+    assert len(found) == 1, f"{len(found)} {class_type} nodes"
+    return found[0]
 
 
 def assert_valid(wf: dict, info: dict) -> dict:
@@ -154,168 +170,162 @@ def test_train_residual_runs_shortened(client, server, info):
     assert len(curve) == 1 and os.path.isfile(curve[0])
 
 
-@pytest.fixture(scope="module")
-def flux_client(flux_server) -> ComfyClient:
-    return ComfyClient(flux_server.url)
+# One row per family workflow, checked and run on the family's bed in ONE server (conftest ``beds_server``: every bed
+# with its own builder installed, the dev-only loaders registered). A new family's workflow is one more row.
+@dataclass(frozen=True)
+class FamilyWorkflow:
+    name: str  # workflows/<name>.json
+    family: str  # its bed: harness/beds.py BEDS (and cones2_core.families) key
+    # {file name the workflow names, what a user downloads: the bed's file put in its place (its builder's FILES key)}
+    files: dict
+    # {(class_type, input): value}: the workflow's own settings (real file names, loader type, CFG, sampler, size)
+    facts: dict
+    between: tuple = ()  # the class types between Apply Residuals and Layout Guidance's conditioning (FluxGuidance)
+    # (loader, the dev-only loader the run puts in its place, {its input: the loader's input}): the host's loader
+    # would build the full-size text encoders around the bed's small ones
+    dev_loader: tuple = ()
+    shorten: dict = field(default_factory=dict)  # {class_type: {input: value}} for the run on the bed
+    size: tuple = (64, 64)  # (width, height) of the shortened run's latent node
+    frames: int = 0  # a video's pixel frames in the shortened run (SaveImage writes one file per frame)
+
+    @property
+    def id(self) -> str:
+        return self.family
+
+
+SHORT_IMAGE = {"EmptySD3LatentImage": {"width": 64, "height": 64}, "KSampler": {"steps": 2}}
+FAMILY_WORKFLOWS = [
+    FamilyWorkflow(
+        "flux_two_subjects_layout", "flux",
+        files={"flux1-dev.safetensors": "unet", "clip_l.safetensors": "clip_l", "t5xxl_fp16.safetensors": "t5",
+               "ae.safetensors": "vae"},
+        facts={("UNETLoader", "unet_name"): "flux1-dev.safetensors", ("DualCLIPLoader", "type"): "flux",
+               ("DualCLIPLoader", "clip_name1"): "clip_l.safetensors",
+               ("DualCLIPLoader", "clip_name2"): "t5xxl_fp16.safetensors", ("VAELoader", "vae_name"): "ae.safetensors",
+               ("FluxGuidance", "guidance"): 3.5, ("KSampler", "cfg"): 1.0, ("KSampler", "sampler_name"): "euler",
+               ("KSampler", "scheduler"): "simple", ("EmptySD3LatentImage", "width"): 1024},
+        between=("FluxGuidance",),
+        dev_loader=("DualCLIPLoader", "Cones2DevTinyFluxCLIPLoader", {"clip_l_name": "clip_name1", "t5_name": "clip_name2"}),
+        shorten=SHORT_IMAGE),
+    FamilyWorkflow(
+        "sd3_two_subjects_layout", "sd3",
+        files={"sd3.5_medium_incl_clips_t5xxlfp8scaled.safetensors": "ckpt"},
+        facts={("CheckpointLoaderSimple", "ckpt_name"): "sd3.5_medium_incl_clips_t5xxlfp8scaled.safetensors",
+               ("KSampler", "cfg"): 4.5, ("KSampler", "sampler_name"): "euler", ("KSampler", "scheduler"): "sgm_uniform",
+               ("EmptySD3LatentImage", "width"): 1024},
+        dev_loader=("CheckpointLoaderSimple", "Cones2DevTinySD3CheckpointLoader", {"ckpt_name": "ckpt_name"}),
+        shorten=SHORT_IMAGE),
+    FamilyWorkflow(
+        "qwen_image_two_subjects_layout", "qwen_image",
+        files={"qwen_image_fp8_e4m3fn.safetensors": "unet", "qwen_2.5_vl_7b_fp8_scaled.safetensors": "llm",
+               "qwen_image_vae.safetensors": "vae"},
+        facts={("UNETLoader", "unet_name"): "qwen_image_fp8_e4m3fn.safetensors", ("CLIPLoader", "type"): "qwen_image",
+               ("CLIPLoader", "clip_name"): "qwen_2.5_vl_7b_fp8_scaled.safetensors",
+               ("VAELoader", "vae_name"): "qwen_image_vae.safetensors", ("KSampler", "cfg"): 2.5,
+               ("EmptySD3LatentImage", "width"): 1328},
+        dev_loader=("CLIPLoader", "Cones2DevTinyQwenImageCLIPLoader", {"llm_name": "clip_name"}),
+        shorten=SHORT_IMAGE),
+    FamilyWorkflow(
+        "wan_two_subjects_crossing", "wan",
+        files={"wan2.1_t2v_1.3B_fp16.safetensors": "unet", "umt5_xxl_fp8_e4m3fn_scaled.safetensors": "umt5",
+               "wan_2.1_vae.safetensors": "vae"},
+        facts={("UNETLoader", "unet_name"): "wan2.1_t2v_1.3B_fp16.safetensors", ("CLIPLoader", "type"): "wan",
+               ("CLIPLoader", "clip_name"): "umt5_xxl_fp8_e4m3fn_scaled.safetensors",
+               ("VAELoader", "vae_name"): "wan_2.1_vae.safetensors", ("KSampler", "cfg"): 6.0,
+               ("EmptyHunyuanLatentVideo", "width"): 832, ("EmptyHunyuanLatentVideo", "length"): 33},
+        dev_loader=("CLIPLoader", "Cones2DevTinyWanCLIPLoader", {"umt5_name": "clip_name"}),
+        shorten={"EmptyHunyuanLatentVideo": {"width": 64, "height": 64, "length": 9}, "KSampler": {"steps": 2}},
+        frames=9),  # 3 latent frames: pixel frame 0, 1..4, 5..8
+    FamilyWorkflow(
+        "chroma_two_subjects_layout", "chroma",
+        files={"Chroma1-HD.safetensors": "unet", "t5xxl_fp16.safetensors": "t5", "ae.safetensors": "vae"},
+        facts={("UNETLoader", "unet_name"): "Chroma1-HD.safetensors", ("CLIPLoader", "type"): "chroma",
+               ("CLIPLoader", "clip_name"): "t5xxl_fp16.safetensors", ("VAELoader", "vae_name"): "ae.safetensors",
+               ("KSampler", "cfg"): 4.0, ("KSampler", "sampler_name"): "euler", ("EmptySD3LatentImage", "width"): 1024},
+        dev_loader=("CLIPLoader", "Cones2DevTinyChromaCLIPLoader", {"t5_name": "clip_name"}),
+        shorten=SHORT_IMAGE),
+]
 
 
 @pytest.fixture(scope="module")
-def flux_info(flux_client) -> dict:
-    return flux_client.object_info()  # the Flux server's loaders list the tiny bed's files
+def beds_client(beds_server) -> ComfyClient:
+    return ComfyClient(beds_server.url)
 
 
-def by_class(prompt: dict, class_type: str) -> dict:
-    """The inputs of the prompt's one node of ``class_type``."""
-    found = [n["inputs"] for n in prompt.values() if n["class_type"] == class_type]
-    assert len(found) == 1, f"{len(found)} {class_type} nodes"
-    return found[0]
+@pytest.fixture(scope="module")
+def beds_info(beds_client) -> dict:
+    return beds_client.object_info()  # the server's loaders list every bed's files
 
 
-def test_flux_workflow_is_valid_for_the_live_nodes(flux_server, flux_info):
-    """Valid for the live node definitions, and a Flux graph as Flux users build it: UNETLoader with the
-    transformer, DualCLIPLoader type flux (clip_l, t5xxl), 16-channel empty latents, FluxGuidance between
-    Apply Residuals and Layout Guidance, KSampler at cfg 1; the loaders name the bed's files."""
-    prompt = assert_valid(load(FLUX_EXAMPLE), flux_info)
-    files = flux_server.flux_files
-    assert by_class(prompt, "UNETLoader")["unet_name"] == files["unet"]
-    clip = by_class(prompt, "DualCLIPLoader")
-    assert (clip["clip_name1"], clip["clip_name2"], clip["type"]) == (files["clip_l"], files["t5"], "flux")
-    assert by_class(prompt, "VAELoader")["vae_name"] == files["vae"]
-    ks = by_class(prompt, "KSampler")
-    assert (ks["cfg"], ks["sampler_name"], ks["scheduler"]) == (1.0, "euler", "simple")
-    assert prompt[ks["latent_image"][0]]["class_type"] == "EmptySD3LatentImage"
+def on_the_bed(fw: FamilyWorkflow, server) -> dict:
+    """The workflow with the bed's files in place of the file names it gives (each name must be in it)."""
+    wf = load(fw.name)
+    bed = server.bed_files[fw.family]
+    named = [v for n in wf["nodes"] for v in (n.get("widgets_values") or [])]
+    assert sorted(v for v in named if v in fw.files) == sorted(fw.files), f"{fw.name} names other files: {named}"
+    for node in wf["nodes"]:
+        node["widgets_values"] = [bed[fw.files[v]] if isinstance(v, str) and v in fw.files else v
+                                  for v in node.get("widgets_values") or []]
+    return wf
+
+
+@pytest.mark.parametrize("fw", FAMILY_WORKFLOWS, ids=lambda fw: fw.id)
+def test_family_workflow_is_valid_for_the_live_nodes(fw, beds_server, beds_info):
+    """Valid for the live node definitions once the bed's files stand in for the files it names; the graph as the
+    family's users build it (its loaders, loader type, CFG, sampler and size: the row's facts); a note naming
+    every file to download; Apply Residuals -> (FluxGuidance) -> Layout Guidance -> KSampler, recording the maps
+    of the subjects dog and cat that Attention Maps reads after sampling."""
+    from comfyui_cones2.cones2_core.families import FAMILIES
+
+    assert fw.family in FAMILIES
+    prompt = assert_valid(on_the_bed(fw, beds_server), beds_info)
+    own = to_api(load(fw.name), beds_info)  # the workflow's own values (to_api does not check file names)
+    for (class_type, name), value in fw.facts.items():
+        assert by_class(own, class_type)[name] == value, f"{fw.name}: {class_type}.{name}"
+    note = "\n".join(v for n in load(fw.name)["nodes"] if n["type"] == "Note" for v in n["widgets_values"])
+    missing = [f for f in fw.files if os.path.splitext(f)[0] not in note]
+    assert not missing, f"{fw.name}: the note does not name {missing}"
     layout = by_class(prompt, "Cones2LayoutGuidance")
-    flux_guidance = prompt[layout["conditioning"][0]]
-    assert flux_guidance["class_type"] == "FluxGuidance"
-    assert prompt[flux_guidance["inputs"]["conditioning"][0]]["class_type"] == "Cones2ApplyResiduals"
+    chain, node = [], prompt[layout["conditioning"][0]]
+    while node["class_type"] != "Cones2ApplyResiduals":
+        chain.append(node["class_type"])
+        assert "conditioning" in node["inputs"], f"{fw.name}: no Apply Residuals before Layout Guidance: {chain}"
+        node = prompt[node["inputs"]["conditioning"][0]]
+    assert tuple(chain) == fw.between
+    layout_id = next(nid for nid, n in prompt.items() if n["class_type"] == "Cones2LayoutGuidance")
+    ks = by_class(prompt, "KSampler")
+    assert (ks["model"], ks["positive"]) == ([layout_id, 0], [layout_id, 1])
+    assert prompt[ks["negative"][0]]["class_type"] == "CLIPTextEncode"
+    maps = by_class(prompt, "Cones2AttentionMaps")
+    assert maps["model"] == [layout_id, 0] and prompt[maps["samples"][0]]["class_type"] == "KSampler"
     assert layout["record_maps"] is True
     assert [b["subject"] for b in json.loads(layout["layout"])["boxes"]] == ["dog", "cat"]
 
 
-def test_flux_two_subjects_layout_runs_on_the_tiny_bed(flux_server, flux_client, flux_info):
-    """The Flux workflow, shortened (64x64, 2 steps), runs on the tiny bed: the image and the maps are written
-    and the maps report names both subjects. The host's DualCLIPLoader would build the full T5-XXL for the
-    bed's small T5, so this run swaps it for the dev-only loader of the same two files."""
-    prompt = to_api(load(FLUX_EXAMPLE), flux_info)
-    files = flux_server.flux_files
+@pytest.mark.parametrize("fw", FAMILY_WORKFLOWS, ids=lambda fw: fw.id)
+def test_family_workflow_runs_on_its_bed(fw, beds_server, beds_client, beds_info):
+    """The workflow, shortened (64 px, 2 steps; a video 9 frames), runs on the family's bed with its text loader
+    swapped for the dev-only loader of the same files: the image (every frame of a video) and the maps are written
+    at their sizes, and the report has both subjects, guided: nearly all of each word's attention inside its box
+    (a video's: in every latent frame, the boxes moving along their tracks)."""
+    prompt = to_api(on_the_bed(fw, beds_server), beds_info)
+    loader, dev, inputs = fw.dev_loader
     for node in prompt.values():
-        if node["class_type"] == "DualCLIPLoader":
-            node.update(class_type="Cones2DevTinyFluxCLIPLoader",
-                        inputs={"clip_l_name": node["inputs"]["clip_name1"], "t5_name": node["inputs"]["clip_name2"]})
-            assert node["inputs"] == {"clip_l_name": files["clip_l"], "t5_name": files["t5"]}
-        elif node["class_type"] == "EmptySD3LatentImage":
-            node["inputs"].update(width=64, height=64)
-        elif node["class_type"] == "KSampler":
-            node["inputs"]["steps"] = 2
-    entry = run_and_check(flux_client, flux_server, FLUX_EXAMPLE, flux_info, n_subjects=2, prompt=prompt, timeout=600)
+        if node["class_type"] == loader:
+            node.update(class_type=dev, inputs={k: node["inputs"][v] for k, v in inputs.items()})
+        node["inputs"].update(fw.shorten.get(node["class_type"], {}))
+    assert sum(n["class_type"] == dev for n in prompt.values()) == 1
+    latent_frames = (fw.frames - 1) // 4 + 1 if fw.frames else 1
+    entry = run_and_check(beds_client, beds_server, fw.name, beds_info, n_subjects=2, size=fw.size, prompt=prompt,
+                          timeout=600, frames=fw.frames or 1, maps_frames=latent_frames)
     maps_id = next(nid for nid, n in prompt.items() if n["class_type"] == "Cones2AttentionMaps")
-    report = "\n".join(entry["outputs"][maps_id]["text"])
-    subjects = [line.split("\t")[0] for line in report.splitlines()]
-    assert subjects == ["dog", "cat"], report
-
-
-@pytest.fixture(scope="module")
-def qwen_client(qwen_image_server) -> ComfyClient:
-    return ComfyClient(qwen_image_server.url)
-
-
-@pytest.fixture(scope="module")
-def qwen_info(qwen_client) -> dict:
-    return qwen_client.object_info()  # the server's loaders list the tiny Qwen-Image bed's files
-
-
-def test_qwen_image_workflow_is_valid_for_the_live_nodes(qwen_image_server, qwen_info):
-    """Valid for the live node definitions, and a Qwen-Image graph as its users build it: UNETLoader, CLIPLoader
-    type qwen_image, Apply Residuals straight into Layout Guidance (no FluxGuidance), a negative prompt, KSampler
-    at real CFG; the loaders name the bed's files."""
-    prompt = assert_valid(load(QWEN_EXAMPLE), qwen_info)
-    files = qwen_image_server.qwen_image_files
-    assert by_class(prompt, "UNETLoader")["unet_name"] == files["unet"]
-    clip = by_class(prompt, "CLIPLoader")
-    assert (clip["clip_name"], clip["type"]) == (files["llm"], "qwen_image")
-    assert by_class(prompt, "VAELoader")["vae_name"] == files["vae"]
-    ks = by_class(prompt, "KSampler")
-    assert ks["cfg"] > 1 and prompt[ks["negative"][0]]["class_type"] == "CLIPTextEncode"
-    layout = by_class(prompt, "Cones2LayoutGuidance")
-    assert prompt[layout["conditioning"][0]]["class_type"] == "Cones2ApplyResiduals"
-    assert not [n for n in prompt.values() if n["class_type"] == "FluxGuidance"]
-    assert layout["record_maps"] is True
-    assert [b["subject"] for b in json.loads(layout["layout"])["boxes"]] == ["dog", "cat"]
-
-
-def test_qwen_image_two_subjects_layout_runs_on_the_tiny_bed(qwen_image_server, qwen_client, qwen_info):
-    """The Qwen-Image workflow, shortened (64x64, 2 steps), runs on the tiny bed with its CLIPLoader swapped for
-    the dev-only loader of the same file (CLIPLoader would build the full 28-layer LLM): the image and the maps
-    are written and the maps report names both subjects."""
-    prompt = to_api(load(QWEN_EXAMPLE), qwen_info)
-    files = qwen_image_server.qwen_image_files
-    for node in prompt.values():
-        if node["class_type"] == "CLIPLoader":
-            node.update(class_type="Cones2DevTinyQwenImageCLIPLoader", inputs={"llm_name": node["inputs"]["clip_name"]})
-            assert node["inputs"] == {"llm_name": files["llm"]}
-        elif node["class_type"] == "EmptySD3LatentImage":
-            node["inputs"].update(width=64, height=64)
-        elif node["class_type"] == "KSampler":
-            node["inputs"]["steps"] = 2
-    entry = run_and_check(qwen_client, qwen_image_server, QWEN_EXAMPLE, qwen_info, n_subjects=2, prompt=prompt,
-                          timeout=600)
-    maps_id = next(nid for nid, n in prompt.items() if n["class_type"] == "Cones2AttentionMaps")
-    report = "\n".join(entry["outputs"][maps_id]["text"])
-    subjects = [line.split("\t")[0] for line in report.splitlines()]
-    assert subjects == ["dog", "cat"], report
-
-
-@pytest.fixture(scope="module")
-def chroma_files(host_dir, flux_server) -> dict[str, str]:
-    """The tiny Chroma bed (harness/tiny_chroma.py), built once, linked into the Flux server's model folders (one
-    server with the dev nodes for both joint-attention beds); {name: file name as the loaders list it}."""
-    from harness import tiny_chroma
-    from harness.host import build
-
-    return tiny_chroma.install(build(tiny_chroma.__file__, host_dir, out=tiny_chroma.default_cache_dir(),
-                                     timeout=1200), flux_server)
-
-
-@pytest.fixture(scope="module")
-def chroma_info(flux_client, chroma_files) -> dict:
-    return flux_client.object_info()  # after the Chroma files are linked, so the loaders list them
-
-
-def test_chroma_workflow_is_valid_for_the_live_nodes(chroma_files, chroma_info):
-    """Valid for the live node definitions, and a Chroma graph as Chroma users build it: UNETLoader, CLIPLoader
-    type chroma (one T5-XXL file), no FluxGuidance (Apply Residuals straight into Layout Guidance), a negative
-    prompt and real CFG; the loaders name the bed's files."""
-    prompt = assert_valid(load(CHROMA_EXAMPLE), chroma_info)
-    assert by_class(prompt, "UNETLoader")["unet_name"] == chroma_files["unet"]
-    clip = by_class(prompt, "CLIPLoader")
-    assert (clip["clip_name"], clip["type"]) == (chroma_files["t5"], "chroma")
-    assert by_class(prompt, "VAELoader")["vae_name"] == chroma_files["vae"]
-    assert not [n for n in prompt.values() if n["class_type"] == "FluxGuidance"]
-    ks = by_class(prompt, "KSampler")
-    assert ks["cfg"] > 1.0 and by_class(prompt, "CLIPTextEncode")["text"].strip()
-    layout = by_class(prompt, "Cones2LayoutGuidance")
-    assert prompt[layout["conditioning"][0]]["class_type"] == "Cones2ApplyResiduals"
-    assert layout["record_maps"] is True
-    assert [b["subject"] for b in json.loads(layout["layout"])["boxes"]] == ["dog", "cat"]
-
-
-def test_chroma_two_subjects_layout_runs_on_the_tiny_bed(flux_server, flux_client, chroma_files, chroma_info):
-    """The Chroma workflow, shortened (64x64, 2 steps), runs on the tiny bed with the maps of both subjects. The
-    host's CLIPLoader would build the full T5-XXL around the bed's thin T5: swapped for the dev-only loader."""
-    prompt = to_api(load(CHROMA_EXAMPLE), chroma_info)
-    for node in prompt.values():
-        if node["class_type"] == "CLIPLoader":
-            node.update(class_type="Cones2DevTinyChromaCLIPLoader", inputs={"t5_name": node["inputs"]["clip_name"]})
-            assert node["inputs"] == {"t5_name": chroma_files["t5"]}
-        elif node["class_type"] == "EmptySD3LatentImage":
-            node["inputs"].update(width=64, height=64)
-        elif node["class_type"] == "KSampler":
-            node["inputs"]["steps"] = 2
-    entry = run_and_check(flux_client, flux_server, CHROMA_EXAMPLE, chroma_info, n_subjects=2, prompt=prompt,
-                          timeout=900)
-    maps_id = next(nid for nid, n in prompt.items() if n["class_type"] == "Cones2AttentionMaps")
-    report = "\n".join(entry["outputs"][maps_id]["text"])
-    assert [line.split("\t")[0] for line in report.splitlines()] == ["dog", "cat"], report
+    lines = "\n".join(entry["outputs"][maps_id]["text"]).splitlines()
+    assert [line.split("\t")[0] for line in lines] == ["dog", "cat"], lines
+    for line in lines:  # guided: the workflow's negative_weight (-1e8) keeps each word's attention in its box
+        share = float(line.split("\tin-region share ")[1].split("\t")[0])
+        frame_shares = [float(x) for x in line.split("\tper frame ")[1].split()] if fw.frames else []
+        assert share > 0.9 and len(frame_shares) == (latent_frames if fw.frames else 0), line
+        assert all(x > 0.9 for x in frame_shares), line
 
 
 def test_checker_reports_broken_workflows(info):
