@@ -203,3 +203,24 @@ def test_two_residuals_trained_separately_compose_in_one_prompt(runs, big_dog_re
     assert both["presence"] >= 0.9 and both["unprompted"] <= 0.05, both
     assert both["radius"]["dog"] > none["radius"]["dog"] + 0.5, (none["radius"], both["radius"])  # 1.91 -> 2.80
     assert both["radius"]["cat"] > none["radius"]["cat"] + 0.1, (none["radius"], both["radius"])  # 2.62 -> 2.82
+
+
+# ---- where placement is hard (issue 27; bench/toy_hard.py has every sampler and setting) ------------------------
+# Three subjects, dog and cat in the top quarters, car in the bottom half: the world's captions hold at most two
+# objects, and unguided it never draws the third. Layout Guidance at node defaults draws and places all three;
+# without self-recurrence one draw in 16 still misses (94%), so these rows also fail when self-recurrence is
+# silently skipped.
+THREE_PROMPT, THREE_BOXES = toy_measures.HARD_CASES["three"]
+THREE = ["dog", "cat", "car"]
+
+
+@pytest.mark.parametrize("sampler", ["euler", "dpmpp_2m"])
+def test_three_subjects_each_in_its_box_with_node_defaults(runs, sampler):
+    """16 draws in one sampling call per row (unguided, node defaults); same draws in both."""
+    unguided = toy_measures.summarise(runs(THREE_PROMPT, sampler=sampler), THREE, THREE_BOXES)
+    guided = toy_measures.summarise(runs(THREE_PROMPT, THREE_BOXES, sampler=sampler), THREE, THREE_BOXES)
+    logging.getLogger(__name__).info("three subjects, %s: unguided %s, guided %s", sampler,
+                                     unguided["per_object"], guided["per_object"])
+    assert unguided["per_object"]["car"] <= 0.1, unguided  # the world drops the third subject
+    assert guided["in_boxes"] >= 0.95 and guided["in_boxes"] >= unguided["in_boxes"], (guided, unguided)
+    assert guided["presence"] >= 0.95 and guided["unprompted"] <= 0.05, guided
