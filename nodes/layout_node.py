@@ -183,9 +183,10 @@ class Cones2LayoutGuidance(io.ComfyNode):
                                        "Ending earlier (e.g. 0.4) keeps layouts and frees details."),
                 io.Boolean.Input("self_recurrence", default=False,
                                  tooltip="Take every guided step twice, re-noising in between (the paper's "
-                                         "self-recurrence). Doubles the guided steps' cost; off by default because "
-                                         "it placed subjects no better in our measurements (docs/nodes.md). Samplers with "
-                                         "a history (dpmpp_2m, uni_pc, ...) always sample without it."),
+                                         "self-recurrence). Doubles the guided steps' cost (see "
+                                         "recurrence_end_percent); off by default because it placed subjects no "
+                                         "better in our measurements (docs/nodes.md). Samplers with a history "
+                                         "(dpmpp_2m, uni_pc, ...) take their re-taken steps as euler steps."),
                 io.Mask.Input("masks", optional=True,
                               tooltip="Regions as masks instead of (or besides) boxes: one mask per subject, "
                                       "named in mask_subjects."),

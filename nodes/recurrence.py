@@ -1,6 +1,6 @@
 """The SAMPLER_SAMPLE wrapper of Layout Guidance: a fresh attention recording per run, the area of each area
 prompt (ConditioningSetArea) for the model calls, and self-recurrence (each guided step taken twice, re-noised in
-between) for the samplers where re-taking one step is exact."""
+between; samplers with a history take their re-taken steps as euler steps)."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ AREAS_KEY = "cones2_areas"  # transformer_options: {cond uuid: (y0, x0, y1, x1)}
 # taking a guided step as its own sampler run (self-recurrence) is exactly that step. Multistep samplers (a
 # history of earlier steps: lms, dpmpp_2m(_sde), dpmpp_3m_sde, uni_pc, deis, ipndm, res_multistep, ...), those
 # that plan their own schedule over the whole run (dpm_fast, dpm_adaptive, heunpp2's order by distance to the
-# end) and samplers of other packs would silently lose accuracy: they sample without self-recurrence and say so.
+# end) and samplers of other packs would silently lose accuracy: their re-taken steps are taken by euler.
 STEPWISE_SAMPLERS = frozenset(f"sample_{name}" for name in (
     "euler", "euler_cfg_pp", "euler_ancestral", "euler_ancestral_cfg_pp", "euler_ancestral_RF", "heun", "dpm_2",
     "dpm_2_ancestral", "dpm_2_ancestral_RF", "dpmpp_2s_ancestral", "dpmpp_2s_ancestral_cfg_pp",
