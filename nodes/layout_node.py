@@ -23,8 +23,9 @@ from .guidance import GuidanceSpec, SubjectRegion, check_one_subject_per_token
 log = logging.getLogger("comfyui-cones2")
 
 DEFAULT_LAYOUT = '{"version": 1, "boxes": []}'
-# With self_recurrence on, the guided steps before this point of the schedule are taken twice (docs/nodes.md,
-# "Self-recurrence and samplers", has the measurements it is chosen from).
+# With self_recurrence on, the guided steps before this point of the schedule are taken twice; 1 = every guided
+# step, the paper's. Re-taking only the first quarter placed subjects worse where placement is hard
+# (docs/toy_world.md, "Where placement is hard").
 RECURRENCE_END_PERCENT = 1.0
 
 
