@@ -24,6 +24,27 @@ GUIDANCE_DEFAULTS = {"guidance_weight": 0.08, "positive_weight": 2.5, "negative_
 LEFT = {"x": 0.0, "y": 0.0, "w": 0.5, "h": 1.0}
 RIGHT = {"x": 0.5, "y": 0.0, "w": 0.5, "h": 1.0}
 
+# Cases where placement is hard (bench/toy_hard.py, tests/host/test_toy_world.py), name: (prompt, {subject: box}).
+# The world's captions hold at most two objects, each at a uniform position.
+HARD_CASES = {
+    # three subjects: the unguided model often draws only two of them
+    "three": ("a photo of a dog and a cat and a car",
+              {"dog": {"x": 0.0, "y": 0.0, "w": 0.5, "h": 0.5}, "cat": {"x": 0.5, "y": 0.0, "w": 0.5, "h": 0.5},
+               "car": {"x": 0.0, "y": 0.5, "w": 1.0, "h": 0.5}}),
+    # opposite corner quarters
+    "corners": ("a photo of a dog and a cat",
+                {"dog": {"x": 0.0, "y": 0.0, "w": 0.5, "h": 0.5}, "cat": {"x": 0.5, "y": 0.5, "w": 0.5, "h": 0.5}}),
+    # two small boxes side by side in the middle
+    "adjacent": ("a photo of a dog and a cat",
+                 {"dog": {"x": 0.2, "y": 0.3, "w": 0.3, "h": 0.4}, "cat": {"x": 0.5, "y": 0.3, "w": 0.3, "h": 0.4}}),
+    # top / bottom halves
+    "topbottom": ("a photo of a car and a dog",
+                  {"car": {"x": 0.0, "y": 0.0, "w": 1.0, "h": 0.5}, "dog": {"x": 0.0, "y": 0.5, "w": 1.0, "h": 0.5}}),
+    # a big subject and a small one: big dog in the left two thirds, cat in the top-right corner
+    "bigsmall": ("a photo of a big dog and a cat",
+                 {"dog": {"x": 0.0, "y": 0.0, "w": 0.65, "h": 1.0}, "cat": {"x": 0.65, "y": 0.0, "w": 0.35, "h": 0.4}}),
+}
+
 MIN_AREA = 4.0  # latent pixels above half the signature (a normal object has about 20)
 SIZE_THRESHOLD = 0.5 * (RADIUS + BIG_RADIUS)  # radius above which an object counts as "big"
 

@@ -72,6 +72,7 @@ class GuidanceSpec:
     self_recurrence: bool
     record: bool = True  # record the attention maps (the node's record_maps)
     chunk: int | None = 77  # tokens per encoder chunk of the family (Family.chunk; None: one chunk of any length)
+    recurrence_sigma_end: float = 0.0  # self-recurrence re-takes only guided steps from sigmas >= this
     _maps: dict = field(default_factory=dict, repr=False)  # derived weight maps, keyed by grid and device
 
     def match(self, ctx: torch.Tensor):
@@ -107,7 +108,8 @@ class GuidanceSpec:
 
     def __deepcopy__(self, memo):  # the host deep-copies model options on clone: share the immutable parts
         return GuidanceSpec(self.uid, self.conds, self.guidance_weight, self.negative_weight, self.sigma_start,
-                            self.sigma_end, self.self_recurrence, self.record, self.chunk)
+                            self.sigma_end, self.self_recurrence, self.record, self.chunk,
+                            self.recurrence_sigma_end)
 
 
 # ---- the rows of a model call that a spec guides -------------------------------------------------------------

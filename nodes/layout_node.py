@@ -24,6 +24,10 @@ from .guidance import GuidanceSpec, SubjectRegion, check_one_subject_per_token
 log = logging.getLogger("comfyui-cones2")
 
 DEFAULT_LAYOUT = '{"version": 1, "boxes": []}'
+# With self_recurrence on, the guided steps before this point of the schedule are taken twice; 1 = every guided
+# step, the paper's. Re-taking only the first quarter placed subjects worse where placement is hard
+# (docs/toy_world.md, "Where placement is hard").
+RECURRENCE_END_PERCENT = 1.0
 
 
 def _split_names(text: str) -> list[str]:
@@ -62,7 +66,7 @@ def subject_positions(record: PromptRecord, subject: str) -> tuple[int, ...]:
 
 def build_spec(model, conditioning, layout, guidance_weight, positive_weight, negative_weight, start_percent,
                end_percent, self_recurrence, masks=None, mask_subjects="", colour_map=None, colour_subjects="",
-               record_maps=False):
+               record_maps=False, recurrence_end_percent=RECURRENCE_END_PERCENT):
     if not conditioning:
         raise Cones2Error("the conditioning input is empty: connect Cones2 Apply Residuals to Conditioning")
     # The API accepts NaN and values past the widgets' limits; every number is checked here, not at the sampler.
@@ -71,6 +75,7 @@ def build_spec(model, conditioning, layout, guidance_weight, positive_weight, ne
     negative_weight = check_number(negative_weight, "negative_weight", -1e9, 0.0)
     start_percent = check_number(start_percent, "start_percent", 0.0, 1.0)
     end_percent = check_number(end_percent, "end_percent", 0.0, 1.0)
+    recurrence_end_percent = check_number(recurrence_end_percent, "recurrence_end_percent", 0.0, 1.0)
     if not start_percent <= end_percent:
         raise Cones2Error(f"need 0 <= start_percent <= end_percent <= 1, got {start_percent} and {end_percent}")
     if start_percent == end_percent:
@@ -134,7 +139,9 @@ def build_spec(model, conditioning, layout, guidance_weight, positive_weight, ne
                         sigma_start=float(sampling.percent_to_sigma(start_percent)),
                         sigma_end=float(sampling.percent_to_sigma(end_percent)) if end_percent < 1.0 else 0.0,
                         self_recurrence=bool(self_recurrence), record=bool(record_maps),
-                        chunk=family.chunk)
+                        chunk=family.chunk,
+                        recurrence_sigma_end=(float(sampling.percent_to_sigma(recurrence_end_percent))
+                                              if recurrence_end_percent < 1.0 else 0.0))
 
 
 class Cones2LayoutGuidance(io.ComfyNode):
@@ -178,9 +185,10 @@ class Cones2LayoutGuidance(io.ComfyNode):
                                        "Ending earlier (e.g. 0.4) keeps layouts and frees details."),
                 io.Boolean.Input("self_recurrence", default=False,
                                  tooltip="Take every guided step twice, re-noising in between (the paper's "
-                                         "self-recurrence). Doubles the guided steps' cost; off by default because "
-                                         "it placed subjects no better in our measurements (docs/nodes.md). Samplers with "
-                                         "a history (dpmpp_2m, uni_pc, ...) always sample without it."),
+                                         "self-recurrence). Doubles the guided steps' cost (see "
+                                         "recurrence_end_percent); off by default because it placed subjects no "
+                                         "better in our measurements (docs/nodes.md). Samplers with a history "
+                                         "(dpmpp_2m, uni_pc, ...) take their re-taken steps as euler steps."),
                 io.Mask.Input("masks", optional=True,
                               tooltip="Regions as masks instead of (or besides) boxes: one mask per subject, "
                                       "named in mask_subjects."),
@@ -195,6 +203,11 @@ class Cones2LayoutGuidance(io.ComfyNode):
                                  tooltip="Record where each subject's words attend, for Cones2 Attention Maps and the "
                                          "layout editor's heatmaps. Off: nothing is recorded (faster, less memory); "
                                          "turn it on when an Attention Maps node reads this model."),
+                io.Float.Input("recurrence_end_percent", default=RECURRENCE_END_PERCENT, min=0.0, max=1.0,
+                               step=0.01, optional=True,
+                               tooltip="With self_recurrence on, only the guided steps before this point of the "
+                                       "schedule are taken twice (the early steps, where the layout forms); 1 = "
+                                       "every guided step, as in the paper (twice the guided steps' cost)."),
             ],
             outputs=[
                 io.Model.Output(tooltip="The guided model: connect it to the sampler."),
@@ -206,10 +219,11 @@ class Cones2LayoutGuidance(io.ComfyNode):
     @classmethod
     def execute(cls, model, conditioning, layout, guidance_weight, positive_weight, negative_weight,
                 start_percent, end_percent, self_recurrence, masks=None, mask_subjects="", colour_map=None,
-                colour_subjects="", record_maps=False) -> io.NodeOutput:
+                colour_subjects="", record_maps=False,
+                recurrence_end_percent=RECURRENCE_END_PERCENT) -> io.NodeOutput:
         spec = build_spec(model, conditioning, layout, guidance_weight, positive_weight, negative_weight,
                           start_percent, end_percent, self_recurrence, masks, mask_subjects, colour_map,
-                          colour_subjects, record_maps)
+                          colour_subjects, record_maps, recurrence_end_percent)
         guided = architectures.for_model(model)[1].install(model, spec)
         subjects = [r.subject for r in spec.conds[0][1]]
         log.info("layout guidance on %s (weight %.3g, %s)", ", ".join(subjects), guidance_weight,

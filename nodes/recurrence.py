@@ -1,14 +1,18 @@
 """The SAMPLER_SAMPLE wrapper of Layout Guidance: a fresh attention recording per run, the area of each area
 prompt (ConditioningSetArea) for the model calls, and self-recurrence (each guided step taken twice, re-noised in
-between) for the samplers where re-taking one step is exact."""
+between; samplers with a history take their re-taken steps as euler steps)."""
 
 from __future__ import annotations
+
+import logging
 
 import torch
 
 from ..cones2_core.schedule import in_window, recurrence_plan, renoise_scale, segment_seed
 from .common import warn
 from .recording import start_recording
+
+log = logging.getLogger("comfyui-cones2")
 
 AREAS_KEY = "cones2_areas"  # transformer_options: {cond uuid: (y0, x0, y1, x1)} of positives with an area
 
@@ -17,11 +21,22 @@ AREAS_KEY = "cones2_areas"  # transformer_options: {cond uuid: (y0, x0, y1, x1)}
 # taking a guided step as its own sampler run (self-recurrence) is exactly that step. Multistep samplers (a
 # history of earlier steps: lms, dpmpp_2m(_sde), dpmpp_3m_sde, uni_pc, deis, ipndm, res_multistep, ...), those
 # that plan their own schedule over the whole run (dpm_fast, dpm_adaptive, heunpp2's order by distance to the
-# end) and samplers of other packs would silently lose accuracy: they sample without self-recurrence and say so.
+# end) and samplers of other packs would silently lose accuracy: their re-taken steps are taken by euler.
 STEPWISE_SAMPLERS = frozenset(f"sample_{name}" for name in (
     "euler", "euler_cfg_pp", "euler_ancestral", "euler_ancestral_cfg_pp", "euler_ancestral_RF", "heun", "dpm_2",
     "dpm_2_ancestral", "dpm_2_ancestral_RF", "dpmpp_2s_ancestral", "dpmpp_2s_ancestral_cfg_pp",
     "dpmpp_2s_ancestral_RF", "dpmpp_sde", "dpmpp_sde_gpu", "ddpm", "lcm"))
+
+
+def _euler_executor(executor):
+    """The rest of the host's SAMPLER_SAMPLE wrapper chain after ours, ending in euler's sample instead of the
+    sampler's own."""
+    import comfy.patcher_extension
+    import comfy.samplers
+
+    euler = comfy.samplers.sampler_object("euler")
+    return comfy.patcher_extension.WrapperExecutor.new_class_executor(euler.sample, euler, executor.wrappers,
+                                                                      executor.idx)
 
 
 def sampler_function_name(sampler) -> str:
@@ -104,7 +119,8 @@ class Cones2Sampler:
                 disable_pbar):
         rec_specs = self._recurrent_specs(guider)
         n = len(sigmas) - 1
-        guided = [any(in_window(float(sigmas[i]), s.sigma_start, s.sigma_end) for s in rec_specs) for i in range(n)]
+        guided = [any(in_window(float(sigmas[i]), s.sigma_start, max(s.sigma_end, s.recurrence_sigma_end))
+                      for s in rec_specs) for i in range(n)]
         if not any(guided):
             return executor(guider, sigmas, extra_args, callback, noise, latent_image, denoise_mask, disable_pbar)
         if denoise_mask is not None:
@@ -117,13 +133,15 @@ class Cones2Sampler:
                  "self-recurrence. Turn self_recurrence off to silence this")
             return executor(guider, sigmas, extra_args, callback, noise, latent_image, denoise_mask, disable_pbar)
         name = sampler_function_name(getattr(executor, "class_obj", None))  # the executor runs sampler.sample
+        retake = executor  # runs the re-taken (guided, repeated) steps
         if name not in STEPWISE_SAMPLERS:
-            warn("Cones2 Layout Guidance: self-recurrence is off with the sampler '%s' (it carries a history or its "
-                 "own schedule across steps, which re-taking single steps would break); sampling with guidance but "
-                 "without self-recurrence. It works with euler, euler_ancestral, heun, dpm_2, dpmpp_2s_ancestral, "
-                 "dpmpp_sde, ddpm, lcm and ddim; turn self_recurrence off to silence this",
-                 name.removeprefix("sample_").removesuffix("_function"))
-            return executor(guider, sigmas, extra_args, callback, noise, latent_image, denoise_mask, disable_pbar)
+            # A history or a schedule of its own across steps: re-taking one step of it alone would break it. The
+            # re-taken steps (and any single step between them) are taken by euler instead, the first-order step
+            # these samplers start a run with (dpmpp_2m's first step is euler's, bit for bit up to rounding); the
+            # sampler takes every longer stretch of steps as its own run (its history starts anew there).
+            retake = _euler_executor(executor)
+            log.info("Cones2 Layout Guidance: self-recurrence with the sampler '%s': its re-taken steps are euler "
+                     "steps, the other steps are its own", name.removeprefix("sample_").removesuffix("_function"))
         plan = recurrence_plan([float(s) for s in sigmas], guided)
         total = sum((stop - start) * reps for start, stop, reps in plan)
         seed = int(extra_args.get("seed", 0) or 0)
@@ -140,10 +158,11 @@ class Cones2Sampler:
                 # not inject the first step's noise again at every step
                 args = {**extra_args, "seed": segment_seed(seed, segment)}
                 segment += 1
+                run = retake if reps > 1 or stop - start == 1 else executor  # one step alone: first order
                 if x is None:
-                    x = executor(guider, seg, args, cb, noise, latent_image, None, disable_pbar)
+                    x = run(guider, seg, args, cb, noise, latent_image, None, disable_pbar)
                 else:
-                    x = executor(guider, seg, args, cb, torch.zeros_like(x), x, None, disable_pbar)
+                    x = run(guider, seg, args, cb, torch.zeros_like(x), x, None, disable_pbar)
                 done += stop - start
                 if r + 1 < reps:  # re-noise back to sigma_start of the step and take it again
                     eps = torch.randn(x.shape, generator=gen, dtype=torch.float32).to(x)

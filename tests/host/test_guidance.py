@@ -67,17 +67,35 @@ def test_outside_window_nothing_changes(pack, loaded, fam):
 def test_self_recurrence_takes_guided_steps_twice(pack, loaded):
     model, clip = loaded("sd1")
     pos, neg = encode(pack, clip), negative(clip)
-    gm, gpos = guide(pack, model, pos, recurrence=True)
+    gm, gpos = guide(pack, model, pos, recurrence=True, recurrence_end_percent=1.0)
     m, log = logged(gm)
     a = sample(m, gpos, neg, steps=3)
     assert len(log.calls) == 6  # euler: one model call per step, every step guided and taken twice
-    gm_half, gpos_half = guide(pack, model, pos, recurrence=True, start=0.0, end=0.5)
+    gm_half, gpos_half = guide(pack, model, pos, recurrence=True, start=0.0, end=0.5, recurrence_end_percent=1.0)
     m2, log2 = logged(gm_half)
     sample(m2, gpos_half, neg, steps=4)
     assert 4 < len(log2.calls) < 8
     gm_off, gpos_off = guide(pack, model, pos, recurrence=False)
     assert not torch.equal(a, sample(gm_off, gpos_off, neg, steps=3))
     assert torch.equal(a, sample(m, gpos, neg, steps=3))  # deterministic
+
+
+def test_recurrence_end_percent_re_takes_only_the_early_steps(pack, loaded):
+    """recurrence_end_percent 0.5 re-takes the guided steps of the first half of the schedule only (4 euler steps,
+    normal scheduler: the first two), 0 none (bit for bit as self-recurrence off), 1 every one."""
+    model, clip = loaded("sd1")
+    pos, neg = encode(pack, clip), negative(clip)
+    calls, outs = {}, {}
+    for end in (0.0, 0.5, 1.0):
+        m, log = logged(guide(pack, model, pos, recurrence=True, recurrence_end_percent=end)[0])
+        outs[end] = sample(m, pos, neg, steps=4)
+        calls[end] = len(log.calls)
+    assert calls == {0.0: 4, 0.5: 6, 1.0: 8}, calls
+    off, off_pos = guide(pack, model, pos, recurrence=False)
+    assert torch.equal(outs[0.0], sample(off, off_pos, neg, steps=4))
+    assert not torch.equal(outs[0.5], outs[0.0]) and not torch.equal(outs[0.5], outs[1.0])
+    with pytest.raises(Cones2Error, match="recurrence_end_percent"):
+        guide(pack, model, pos, recurrence=True, recurrence_end_percent=1.5)
 
 
 @pytest.mark.parametrize("sampler", ["euler_ancestral", "dpmpp_sde", "lcm"])
@@ -109,17 +127,30 @@ def test_self_recurrence_gives_every_restart_its_own_noise(pack, loaded, monkeyp
 
 
 @pytest.mark.parametrize("sampler", ["dpmpp_2m", "uni_pc", "dpmpp_2m_sde", "lms", "dpm_fast"])
-def test_multistep_samplers_sample_without_self_recurrence_and_say_so(pack, loaded, caplog, sampler):
-    import logging
-
+def test_multistep_samplers_take_their_re_taken_steps_with_euler(pack, loaded, caplog, sampler):
+    """Samplers with a history (or a schedule of their own) re-take the early guided steps as euler steps and take
+    the rest as one run of their own: 6 steps with the first half re-taken are 3 x 2 euler steps (bit for bit the
+    same x as euler there) and 3 steps of the sampler; every step re-taken is euler with self-recurrence."""
     model, clip = loaded("sd1")
     pos, neg = encode(pack, clip), negative(clip)
-    on, on_pos = guide(pack, model, pos, recurrence=True)
+    on, on_pos = guide(pack, model, pos, recurrence=True, recurrence_end_percent=0.5)
     off, off_pos = guide(pack, model, pos, recurrence=False)
-    with caplog.at_level(logging.WARNING, logger="comfyui-cones2"):
-        a = sample(on, on_pos, neg, steps=4, sampler=sampler)
-    assert f"self-recurrence is off with the sampler '{sampler.replace('uni_pc', 'unipc')}'" in caplog.text
-    assert torch.equal(a, sample(off, off_pos, neg, steps=4, sampler=sampler))  # guided, history intact
+    m, log = logged(on)
+    with caplog.at_level(logging.INFO, logger="comfyui-cones2"):
+        a = sample(m, on_pos, neg, steps=6, sampler=sampler)
+    assert f"self-recurrence with the sampler '{sampler.replace('uni_pc', 'unipc')}'" in caplog.text
+    plain, plain_log = logged(model)
+    sample(plain, pos, neg, steps=3, sampler=sampler)  # the sampler's own model calls for 3 steps
+    own = len(log.calls) - 6  # uni_pc evaluates once more when its run starts below the top of the schedule
+    assert len(plain_log.calls) <= own <= len(plain_log.calls) + (sampler == "uni_pc"), (own, len(plain_log.calls))
+    assert torch.isfinite(a).all()
+    assert not torch.equal(a, sample(off, off_pos, neg, steps=6, sampler=sampler))
+    if sampler == "uni_pc":  # its schedule differs from euler's (the host drops the penultimate sigma)
+        return
+    every, every_pos = guide(pack, model, pos, recurrence=True, recurrence_end_percent=1.0)
+    euler, euler_pos = guide(pack, model, pos, recurrence=True, recurrence_end_percent=1.0)
+    assert torch.equal(sample(every, every_pos, neg, steps=4, sampler=sampler),
+                       sample(euler, euler_pos, neg, steps=4, sampler="euler"))
 
 
 def test_a_missing_activations_shape_is_a_clear_error(pack, loaded):

@@ -203,3 +203,41 @@ def test_two_residuals_trained_separately_compose_in_one_prompt(runs, big_dog_re
     assert both["presence"] >= 0.9 and both["unprompted"] <= 0.05, both
     assert both["radius"]["dog"] > none["radius"]["dog"] + 0.5, (none["radius"], both["radius"])  # 1.91 -> 2.80
     assert both["radius"]["cat"] > none["radius"]["cat"] + 0.1, (none["radius"], both["radius"])  # 2.62 -> 2.82
+
+
+# ---- where placement is hard (issue 27; bench/toy_hard.py has every sampler and setting) ------------------------
+# Three subjects, dog and cat in the top quarters, car in the bottom half: the world's captions hold at most two
+# objects, and unguided it (almost) never draws the third. Layout Guidance at node defaults draws and places all
+# three in 15 of the 16 draws (one cat missing), with euler and with dpmpp_2m (the same with self-recurrence).
+THREE_PROMPT, THREE_BOXES = toy_measures.HARD_CASES["three"]
+THREE = ["dog", "cat", "car"]
+
+
+def test_three_subjects_unguided_the_world_drops_the_third(runs):
+    s = toy_measures.summarise(runs(THREE_PROMPT), THREE, THREE_BOXES)
+    assert s["per_object"]["dog"] >= 0.9 and s["per_object"]["cat"] >= 0.9, s
+    assert s["per_object"]["car"] <= 0.1 and s["in_boxes"] <= 0.1, s
+
+
+@pytest.mark.parametrize("sampler", ["euler", "dpmpp_2m"])
+def test_three_subjects_each_in_its_box_with_node_defaults(runs, sampler):
+    """16 draws in one sampling call; the unguided rates are euler's (test above; dpmpp_2m's: car in 6%)."""
+    unguided = toy_measures.summarise(runs(THREE_PROMPT), THREE, THREE_BOXES)
+    guided = toy_measures.summarise(runs(THREE_PROMPT, THREE_BOXES, sampler=sampler), THREE, THREE_BOXES)
+    logging.getLogger(__name__).info("three subjects, %s: guided %s, in boxes %s", sampler, guided["per_object"],
+                                     guided["in_boxes"])
+    assert guided["in_boxes"] >= 0.9 and guided["in_boxes"] >= unguided["in_boxes"] + 0.8, (guided, unguided)
+    assert guided["per_object"]["car"] >= 0.95 and guided["presence"] >= 0.9, guided
+    assert guided["unprompted"] <= 0.05, guided
+
+
+def test_three_subjects_with_self_recurrence(runs):
+    """Self-recurrence on (every guided step re-taken, euler): all three still in their boxes in >= 90% of the
+    draws, and the draws are not those of self-recurrence off (same rate, 94%, on other samples: re-taking
+    the steps moves the objects), so a self-recurrence silently skipped fails here."""
+    off = runs(THREE_PROMPT, THREE_BOXES)
+    on = runs(THREE_PROMPT, THREE_BOXES, self_recurrence=True)
+    s = toy_measures.summarise(on, THREE, THREE_BOXES)
+    assert s["in_boxes"] >= 0.9 and s["per_object"]["car"] >= 0.95 and s["unprompted"] <= 0.05, s
+    moved = (on - off).abs().amax(dim=(1, 2, 3))  # per draw, raw latent units (an object's signature: ~6.4)
+    assert int((moved > 1.0).sum()) >= 8, moved
