@@ -119,3 +119,16 @@ def logged(model):
     log = CallLog()
     m.set_model_unet_function_wrapper(log)
     return m, log
+
+
+def assert_share_rises_with_positive_weight(pack, run, margin: float = 0.2, subjects=("dog", "cat")) -> None:
+    """With a soft negative weight (-5) the in-box attention share of every subject rises with positive_weight
+    (0, 2.5, 10 at guidance weight 0.08) and ends above the unbiased share (guidance weight 0) by ``margin``: a
+    test that fails without the bias. ``run(gw, pw, nw)``: guide a copy of the family's model, sample once, and
+    return the Attention Maps report's shares {subject: share}."""
+    got = {pw: run(0.08, pw, -5.0) for pw in (0.0, 2.5, 10.0)}
+    off = run(0.0, 10.0, -5.0)
+    for subject in subjects:
+        series = [got[pw][subject] for pw in (0.0, 2.5, 10.0)]
+        assert series[0] < series[1] < series[2], (subject, series)
+        assert series[2] > off[subject] + margin, (subject, series, off[subject])
