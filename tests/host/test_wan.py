@@ -170,6 +170,14 @@ def test_the_maps_are_a_strip_of_frames_with_each_frames_share(pack, wan):
     assert len(lines) == 2 and all(f"{FRAMES * 8}x8" in line and "per frame" in line for line in lines)
     shares = [float(x) for x in lines[0].split("per frame ")[1].split()]
     assert len(shares) == FRAMES and min(shares) > 0.99  # hard boxes (negative_weight -1e8): all in the box
+    # What the maps keep, per latent frame (docs/wan.md): per subject one float32 mass and one bool region per
+    # image token of the frame, whatever the steps, blocks and heads (summed as they come).
+    uid = pack.nodes.guidance.specs_of(gm)[0].uid
+    rec = pack.nodes.recording.find_recording(uid)
+    (key, frames), = rec.frames.items()
+    tokens = key[0] * key[1] // frames
+    per_frame = sum(t.numel() * t.element_size() for d in (rec.maps, rec.regions) for t in d[key].values()) // frames
+    assert frames == FRAMES and per_frame == 2 * tokens * (4 + 1), (per_frame, tokens)
 
 
 def test_calls_that_are_not_the_text_attention_are_the_hosts_own(pack, wan):
