@@ -15,8 +15,15 @@ echo "[cones2] host: $COMFYUI_DIR  venv: $VENV"
 "$VENV/bin/python" harness/toy_world.py --comfyui "$COMFYUI_DIR" >/dev/null
 start=$(date +%s)
 set +e
-"$VENV/bin/python" -m pytest tests "$@"
+# Two processes: the workflow tests start ComfyUI servers holding every test bed, and in one process with the rest
+# of the suite (whose beds and toy world stay resident) a 24 GB machine ran out of memory. Exit code 5 = "no tests
+# selected" (e.g. with -m core) counts as success.
+"$VENV/bin/python" -m pytest tests --ignore=tests/host/test_workflows.py "$@"
 rc=$?
+"$VENV/bin/python" -m pytest tests/host/test_workflows.py "$@"
+rc2=$?
+if [ "$rc2" -ne 0 ] && [ "$rc2" -ne 5 ]; then rc=$rc2; fi
+if [ "$rc" -eq 5 ]; then rc=0; fi
 set -e
 echo "[cones2] test wall time: $(( $(date +%s) - start )) s"
 exit $rc

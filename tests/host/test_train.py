@@ -387,10 +387,10 @@ def test_largest_seed_trains(pack, sd1, res_dir):
 
 
 class _OtherClip:
-    """A CLIP whose tokenizer has a T5 encoder only (not a Cones 2 family)."""
+    """A CLIP whose tokenizer has a Llama encoder only (not a Cones 2 family; a T5 alone is Chroma's)."""
 
     def tokenize(self, text, return_word_ids=False, **kw):
-        return {"t5xxl": [[(1, 1.0, 1)]]}
+        return {"llama": [[(1, 1.0, 1)]]}
 
 
 def test_clear_errors(pack, sd1, res_dir):
@@ -398,8 +398,8 @@ def test_clear_errors(pack, sd1, res_dir):
         train(pack, sd1, images=None)
     with pytest.raises(Cones2Error, match="the subject is empty"):
         train(pack, sd1, subject="   ")
-    with pytest.raises(Cones2Error,
-                       match=r"Cones 2 supports SD1\.5 \(l\), SD2\.x \(h\), SDXL \(l \+ g\), Flux \(t5xxl \+ l\)"):
+    with pytest.raises(Cones2Error, match=r"this CLIP has text encoders \['llama'\]; Cones 2 supports SD1\.5 \(l\), "
+                                          r"SD2\.x \(h\), SDXL \(l \+ g\), Flux \(t5xxl \+ l\)"):
         train(pack, (sd1[0], _OtherClip(), sd1[2]))
     with pytest.raises(Cones2Error, match="must be relative to models/cones2_residuals"):
         train(pack, sd1, save_name="../escape")
@@ -733,7 +733,7 @@ def test_paper_mode_matches_a_naive_full_encoder_loop(pack, sd1, res_dir, monkey
         frozen = gr.GradientFreeWeights()
         with pack.nodes.architectures.unet.FrozenUNet(model, mm.get_torch_device(), frozen) as unet:
             for _ in range(steps):
-                x0 = ob.latent_batch(latents, 8, 1, gen)
+                x0 = ob.latent_batch(latents, 8, 1, gen, flip=False)  # paper mode, as the reference: no flips
                 noise = torch.randn(x0.shape, generator=gen)
                 sigma = ob.sample_sigmas(sigmas, 1, gen)
                 ctx = naive.encode_token_weights(prompts[0])[0].float()
