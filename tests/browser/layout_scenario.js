@@ -441,7 +441,7 @@ async function scenario(out, page, errors) {
     saved = await page.evaluate(() => JSON.parse(JSON.stringify(window.app.graph.serialize())));
     const sn = saved.nodes.find((x) => x.type === NODE);
     assert(sn.widgets_values[0] === before.value, 'widgets_values[0] is not the layout');
-    assert(sn.widgets_values.length === 10 && sn.widgets_values[1] === 0.08,
+    assert(sn.widgets_values.length === 11 && sn.widgets_values[1] === 0.08,
       `widgets_values shifted: ${JSON.stringify(sn.widgets_values)}`);
     const text = JSON.stringify(saved);
     assert(!/data:image/.test(text), 'an image was embedded in the workflow');

@@ -231,7 +231,7 @@ async function scenario(out, page) {
     assert(sent.layout === before.value, 'the API prompt does not carry the layout text as it is');
     assert(!sent.extra.includes('frames'), `the track leaked into the workflow's extra: ${sent.extra.slice(0, 300)}`);
     const wfNode = sent.wf.nodes.find((x) => x.type === NODE);
-    assert(wfNode.widgets_values[0] === before.value && wfNode.widgets_values.length === 10,
+    assert(wfNode.widgets_values[0] === before.value && wfNode.widgets_values.length === 11,  // the node's 11 widgets
       `widgets_values: ${JSON.stringify(wfNode.widgets_values).slice(0, 300)}`);
     // loading it again: the slider shows, for the layout has tracks
     await loadWorkflow(sent.wf);
