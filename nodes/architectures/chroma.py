@@ -23,13 +23,11 @@ autograd saved.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
 from ...cones2_core.errors import Cones2Error
-from .base import Architecture, FrozenModel
-from .joint import per_call
+from .base import FrozenModel
+from .joint import JointArchitecture
 
 
 def radiance(model_patcher) -> bool:
@@ -89,9 +87,8 @@ class FrozenChroma(FrozenModel):
 
 # ---- the registry entry ------------------------------------------------------------------------------------------
 
-class ChromaArchitecture(Architecture):
+class ChromaArchitecture(JointArchitecture):
     key = "chroma"
-    attention = "joint attention"
     frozen_model = FrozenChroma
 
     def check_model(self, model_patcher) -> None:
@@ -102,10 +99,6 @@ class ChromaArchitecture(Architecture):
         if any(getattr(b, "flipped_img_txt", False) for b in getattr(dm, "double_blocks", [])):
             raise Cones2Error("this Chroma-like model puts the image before the text in its attention; Layout "
                               "Guidance supports Chroma's own block layout only")
-
-    def per_call(self, model_patcher):
-        dm = model_patcher.get_model_object("diffusion_model")
-        return functools.partial(per_call, patch_size=int(dm.patch_size))
 
     def prediction_type(self, model, family):
         self.check_model(model)  # Train Residual: Chroma Radiance is refused here too

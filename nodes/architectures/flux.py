@@ -15,11 +15,9 @@ pooled vector) come from the shared contract (``base.Architecture``: the host's 
 
 from __future__ import annotations
 
-import functools
-
 from ...cones2_core.errors import Cones2Error
-from .base import Architecture, FrozenModel
-from .joint import per_call
+from .base import FrozenModel
+from .joint import JointArchitecture
 
 # ---- training: the frozen Flux, its flow-matching sampling and conditioning -------------------------------------
 # Train Residual's fast mode on Flux (train_loop.py): the loss is Flux's own flow matching as the host's model
@@ -50,9 +48,8 @@ class FrozenFlux(FrozenModel):
 
 # ---- the registry entry ------------------------------------------------------------------------------------------
 
-class FluxArchitecture(Architecture):
+class FluxArchitecture(JointArchitecture):
     key = "flux"
-    attention = "joint attention"
     frozen_model = FrozenFlux
 
     def check_model(self, model_patcher) -> None:
@@ -60,10 +57,6 @@ class FluxArchitecture(Architecture):
         if any(getattr(b, "flipped_img_txt", False) for b in getattr(dm, "double_blocks", [])):
             raise Cones2Error("this Flux-like model puts the image before the text in its attention; Layout Guidance "
                               "supports Flux's own block layout only")
-
-    def per_call(self, model_patcher):
-        dm = model_patcher.get_model_object("diffusion_model")
-        return functools.partial(per_call, patch_size=int(dm.patch_size))
 
 
 ARCHITECTURE = FluxArchitecture()

@@ -21,7 +21,8 @@ and ``[B, L, heads * d]`` (SD3.5's MMDiT, Qwen-Image). Tokens after ``text + ima
 Qwen-Image-Edit's reference latents) are attended as the host does and never biased. An attention call whose
 sequence is shorter than ``text + image`` (SD3.5-medium's image-only self-attention) is left to the host.
 
-This is not an architecture (no ``ARCHITECTURE``): the family modules (``flux.py``, ...) use it.
+This is not an architecture (no ``ARCHITECTURE``): the family modules (``flux.py``, ...) subclass its
+``JointArchitecture``.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from ...cones2_core.joint_attention import (
     subject_columns,
     token_mass,
 )
-from .base import active_groups, guided_call, record_maps, subject_token_lists
+from .base import Architecture, active_groups, guided_call, record_maps, subject_token_lists
 
 OVERRIDE_KEY = "optimized_attention_override"  # the host's key (comfy/ldm/modules/attention.py wrap_attn)
 GRID_KEY = "cones2_joint_grid"  # transformer_options of one model call: (text tokens, image rows, image columns)
@@ -129,7 +130,6 @@ class Cones2JointAttention:
         # When every row is guided (CFG 1, Flux's usual) the host's call over the whole batch is skipped.
         return guided_call(groups, q.shape[0], lambda: base(*args, **kwargs), attend)
 
-
     def exact(self, g, q4, k4, v4, wm, txt, n, h, w, sigma, host_mask, skip_output_reshape):
         """The guided rows of ``g`` by the exact mask-free path, in the host's output layout ([B, L, heads*d], or
         [B, heads, L, d] with ``skip_output_reshape``), their maps recorded from the same softmax."""
@@ -151,13 +151,24 @@ def image_grid(x, patch_size: int) -> tuple[int, int]:
     return (x.shape[-2] + patch_size - 1) // patch_size, (x.shape[-1] + patch_size - 1) // patch_size
 
 
-def per_call(specs, transformer_options, x=None, context=None, patch_size: int = 2, text_length=None):
-    """APPLY_MODEL's per-call step: the grid of this call's image tokens and our override (around any other).
-    ``text_length(context)``: the joint sequence's text tokens (default: the context's rows)."""
+def per_call(specs, transformer_options, x=None, context=None, patch_size: int = 2):
+    """APPLY_MODEL's per-call step: the grid of this call's image tokens (the joint sequence's text part is the
+    context's rows) and our override (around any other)."""
     if x is None or context is None or x.dim() not in (4, 5):
         return transformer_options
     h, w = image_grid(x, patch_size)
-    txt = int(context.shape[1]) if text_length is None else int(text_length(context))
+    txt = int(context.shape[1])
     other = transformer_options.get(OVERRIDE_KEY)
     override = other if isinstance(other, Cones2JointAttention) else Cones2JointAttention(inner=other)
     return {**transformer_options, GRID_KEY: (txt, int(h), int(w)), OVERRIDE_KEY: override}
+
+
+class JointArchitecture(Architecture):
+    """What the joint-attention architectures share: the per-call step with the diffusion model's patch size.
+    A family module subclasses it with its key, frozen model and variant checks."""
+
+    attention = "joint attention"
+
+    def per_call(self, model_patcher):
+        dm = model_patcher.get_model_object("diffusion_model")
+        return functools.partial(per_call, patch_size=int(dm.patch_size))

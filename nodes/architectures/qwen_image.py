@@ -17,10 +17,8 @@ blocks, as for Flux; its flow-matching prediction type and extra inputs come fro
 
 from __future__ import annotations
 
-import functools
-
-from .base import Architecture, FrozenModel
-from .joint import per_call
+from .base import FrozenModel
+from .joint import JointArchitecture
 
 
 class FrozenQwenImage(FrozenModel):
@@ -36,14 +34,9 @@ class FrozenQwenImage(FrozenModel):
         return list(self.mp.model.diffusion_model.transformer_blocks)
 
 
-class QwenImageArchitecture(Architecture):
+class QwenImageArchitecture(JointArchitecture):
     key = "qwen_image"
-    attention = "joint attention"
     frozen_model = FrozenQwenImage
-
-    def per_call(self, model_patcher):
-        dm = model_patcher.get_model_object("diffusion_model")
-        return functools.partial(per_call, patch_size=int(dm.patch_size))
 
     def model_latent(self, x):
         """Training's still latents [B, C, h, w] as Qwen-Image takes them (its latents carry Wan's VAE's frame axis:

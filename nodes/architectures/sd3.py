@@ -15,11 +15,9 @@ the host's ``model_sampling`` and ``extra_conds``).
 
 from __future__ import annotations
 
-import functools
-
 from ...cones2_core.errors import Cones2Error
-from .base import Architecture, FrozenModel
-from .joint import per_call
+from .base import FrozenModel
+from .joint import JointArchitecture
 
 
 class FrozenSD3(FrozenModel):
@@ -39,9 +37,8 @@ class FrozenSD3(FrozenModel):
         return [*(processor.layers if processor is not None else ()), *dm.joint_blocks]
 
 
-class SD3Architecture(Architecture):
+class SD3Architecture(JointArchitecture):
     key = "sd3"
-    attention = "joint attention"
     frozen_model = FrozenSD3
 
     def check_model(self, model_patcher) -> None:
@@ -49,10 +46,6 @@ class SD3Architecture(Architecture):
         if int(getattr(dm, "register_length", 0) or 0) > 0:  # learned register tokens before the context
             raise Cones2Error("this MMDiT puts learned register tokens before the text in its attention (register_length "
                               f"{int(dm.register_length)}); Layout Guidance supports SD3 / SD3.5's own layout only")
-
-    def per_call(self, model_patcher):
-        dm = model_patcher.get_model_object("diffusion_model")
-        return functools.partial(per_call, patch_size=int(dm.patch_size))
 
 
 ARCHITECTURE = SD3Architecture()
