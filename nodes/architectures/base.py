@@ -19,6 +19,8 @@ attention, and the skeleton of a guided attention call (``GuidedAttention``).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from ...cones2_core.errors import Cones2Error
@@ -155,6 +157,24 @@ class Architecture:
 
 
 # ---- the guided attention call, shared by cross-attention and joint attention ---------------------------------
+
+
+OVERRIDE_KEY = "optimized_attention_override"  # the host's key (comfy/ldm/modules/attention.py wrap_attn)
+
+
+def with_override(transformer_options: dict, override_type, grid_key: str, grid) -> dict:
+    """One model call's transformer_options with this call's ``grid`` under ``grid_key`` and an ``override_type``
+    (an attention override taking ``inner=``) around any override another pack set first (ours is kept)."""
+    other = transformer_options.get(OVERRIDE_KEY)
+    override = other if isinstance(other, override_type) else override_type(inner=other)
+    return {**transformer_options, grid_key: grid, OVERRIDE_KEY: override}
+
+
+def host_attention(func, inner, args, kwargs):
+    """(the host's attention as an override calls it: ``func``, or another pack's ``inner`` override around it; the
+    call's heads, by position or keyword (SD3.5's MMDiT and Wan pass ``heads=``), None when it has none)."""
+    base = func if inner is None else functools.partial(inner, func)
+    return base, (args[3] if len(args) > 3 else kwargs.get("heads"))
 
 
 def active_groups(transformer_options) -> list:

@@ -38,9 +38,16 @@ from ...cones2_core.joint_attention import (
     subject_columns,
     token_mass,
 )
-from .base import Architecture, active_groups, guided_call, record_maps, subject_token_lists
+from .base import (
+    Architecture,
+    active_groups,
+    guided_call,
+    host_attention,
+    record_maps,
+    subject_token_lists,
+    with_override,
+)
 
-OVERRIDE_KEY = "optimized_attention_override"  # the host's key (comfy/ldm/modules/attention.py wrap_attn)
 GRID_KEY = "cones2_joint_grid"  # transformer_options of one model call: (text tokens, image rows, image columns)
 # Whether the subject's text queries are confined to its region too (the transposed bias block): off, as measured
 # on the Flux toy world (docs/flux.md); a module switch for that measurement, not a node input.
@@ -82,12 +89,10 @@ class Cones2JointAttention:
         return cols[1]
 
     def __call__(self, func, *args, **kwargs):
-        base = func if self.inner is None else functools.partial(self.inner, func)
+        base, heads = host_attention(func, self.inner, args, kwargs)
         opts = kwargs.get("transformer_options") or {}
         groups = active_groups(opts)
         grid = opts.get(GRID_KEY)
-        # heads: positional (Flux: optimized_attention(q, k, v, heads, ...)) or a keyword (SD3.5's MMDiT: heads=...)
-        heads = args[3] if len(args) > 3 else kwargs.get("heads")
         if not groups or grid is None or len(args) < 3 or heads is None:
             return base(*args, **kwargs)
         q, k, v = args[:3]
@@ -157,10 +162,7 @@ def per_call(specs, transformer_options, x=None, context=None, patch_size: int =
     if x is None or context is None or x.dim() not in (4, 5):
         return transformer_options
     h, w = image_grid(x, patch_size)
-    txt = int(context.shape[1])
-    other = transformer_options.get(OVERRIDE_KEY)
-    override = other if isinstance(other, Cones2JointAttention) else Cones2JointAttention(inner=other)
-    return {**transformer_options, GRID_KEY: (txt, int(h), int(w)), OVERRIDE_KEY: override}
+    return with_override(transformer_options, Cones2JointAttention, GRID_KEY, (int(context.shape[1]), int(h), int(w)))
 
 
 class JointArchitecture(Architecture):

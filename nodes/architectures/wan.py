@@ -36,9 +36,17 @@ from ...cones2_core.attention import guided_attention
 from ...cones2_core.errors import Cones2Error
 from ...cones2_core.joint_attention import flow_sigma
 from ..common import warn
-from .base import Architecture, FrozenModel, active_groups, guided_call, record_maps, subject_token_lists
+from .base import (
+    Architecture,
+    FrozenModel,
+    active_groups,
+    guided_call,
+    host_attention,
+    record_maps,
+    subject_token_lists,
+    with_override,
+)
 
-OVERRIDE_KEY = "optimized_attention_override"  # the host's key (comfy/ldm/modules/attention.py wrap_attn)
 GRID_KEY = "cones2_wan_grid"  # transformer_options of one model call: (text rows, frames, token rows, columns)
 
 
@@ -52,11 +60,10 @@ class Cones2WanCrossAttention:
         self.warned = False
 
     def __call__(self, func, *args, **kwargs):
-        base = func if self.inner is None else functools.partial(self.inner, func)
+        base, heads = host_attention(func, self.inner, args, kwargs)  # Wan passes heads by keyword
         opts = kwargs.get("transformer_options") or {}
         groups = active_groups(opts)
         grid = opts.get(GRID_KEY)
-        heads = args[3] if len(args) > 3 else kwargs.get("heads")  # Wan passes heads by keyword
         if not groups or grid is None or len(args) < 3 or heads is None or kwargs.get("skip_reshape"):
             return base(*args, **kwargs)
         q, k, v = args[:3]
@@ -105,9 +112,7 @@ def per_call(specs, transformer_options, x=None, context=None, patch_size=(1, 2,
         raise Cones2Error(f"this clip has {frames * h * w} video tokens ({frames} latent frames of {h}x{w}), as many "
                           f"as the prompt's {txt} text rows, so Wan's self-attention cannot be told from its text "
                           "attention; change the length by 4 frames or the size by 16 pixels")
-    other = transformer_options.get(OVERRIDE_KEY)
-    override = other if isinstance(other, Cones2WanCrossAttention) else Cones2WanCrossAttention(inner=other)
-    return {**transformer_options, GRID_KEY: (txt, frames, h, w), OVERRIDE_KEY: override}
+    return with_override(transformer_options, Cones2WanCrossAttention, GRID_KEY, (txt, frames, h, w))
 
 
 # ---- training: the frozen Wan -------------------------------------------------------------------------------

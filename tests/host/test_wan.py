@@ -187,7 +187,7 @@ def test_calls_that_are_not_the_text_attention_are_the_hosts_own(pack, wan):
     pos, neg = encode(pack, clip), encode(pack, clip, "a photo")
     gm, gpos = guide(pack, model, pos)
     q, k, v, heads, opts, _out = capture_text_call(pack, gm, gpos, neg)
-    override = opts[pack.nodes.architectures.wan.OVERRIDE_KEY]
+    override = opts[pack.nodes.architectures.base.OVERRIDE_KEY]
     from comfy.ldm.modules.attention import attention_pytorch
 
     g = torch.Generator().manual_seed(0)
