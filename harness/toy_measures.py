@@ -139,19 +139,23 @@ class Sampler:
     Results are cached per settings, so tests that compare guided with unguided share the unguided run."""
 
     def __init__(self, pack, model, clip, n: int = 16, seed: int = 5, steps: int = 20, cfg: float = 5.0,
-                 size: int = LATENT_SIZE):
+                 size: int = LATENT_SIZE, channels: int = 4, scheduler: str = "normal"):
+        """``channels``: the model's latent channels (the world is in the first 4: the toy Chroma has 16);
+        ``scheduler``: the default of every call."""
         import nodes
 
         self.pack, self.model, self.clip = pack, model, clip
         self.n, self.seed, self.steps, self.cfg, self.size = n, seed, steps, cfg, size
+        self.channels, self.scheduler = channels, scheduler
         self.negative = nodes.CLIPTextEncode().encode(clip, "")[0]
         self._cache: dict = {}
 
-    def __call__(self, prompt: str, boxes: dict | None = None, sampler: str = "euler", scheduler: str = "normal",
+    def __call__(self, prompt: str, boxes: dict | None = None, sampler: str = "euler", scheduler: str | None = None,
                  residuals=None, **guidance) -> torch.Tensor:
-        """Raw latents [n, 4, size, size]."""
+        """Raw world latents [n, 4, size, size]."""
         import nodes
 
+        scheduler = scheduler or self.scheduler
         key = (prompt, json.dumps(boxes, sort_keys=True), sampler, scheduler, residuals_key(residuals),
                tuple(sorted(guidance.items())))
         if key not in self._cache:
@@ -160,8 +164,8 @@ class Sampler:
             if boxes is not None:
                 node = self.pack.nodes.layout_node.Cones2LayoutGuidance
                 model, pos = node.execute(model, pos, layout(boxes), **{**GUIDANCE_DEFAULTS, **guidance}).result
-            latent = {"samples": torch.zeros(self.n, 4, self.size, self.size)}
+            latent = {"samples": torch.zeros(self.n, self.channels, self.size, self.size)}
             out = nodes.common_ksampler(model, self.seed, self.steps, self.cfg, sampler, scheduler, pos,
                                         self.negative, latent)
-            self._cache[key] = out[0]["samples"]
+            self._cache[key] = out[0]["samples"][:, :4]
         return self._cache[key]

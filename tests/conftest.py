@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from harness import tiny_checkpoints, tiny_extras, toy_world
+from harness import tiny_checkpoints, tiny_extras, toy_dit, toy_world
 from harness import tiny_flux as flux_bed
 from harness import tiny_qwen_image as qwen_image_bed
 from harness.host import PACK_NAME, BuildFailed, HostNotFound, build, find_host, pack_package
@@ -50,14 +50,14 @@ def pytest_collection_finish(session):
 
 def pytest_collection_modifyitems(config, items):
     """Applies the tiers declared in pytest.ini: by folder (TIERS), ``toy`` to every test that uses the toy world
-    (fixture toy_ckpt), ``slow`` to the tests in SLOW and those that use a fixture in SLOW_FIXTURES."""
+    (fixtures toy_ckpt, toy_dit_files), ``slow`` to the tests in SLOW and those that use a fixture in SLOW_FIXTURES."""
     for item in items:
         folder = os.path.relpath(str(item.path), TESTS).split(os.sep)[0]
         if folder not in TIERS:
             raise pytest.UsageError(f"{item.nodeid}: tests/{folder}/ has no tier; add it to TIERS in tests/conftest.py")
         for tier in TIERS[folder]:
             item.add_marker(tier)
-        if "toy_ckpt" in item.fixturenames:
+        if {"toy_ckpt", "toy_dit_files"} & set(item.fixturenames):
             item.add_marker("toy")
         base = item.nodeid.split("[")[0]
         if base in SLOW or SLOW_FIXTURES.keys() & set(item.fixturenames):
@@ -107,6 +107,15 @@ def toy_ckpt(host_dir) -> str:
     path = _build(toy_world, host_dir, out=out, timeout=2400, show_log=True)["toy"]
     assert os.path.isfile(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def toy_dit_files(host_dir) -> dict[str, str]:
+    """{"toydit", "t5"}: the trained toy joint-attention world (harness/toy_dit.py: a small Chroma and its T5),
+    built once into its versioned cache (a few minutes on two cores, a progress line every 40 steps on stderr)."""
+    paths = _build(toy_dit, host_dir, out=toy_dit.default_cache_dir(), timeout=1800, show_log=True)
+    assert set(paths) == {"toydit", "t5"} and all(os.path.isfile(p) for p in paths.values())
+    return paths
 
 
 @pytest.fixture(scope="session")
