@@ -20,9 +20,13 @@ text rows, which is where residuals are added and the layout bias acts.
 * Cached under ``~/.cache/comfyui-cones2/toydit-v1-<hash>/`` (the hash covers this file, the toy world's files
   and the tiny checkpoints' initialiser); ``CONES2_TOYDIT_DIR`` points elsewhere.
 
-Run as a script (inside the project's venv) to build it; prints ``toydit<TAB>path`` and ``t5<TAB>path``.
+The same recipe also builds a **Flux** world (``--family flux``: Flux-schnell's classes at the same size, its
+pooled vector switched off; a benchmark, not built by the tests).
+
+Run as a script (inside the project's venv) to build it; prints ``toydit<TAB>path`` (``toyflux`` for Flux) and
+``t5<TAB>path``.
 ``bench/toy_dit.py`` prints its rates, ``tests/host/test_toy_dit.py`` asserts them.
-    python harness/toy_dit.py --comfyui ~/ComfyUI [--out DIR]
+    python harness/toy_dit.py --comfyui ~/ComfyUI [--out DIR] [--family chroma|flux]
 """
 
 from __future__ import annotations
@@ -61,6 +65,16 @@ CONFIG = {"image_model": "chroma", "in_channels": 64, "patch_size": 2, "out_chan
           "hidden_size": 256, "mlp_ratio": 4.0, "num_heads": 4, "depth": 1, "depth_single_blocks": 1,
           "axes_dim": [8, 28, 28], "theta": 10000, "qkv_bias": True,
           "in_dim": 64, "out_dim": 256, "hidden_dim": 128, "n_layers": 1}
+# The Flux world (bench only, ``bench/toy_dit.py --family flux``): Flux-schnell's layout (no guidance embedding) at the
+# Chroma world's size; its pooled CLIP-L input is switched off (vector_in's projection zero and frozen), so objects
+# come only through the joint attention to the T5 rows, as on Chroma. Its CLIP pads T5 to FLUX_T5_LENGTH tokens
+# (T5TokenizerOptions' min_length; the host's Flux default is 256), the same rows in training and sampling.
+FLUX_CONFIG = {"image_model": "flux", "in_channels": 16, "out_channels": 16, "vec_in_dim": 768,
+               "context_in_dim": 4096, "hidden_size": 256, "mlp_ratio": 4.0, "num_heads": 4, "depth": 1,
+               "depth_single_blocks": 1, "axes_dim": [8, 28, 28], "theta": 10000, "qkv_bias": True,
+               "guidance_embed": False, "patch_size": 2}
+FLUX_T5_LENGTH = 16
+FILES = {"chroma": FILE, "flux": "cones2_toy_flux.safetensors"}
 TRAIN = {"steps": 480, "batch": 16, "lr": 1e-3, "warmup": 30, "final_lr": 0.1, "seed": 1234}
 CHANNELS = 16  # Chroma's latent channels; the world is in the first 4
 CFG = 4.0  # what the tests and benches sample with
@@ -112,11 +126,21 @@ def new_text_encoder(seed: int = 31):
     return clip
 
 
-def clip(path: str | None = None):
-    """The world's text encoder as the host's Chroma CLIP (CLIPTextEncode / Apply Residuals read it as Chroma's)."""
+def clip(path: str | None = None, family: str = "chroma"):
+    """The world's text encoder as the host's Chroma CLIP (CLIPTextEncode / Apply Residuals read it as Chroma's),
+    or for ``family`` "flux" as the host's Flux CLIP (the tiny Flux bed's CLIP-L for its pooled vector, which the
+    Flux world ignores, and this T5, padded to FLUX_T5_LENGTH tokens)."""
     import comfy.utils
 
-    return _text_encoder(comfy.utils.load_torch_file(path or os.path.join(os.path.dirname(ensure()), T5_FILE)))
+    path = path or os.path.join(os.path.dirname(ensure()), T5_FILE)
+    if family == "chroma":
+        return _text_encoder(comfy.utils.load_torch_file(path))
+    from harness import tiny_flux
+    from harness.dev_nodes import load_tiny_flux_clip
+
+    out = load_tiny_flux_clip(tiny_flux.ensure(tiny_flux.default_cache_dir())["clip_l"], path)
+    out.set_tokenizer_option("t5xxl_min_length", FLUX_T5_LENGTH)
+    return out
 
 
 def to_model(raw):
@@ -129,12 +153,16 @@ def to_model(raw):
     return comfy.latent_formats.Flux().process_in(z)
 
 
-def new_model():
-    """An untrained (uninitialised) float32 Chroma of ``CONFIG`` through the host's classes."""
+def new_model(family: str = "chroma"):
+    """An untrained (uninitialised) float32 Chroma of ``CONFIG`` (or Flux of ``FLUX_CONFIG``) through the host's
+    classes."""
     import comfy.supported_models
     import torch
 
-    config = comfy.supported_models.Chroma(dict(CONFIG))
+    if family == "chroma":
+        config = comfy.supported_models.Chroma(dict(CONFIG))
+    else:
+        config = comfy.supported_models.FluxSchnell(dict(FLUX_CONFIG))
     config.set_inference_dtype(torch.float32, None)
     return config.get_model({})
 
@@ -162,8 +190,9 @@ def _init(dm, gen) -> None:
         dm.final_layer.linear.weight.mul_(0.1)
 
 
-def train(text_encoder, steps: int | None = None, progress: bool = True):
-    """The world's Chroma, trained from scratch; returns the host's BaseModel (model_base.Chroma)."""
+def train(text_encoder, steps: int | None = None, progress: bool = True, family: str = "chroma"):
+    """The world's Chroma (or Flux), trained from scratch; returns the host's BaseModel (model_base.Chroma or
+    model_base.Flux)."""
     import torch
 
     steps = TRAIN["steps"] if steps is None else steps
@@ -172,14 +201,15 @@ def train(text_encoder, steps: int | None = None, progress: bool = True):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return _train(text_encoder, steps, progress)
+        return _train(text_encoder, steps, progress, family)
     finally:
         torch.set_num_threads(threads)
 
 
-def _train(text_encoder, steps: int, progress: bool):
+def _train(text_encoder, steps: int, progress: bool, family: str):
     import torch
 
+    from comfyui_cones2.cones2_core.gradients import OutOfPlaceAdds
     from comfyui_cones2.nodes.architectures.chroma import InPlaceSafe
     from harness.toy_training import mixed_context
 
@@ -188,12 +218,17 @@ def _train(text_encoder, steps: int, progress: bool):
     groups: dict[tuple, list[int]] = {}
     for i, r in enumerate(rows):
         groups.setdefault(r, []).append(i)
-    model = new_model()
+    model = new_model(family)
     dm = model.diffusion_model
     gen = torch.Generator().manual_seed(TRAIN["seed"])
     _init(dm, gen)
+    if family == "flux":  # the pooled CLIP-L vector carries nothing in this world
+        with torch.no_grad():
+            dm.vector_in.out_layer.weight.zero_()
+        for p in dm.vector_in.parameters():
+            p.requires_grad_(False)
     dm.train()
-    params = list(dm.parameters())
+    params = [p for p in dm.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=TRAIN["lr"], betas=(0.9, 0.99), weight_decay=0.0)
     cond_items = [i for i, item in enumerate(bank) if item["objects"]]
     batch = TRAIN["batch"]
@@ -226,8 +261,12 @@ def _train(text_encoder, steps: int, progress: bool):
         t = torch.sigmoid(torch.randn(batch, generator=gen))  # logit-normal flow time
         eps = torch.randn(x0.shape, generator=gen)
         xt = (1 - t)[:, None, None, None] * x0 + t[:, None, None, None] * eps
-        with InPlaceSafe():
-            v = dm(xt, t, context, torch.zeros(batch), attention_mask=mask)
+        if family == "chroma":
+            with InPlaceSafe():
+                v = dm(xt, t, context, torch.zeros(batch), attention_mask=mask)
+        else:  # every context has FLUX_T5_LENGTH rows: nothing to mask
+            with OutOfPlaceAdds():
+                v = dm(xt, t, context, y=torch.zeros(batch, FLUX_CONFIG["vec_in_dim"]))
         loss = ((v - (eps - x0)) ** 2).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -237,49 +276,52 @@ def _train(text_encoder, steps: int, progress: bool):
         if progress and (step + 1) % 40 == 0:
             log.info("toy DiT: step %d/%d loss %.4f %.0f s", step + 1, steps, smooth, time.time() - t0)
     dm.eval()
-    for p in params:
+    for p in dm.parameters():
         p.requires_grad_(False)
     return model
 
 
-def build(path: str, steps: int | None = None) -> str:
-    """Train and write the world's Chroma (float32, its transformer) at ``path`` and its T5 (float16) beside it,
-    each atomically (the transformer last: its file is what ``ensure`` looks for)."""
+def build(path: str, steps: int | None = None, family: str = "chroma") -> str:
+    """Train and write the world's Chroma (or Flux; float32, its transformer) at ``path`` and its T5 (float16)
+    beside it unless there, each atomically (the transformer last: its file is what ``ensure`` looks for)."""
     import torch
 
     from harness import bed_files
 
     t0 = time.time()
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    t5_path = os.path.join(folder, T5_FILE)
     text_encoder = new_text_encoder()
-    model = train(text_encoder, steps)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    prefix = "t5xxl.transformer."
-    bed_files.save({k[len(prefix):]: v for k, v in text_encoder.get_sd().items() if k.startswith(prefix)},
-                   os.path.join(os.path.dirname(os.path.abspath(path)), T5_FILE), torch.float16,
-                   {"cones2.toy": "chroma-t5", "cones2.build": str(BUILD_VERSION)})
+    if not os.path.exists(t5_path):
+        prefix = "t5xxl.transformer."
+        bed_files.save({k[len(prefix):]: v for k, v in text_encoder.get_sd().items() if k.startswith(prefix)},
+                       t5_path, torch.float16, {"cones2.toy": "chroma-t5", "cones2.build": str(BUILD_VERSION)})
+    # The Chroma world trains on the T5 as built (float32); the Flux world on its CLIP as sampling reads it.
+    model = train(text_encoder if family == "chroma" else clip(t5_path, "flux"), steps, family=family)
     sd = {k: v.contiguous() for k, v in model.diffusion_model.state_dict().items()}
-    bed_files.save(sd, path, torch.float32, {"cones2.toy": "chroma", "cones2.build": str(BUILD_VERSION),
+    bed_files.save(sd, path, torch.float32, {"cones2.toy": family, "cones2.build": str(BUILD_VERSION),
                                              "cones2.build_seconds": f"{time.time() - t0:.0f}"})
     log.info("toy DiT: built %s in %.0f s", path, time.time() - t0)
     return path
 
 
-def ensure(out_dir: str | None = None) -> str:
-    path = os.path.join(out_dir or default_cache_dir(), FILE)
+def ensure(out_dir: str | None = None, family: str = "chroma") -> str:
+    path = os.path.join(out_dir or default_cache_dir(), FILES[family])
     if not os.path.exists(path):
         log.info("toy DiT: building %s (once; a few minutes on two cores)", path)
-        build(path)
+        build(path, family=family)
     return path
 
 
-def load(path: str | None = None):
-    """The world's Chroma as a ModelPatcher (float32, CPU)."""
+def load(path: str | None = None, family: str = "chroma"):
+    """The world's Chroma (or Flux) as a ModelPatcher (float32, CPU)."""
     import comfy.model_patcher
     import comfy.utils
     import torch
 
-    model = new_model()
-    model.diffusion_model.load_state_dict(comfy.utils.load_torch_file(path or ensure()))
+    model = new_model(family)
+    model.diffusion_model.load_state_dict(comfy.utils.load_torch_file(path or ensure(family=family)))
     model.diffusion_model.eval()
     return comfy.model_patcher.ModelPatcher(model, torch.device("cpu"), torch.device("cpu"))
 
@@ -288,6 +330,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--comfyui", required=True, help="the ComfyUI folder (the host)")
     ap.add_argument("--out", default=None, help="output folder (default: the versioned cache folder)")
+    ap.add_argument("--family", default="chroma", choices=sorted(FILES), help="which world (the tests use chroma)")
     args = ap.parse_args(argv)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("[cones2] %(message)s"))
@@ -298,8 +341,8 @@ def main(argv=None) -> int:
 
     import_host(os.path.abspath(args.comfyui))
     load_pack()  # training imports the pack's Chroma module (InPlaceSafe)
-    path = ensure(args.out)
-    sys.stdout.write(f"toydit\t{path}\nt5\t{os.path.join(os.path.dirname(path), T5_FILE)}\n")
+    path = ensure(args.out, args.family)
+    sys.stdout.write(f"{'toydit' if args.family == 'chroma' else 'toyflux'}\t{path}\nt5\t{os.path.join(os.path.dirname(path), T5_FILE)}\n")
     return 0
 
 
