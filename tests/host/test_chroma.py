@@ -19,6 +19,7 @@ from comfyui_cones2.cones2_core.joint_attention import flow_sigma, joint_bias
 from harness.test_helpers import (
     assert_composes_with_controlnet,
     assert_share_rises_with_positive_weight,
+    controlled,
     randomise,
 )
 
@@ -229,4 +230,5 @@ def test_composes_with_a_flux_controlnet(pack, small_chroma):
     control = comfy.controlnet.ControlNet(net, load_device=torch.device("cpu"), manual_cast_dtype=None,
                                           extra_conds=["y", "guidance"])  # as load_controlnet_flux_xlabs_mistoline
     hint = torch.rand(1, H * 16, W * 16, 3, generator=torch.Generator().manual_seed(6))
-    assert_composes_with_controlnet(pack, model, pos, neg, control, hint, guide, sample, shares)
+    assert_composes_with_controlnet(pack, (model, pos, neg), (model, *controlled(pos, neg, control, hint)), guide,
+                                    sample, shares)

@@ -23,6 +23,7 @@ from harness.host import build
 from harness.test_helpers import (
     assert_composes_with_controlnet,
     assert_share_rises_with_positive_weight,
+    controlled,
     independent_rows,
     randomise,
 )
@@ -189,7 +190,27 @@ def test_composes_with_an_instantx_qwen_image_controlnet(pack, small_qwen, qwen_
     control = comfy.controlnet.ControlNet(net, compression_ratio=1, latent_format=comfy.latent_formats.Wan21(),
                                           load_device=torch.device("cpu"), manual_cast_dtype=None, extra_conds=[])
     hint = torch.rand(1, 64, 80, 3, generator=torch.Generator().manual_seed(6))
-    assert_composes_with_controlnet(pack, model, pos, neg, control, hint, guide, sample, shares, vae=qwen_bed_vae)
+    assert_composes_with_controlnet(pack, (model, pos, neg), (model, *controlled(pos, neg, control, hint, qwen_bed_vae)),
+                                    guide, sample, shares)
+
+
+def test_composes_with_a_diffsynth_model_patch_controlnet(pack, small_qwen, qwen_bed_vae):
+    """The DiffSynth Qwen-Image ControlNets (ModelPatchLoader + QwenImageDiffsynthControlnet: a double-block patch
+    that adds a projection of the hint's latent to the image stream after every block; here one block of the small
+    model's width, random) compose the same way, applied before Layout Guidance on the MODEL."""
+    import comfy.model_patcher
+    import comfy.ops
+    from comfy_extras.nodes_model_patch import QwenImageBlockWiseControlNet, QwenImageDiffsynthControlnet
+
+    model, pos, neg = small_qwen
+    net = QwenImageBlockWiseControlNet(num_layers=1, dim=SMALL_QWEN["num_attention_heads"] *
+                                       SMALL_QWEN["attention_head_dim"], operations=comfy.ops.manual_cast)
+    randomise(net, 5, scale=0.05)
+    patch = comfy.model_patcher.ModelPatcher(net, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
+    hint = torch.rand(1, 64, 80, 3, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():  # the host runs nodes without autograd (its patch keeps the hint's latent for later)
+        patched = QwenImageDiffsynthControlnet().diffsynth_controlnet(model, patch, qwen_bed_vae, hint, 1.0)[0]
+    assert_composes_with_controlnet(pack, (model, pos, neg), (patched, pos, neg), guide, sample, shares)
 
 
 # ---- the word finder on the host's Qwen2.5 tokenizer ---------------------------------------------------------

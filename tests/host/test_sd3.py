@@ -19,6 +19,7 @@ from harness.host import build
 from harness.test_helpers import (
     assert_composes_with_controlnet,
     blob_images,
+    controlled,
     independent_context_rows,
     randomise,
     word_context_rows,
@@ -239,5 +240,6 @@ def test_composes_with_an_sd3_controlnet(pack, sd3, kind):
     model, clip, vae = sd3
     pos, neg = apply(pack, clip, PROMPT), apply(pack, clip, "")
     hint = torch.rand(1, 64, 64, 3, generator=torch.Generator().manual_seed(6))
-    assert_composes_with_controlnet(pack, model, pos, neg, sd3_controlnet(kind, model), hint, guide,
-                                    lambda m, p, n: sample(m, p, n, steps=1), shares, vae=vae)
+    cpos, cneg = controlled(pos, neg, sd3_controlnet(kind, model), hint, vae)
+    assert_composes_with_controlnet(pack, (model, pos, neg), (model, cpos, cneg), guide,
+                                    lambda m, p, n: sample(m, p, n, steps=1), shares)
