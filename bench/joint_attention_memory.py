@@ -7,6 +7,7 @@ path), in the same run.
 
     python bench/joint_attention_memory.py [--sizes 512 1024] [--text 512] [--reps 3] [--dtype float32]
                                            [--levels call bed] [--bed-cases plain exact exact+maps dense]
+                                           [--bed-reps N]
 
 Flux's width: 24 heads of 128 channels; 512 px is 1024 image tokens, 1024 px 4096, after 512 T5 tokens; two
 subjects (3 text columns) with the default weights. Every case runs in its own subprocess (so its peak is its
@@ -168,6 +169,7 @@ def main(argv=None) -> int:
                     help="leave glibc's dynamic mmap threshold on (the peak then counts freed heap pages too)")
     ap.add_argument("--levels", nargs="+", default=["call"], choices=["call", "bed"])
     ap.add_argument("--bed-cases", nargs="+", default=BED_CASES, choices=BED_CASES)
+    ap.add_argument("--bed-reps", type=int, default=None, help="timed model calls per bed case (default: --reps)")
     ap.add_argument("--child", nargs=2, metavar=("SIZE", "CASE"), help=argparse.SUPPRESS)
     ap.add_argument("--bed-child", nargs=2, metavar=("SIZE", "CASE"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -175,7 +177,7 @@ def main(argv=None) -> int:
         sys.stdout.write(json.dumps(child(int(args.child[0]), args.text, args.child[1], args.reps, args.dtype)) + "\n")
         return 0
     if args.bed_child:
-        out = bed_child(int(args.bed_child[0]), args.text, args.bed_child[1], args.reps)
+        out = bed_child(int(args.bed_child[0]), args.text, args.bed_child[1], args.bed_reps or args.reps)
         sys.stdout.write("\nBENCH " + json.dumps(out) + "\n")
         return 0
     out = []
@@ -193,7 +195,7 @@ def bed_table(args) -> str:
         res = {}
         for case in args.bed_cases:
             cmd = [sys.executable, os.path.abspath(__file__), "--bed-child", str(size), case, "--text", str(args.text),
-                   "--reps", str(args.reps)]
+                   "--reps", str(args.bed_reps or args.reps)]
             env = dict(os.environ)
             if not args.glibc_default:
                 env["MALLOC_MMAP_THRESHOLD_"] = "131072"
@@ -206,7 +208,7 @@ def bed_table(args) -> str:
                          r["peak_mib"] / plain["peak_mib"] if plain else float("nan")))
     first = rows[0][2]
     lines = [f"Flux bed (1 double + 1 single block, hidden 3072, 24 heads), one model call (1 euler step, CFG 1), "
-             f"{first['tokens']} T5 tokens, {first['dtype']}, CPU, median of {args.reps} after a warm-up; peak = RSS "
+             f"{first['tokens']} T5 tokens, {first['dtype']}, CPU, median of {args.bed_reps or args.reps} after a warm-up; peak = RSS "
              f"high-water mark of the timed calls over the RSS before them; total = that high-water mark",
              f"{'px':>5} {'img tok':>7} {'case':<11} {'time s':>8} {'x plain':>8} {'peak MiB':>9} {'x plain':>8} "
              f"{'total MiB':>9} {'threads':>7}"]
