@@ -20,7 +20,9 @@ issue's targets for guided: <= 1.10x time, <= 1.05x peak memory). The machine is
 
 The bed level: each case in its own subprocess loads the bed through the host's loaders (the model in the host's
 CPU dtype), encodes "a dog and a cat on a sofa" with T5 padded to ``--text`` tokens (T5TokenizerOptions), applies
-Layout Guidance (two boxes, the node's defaults) unless plain, and times one-step euler sampling at CFG 1 (one
+Layout Guidance (two boxes, the node's defaults) unless plain (the host's attention: torch's SDPA, as the host picks
+on NVIDIA GPUs, unless ``--host-attention default``: on CPU the host picks sub-quadratic attention, which the
+exact path's flash kernel outruns), and times one-step euler sampling at CFG 1 (one
 model call) after one warm-up; the RSS high-water mark is reset after the warm-up (Linux ``/proc/self/clear_refs``),
 so peak = the high-water mark of the timed calls over the RSS before them (what one model call adds to the loaded
 model and conditioning), and total = that high-water mark itself (the whole process during the calls).
@@ -112,7 +114,7 @@ def child(size: int, text: int, case: str, reps: int, dtype_name: str) -> dict:
     return {"time": statistics.median(times), "peak_mib": (peak - base) / 1024, "threads": torch.get_num_threads()}
 
 
-def bed_child(size: int, text: int, case: str, reps: int) -> dict:
+def bed_child(size: int, text: int, case: str, reps: int, host_attention: str) -> dict:
     """One model call of the Flux bed, ``case`` in BED_CASES (see the module's docstring)."""
     from harness.beds import BEDS
     from harness.host import build, find_host, import_host, load_pack
@@ -122,6 +124,11 @@ def bed_child(size: int, text: int, case: str, reps: int) -> dict:
     module = bed.builder_module()
     files = build(module.__file__, host, out=module.default_cache_dir())
     import_host(host)
+    if host_attention == "pytorch":  # the host's attention is torch's SDPA, as on NVIDIA GPUs (on CPU: sub-quad)
+        import comfy.cli_args
+
+        comfy.cli_args.args.use_pytorch_cross_attention = True
+    import comfy.ldm.modules.attention
     import torch
     from comfy_extras.nodes_cond import T5TokenizerOptions
 
@@ -155,7 +162,8 @@ def bed_child(size: int, text: int, case: str, reps: int) -> dict:
             times.append(time.perf_counter() - start)
     peak = _hwm_kib()
     return {"time": statistics.median(times), "peak_mib": (peak - base) / 1024, "total_mib": peak / 1024,
-            "threads": torch.get_num_threads(), "tokens": tokens, "dtype": str(model.model.get_dtype())}
+            "threads": torch.get_num_threads(), "tokens": tokens, "dtype": str(model.model.get_dtype()),
+            "attention": comfy.ldm.modules.attention.optimized_attention.__name__}
 
 
 def main(argv=None) -> int:
@@ -170,6 +178,9 @@ def main(argv=None) -> int:
     ap.add_argument("--levels", nargs="+", default=["call"], choices=["call", "bed"])
     ap.add_argument("--bed-cases", nargs="+", default=BED_CASES, choices=BED_CASES)
     ap.add_argument("--bed-reps", type=int, default=None, help="timed model calls per bed case (default: --reps)")
+    ap.add_argument("--host-attention", default="pytorch", choices=["pytorch", "default"],
+                    help="the host's attention on the bed: torch's SDPA (what it picks on NVIDIA GPUs; the exact path's "
+                         "kernel family), or its own CPU default (sub-quadratic attention)")
     ap.add_argument("--child", nargs=2, metavar=("SIZE", "CASE"), help=argparse.SUPPRESS)
     ap.add_argument("--bed-child", nargs=2, metavar=("SIZE", "CASE"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -177,7 +188,8 @@ def main(argv=None) -> int:
         sys.stdout.write(json.dumps(child(int(args.child[0]), args.text, args.child[1], args.reps, args.dtype)) + "\n")
         return 0
     if args.bed_child:
-        out = bed_child(int(args.bed_child[0]), args.text, args.bed_child[1], args.bed_reps or args.reps)
+        out = bed_child(int(args.bed_child[0]), args.text, args.bed_child[1], args.bed_reps or args.reps,
+                        args.host_attention)
         sys.stdout.write("\nBENCH " + json.dumps(out) + "\n")
         return 0
     out = []
@@ -195,7 +207,7 @@ def bed_table(args) -> str:
         res = {}
         for case in args.bed_cases:
             cmd = [sys.executable, os.path.abspath(__file__), "--bed-child", str(size), case, "--text", str(args.text),
-                   "--reps", str(args.bed_reps or args.reps)]
+                   "--reps", str(args.bed_reps or args.reps), "--host-attention", args.host_attention]
             env = dict(os.environ)
             if not args.glibc_default:
                 env["MALLOC_MMAP_THRESHOLD_"] = "131072"
@@ -208,7 +220,7 @@ def bed_table(args) -> str:
                          r["peak_mib"] / plain["peak_mib"] if plain else float("nan")))
     first = rows[0][2]
     lines = [f"Flux bed (1 double + 1 single block, hidden 3072, 24 heads), one model call (1 euler step, CFG 1), "
-             f"{first['tokens']} T5 tokens, {first['dtype']}, CPU, median of {args.bed_reps or args.reps} after a warm-up; peak = RSS "
+             f"{first['tokens']} T5 tokens, {first['dtype']}, the host's attention {first['attention']}, CPU, median of {args.bed_reps or args.reps} after a warm-up; peak = RSS "
              f"high-water mark of the timed calls over the RSS before them; total = that high-water mark",
              f"{'px':>5} {'img tok':>7} {'case':<11} {'time s':>8} {'x plain':>8} {'peak MiB':>9} {'x plain':>8} "
              f"{'total MiB':>9} {'threads':>7}"]
