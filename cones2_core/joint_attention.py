@@ -371,6 +371,7 @@ def guided_joint_attention(q, k, v, txt_len: int, img_len: int, weight_map, sigm
         out = out.to(q.dtype).reshape(b, heads, length, v.shape[-1])
 
     mass = torch.zeros(m, n, dtype=torch.float32, device=q.device) if return_mass else None
+    in_place = not grad and out.dtype == torch.float32
     pieces = []  # under autograd the merge is out of place (the kernel's backward keeps its output)
     kct = kc.transpose(-1, -2)
     for start in range(0, length, chunk):
@@ -384,12 +385,15 @@ def guided_joint_attention(q, k, v, txt_len: int, img_len: int, weight_map, sigm
         lse_part = lse_r[:, :, start:stop]
         total = torch.logaddexp(lse_part, torch.logsumexp(s, dim=-1))
         p = torch.exp(s - total.unsqueeze(-1))
-        merged = torch.exp(lse_part - total).unsqueeze(-1) * out[:, :, start:stop].float()
-        merged = merged + p @ vc if grad else merged.add_(p @ vc)
-        if grad:
-            pieces.append(merged.to(out.dtype))
+        if in_place:  # float32 output: merged where it lies (the same float32 ops, no chunk copies)
+            out[:, :, start:stop].mul_(torch.exp(lse_part - total).unsqueeze(-1)).add_(p @ vc)
         else:
-            out[:, :, start:stop] = merged.to(out.dtype)
+            merged = torch.exp(lse_part - total).unsqueeze(-1) * out[:, :, start:stop].float()
+            merged = merged + p @ vc if grad else merged.add_(p @ vc)
+            if grad:
+                pieces.append(merged.to(out.dtype))
+            else:
+                out[:, :, start:stop] = merged.to(out.dtype)
         if mass is not None and lo < hi:
             mass[:, lo - t0:hi - t0] += p[:, :, lo - start:hi - start].sum(dim=(0, 1)).transpose(0, 1)
 
