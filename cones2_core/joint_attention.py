@@ -91,14 +91,15 @@ def image_text_std_gram(q, k, txt_len: int, img_len: int, chunk_size: int | None
     rounding of the Gram matrices (~1e-6 relative; more only where |mean(S)| >> std(S))."""
     b, heads, _, d = q.shape
     kt = k[:, :, :txt_len].float()
-    gram_k = (kt.transpose(-1, -2) @ kt).double()  # [B, heads, d, d]
+    gram_k = torch.zeros(b, heads, d, d, dtype=torch.float64, device=q.device)
+    gram_k += kt.transpose(-1, -2) @ kt  # [B, heads, d, d] (added in float64: no float64 copy of the products)
     sum_k = kt.sum(dim=2, dtype=torch.float64)  # [B, heads, d]
     qi = q[:, :, txt_len:txt_len + img_len]
     gram_q, sum_q = torch.zeros_like(gram_k), torch.zeros_like(sum_k)
     chunk = chunk_size or max(1, MERGE_CHUNK_ELEMENTS // max(1, b * heads * d))
     for start in range(0, img_len, chunk):  # (a matmul of the whole strided slice would copy it: chunks bound that)
         qc = qi[:, :, start:start + chunk].float()
-        gram_q += (qc.transpose(-1, -2) @ qc).double()
+        gram_q += qc.transpose(-1, -2) @ qc
         sum_q += qc.sum(dim=2, dtype=torch.float64)
     n = heads * img_len * txt_len
     total = (sum_q * sum_k).sum(dim=(1, 2))
