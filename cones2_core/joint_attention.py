@@ -91,14 +91,15 @@ def image_text_std_gram(q, k, txt_len: int, img_len: int, chunk_size: int | None
     rounding of the Gram matrices (~1e-6 relative; more only where |mean(S)| >> std(S))."""
     b, heads, _, d = q.shape
     kt = k[:, :, :txt_len].float()
-    gram_k = (kt.transpose(-1, -2) @ kt).double()  # [B, heads, d, d]
+    gram_k = torch.zeros(b, heads, d, d, dtype=torch.float64, device=q.device)
+    gram_k += kt.transpose(-1, -2) @ kt  # [B, heads, d, d] (added in float64: no float64 copy of the products)
     sum_k = kt.sum(dim=2, dtype=torch.float64)  # [B, heads, d]
     qi = q[:, :, txt_len:txt_len + img_len]
     gram_q, sum_q = torch.zeros_like(gram_k), torch.zeros_like(sum_k)
     chunk = chunk_size or max(1, MERGE_CHUNK_ELEMENTS // max(1, b * heads * d))
     for start in range(0, img_len, chunk):  # (a matmul of the whole strided slice would copy it: chunks bound that)
         qc = qi[:, :, start:start + chunk].float()
-        gram_q += (qc.transpose(-1, -2) @ qc).double()
+        gram_q += qc.transpose(-1, -2) @ qc
         sum_q += qc.sum(dim=2, dtype=torch.float64)
     n = heads * img_len * txt_len
     total = (sum_q * sum_k).sum(dim=(1, 2))
@@ -371,6 +372,7 @@ def guided_joint_attention(q, k, v, txt_len: int, img_len: int, weight_map, sigm
         out = out.to(q.dtype).reshape(b, heads, length, v.shape[-1])
 
     mass = torch.zeros(m, n, dtype=torch.float32, device=q.device) if return_mass else None
+    in_place = not grad and out.dtype == torch.float32
     pieces = []  # under autograd the merge is out of place (the kernel's backward keeps its output)
     kct = kc.transpose(-1, -2)
     for start in range(0, length, chunk):
@@ -384,12 +386,15 @@ def guided_joint_attention(q, k, v, txt_len: int, img_len: int, weight_map, sigm
         lse_part = lse_r[:, :, start:stop]
         total = torch.logaddexp(lse_part, torch.logsumexp(s, dim=-1))
         p = torch.exp(s - total.unsqueeze(-1))
-        merged = torch.exp(lse_part - total).unsqueeze(-1) * out[:, :, start:stop].float()
-        merged = merged + p @ vc if grad else merged.add_(p @ vc)
-        if grad:
-            pieces.append(merged.to(out.dtype))
+        if in_place:  # float32 output: merged where it lies (the same float32 ops, no chunk copies)
+            out[:, :, start:stop].mul_(torch.exp(lse_part - total).unsqueeze(-1)).add_(p @ vc)
         else:
-            out[:, :, start:stop] = merged.to(out.dtype)
+            merged = torch.exp(lse_part - total).unsqueeze(-1) * out[:, :, start:stop].float()
+            merged = merged + p @ vc if grad else merged.add_(p @ vc)
+            if grad:
+                pieces.append(merged.to(out.dtype))
+            else:
+                out[:, :, start:stop] = merged.to(out.dtype)
         if mass is not None and lo < hi:
             mass[:, lo - t0:hi - t0] += p[:, :, lo - start:hi - start].sum(dim=(0, 1)).transpose(0, 1)
 

@@ -132,3 +132,57 @@ def assert_share_rises_with_positive_weight(pack, run, margin: float = 0.2, subj
         series = [got[pw][subject] for pw in (0.0, 2.5, 10.0)]
         assert series[0] < series[1] < series[2], (subject, series)
         assert series[2] > off[subject] + margin, (subject, series, off[subject])
+
+
+def randomise(module, seed: int, scale: float = 0.02) -> None:
+    """Deterministic random weights for a host module built with ``disable_weight_init``: every matrix or kernel
+    N(0, scale) (so a ControlNet's zero-initialised output projections are nonzero and it visibly acts), the
+    vector weights (norm scales) 1, biases 0."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in sorted(module.named_parameters()):
+            p.copy_(torch.randn(p.shape, generator=g) * scale if p.ndim > 1 else
+                    torch.full(p.shape, 1.0 if name.endswith(("scale", "weight")) else 0.0))
+
+
+def controlled(pos, neg, control, hint, vae=None):
+    """(positive, negative) after the host's ControlNetApplyAdvanced (strength 1 over the whole schedule)."""
+    import nodes
+
+    return nodes.ControlNetApplyAdvanced().apply_controlnet(pos, neg, control, hint, 1.0, 0.0, 1.0, vae=vae)
+
+
+def assert_composes_with_controlnet(pack, plain, with_control, guide, sample, shares) -> None:
+    """A ControlNet and Layout Guidance on the same model: ``plain`` is (model, positive, negative) without the
+    ControlNet, ``with_control`` the same with it (conditioning from ``controlled``, or a model patched by a
+    model-patch ControlNet). The ControlNet acts (with and without guidance), guidance still puts every subject's
+    attention in its box, at guidance_weight 0 the sample is bit for bit the ControlNet's alone, and guidance
+    reaches only the base model's attention: an override set before ours is handed the same calls (count and
+    shapes) with the ControlNet as without it, so none of the ControlNet's own attention calls (the host hands it
+    no transformer_options) goes through ours. ``guide(pack, model, cond, gw=..., record=...)``,
+    ``sample(model, pos, neg)`` and ``shares(pack, model)`` are the family test's own."""
+    model, pos, neg = plain
+    cmodel, cpos, cneg = with_control
+    alone = sample(cmodel, cpos, cneg)
+    assert not torch.equal(alone, sample(model, pos, neg))  # the ControlNet acts
+    gm, gpos = guide(pack, cmodel, cpos)
+    both = sample(gm, gpos, cneg)
+    assert min(shares(pack, gm).values()) >= 0.99
+    gm_only, gpos_only = guide(pack, model, pos)
+    assert not torch.equal(both, sample(gm_only, gpos_only, neg))  # ... and still acts under guidance
+    off, opos = guide(pack, cmodel, cpos, gw=0.0, record=False)
+    assert torch.equal(sample(off, opos, cneg), alone)
+    calls = {}
+    for name, (mo, p, n) in {"with": with_control, "without": plain}.items():
+        seen = []
+
+        def theirs(func, *args, _seen=seen, **kwargs):
+            _seen.append(tuple(args[0].shape))
+            return func(*args, **kwargs)
+
+        m = mo.clone()
+        m.model_options["transformer_options"]["optimized_attention_override"] = theirs
+        gm, gp = guide(pack, m, p, record=False)
+        sample(gm, gp, n)
+        calls[name] = seen
+    assert calls["with"] and calls["with"] == calls["without"]

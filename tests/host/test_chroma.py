@@ -16,7 +16,12 @@ import torch
 
 from comfyui_cones2.cones2_core.errors import Cones2Error
 from comfyui_cones2.cones2_core.joint_attention import flow_sigma, joint_bias
-from harness.test_helpers import assert_share_rises_with_positive_weight
+from harness.test_helpers import (
+    assert_composes_with_controlnet,
+    assert_share_rises_with_positive_weight,
+    controlled,
+    randomise,
+)
 
 TWO_BOXES = ('{"version":1,"boxes":[{"subject":"dog","x":0.0,"y":0.0,"w":0.5,"h":1.0},'
              '{"subject":"cat","x":0.5,"y":0.1,"w":0.5,"h":0.9}]}')
@@ -204,3 +209,26 @@ def test_the_exact_path_equals_the_dense_mask_path_with_the_hosts_mask(pack, sma
     for s in ("dog", "cat"):
         assert runs[True][1][s] == pytest.approx(runs[False][1][s], abs=1e-4)
     assert not torch.equal(runs[True][0], sample(model, mpos, neg, steps=2))
+
+
+def test_composes_with_a_flux_controlnet(pack, small_chroma):
+    """The host routes Flux ControlNets to Chroma (its blocks add the ControlNet's ``input``/``output`` as Flux's do;
+    Chroma's ``guidance`` cond, 0, feeds the ControlNet's guidance embedder; no pooled vector, so its ``y`` is
+    zeros): an XLabs-style ControlNetFlux of the small model's width, applied with ControlNetApplyAdvanced. Guidance
+    still places the subjects, the ControlNet still acts, at guidance_weight 0 the sample is the ControlNet's
+    alone, and the ControlNet's own attention is never biased (harness.test_helpers)."""
+    import comfy.controlnet
+    import comfy.ldm.flux.controlnet
+    import comfy.ops
+
+    model, pos, neg = small_chroma
+    flux = {"in_channels": 16, "out_channels": 16, "vec_in_dim": 768, "context_in_dim": 4096, "hidden_size": 128,
+            "mlp_ratio": 4.0, "num_heads": 2, "depth": 1, "depth_single_blocks": 1, "axes_dim": [16, 24, 24],
+            "theta": 10000, "qkv_bias": True, "guidance_embed": True, "patch_size": 2}
+    net = comfy.ldm.flux.controlnet.ControlNetFlux(operations=comfy.ops.disable_weight_init, **flux)
+    randomise(net, 5)
+    control = comfy.controlnet.ControlNet(net, load_device=torch.device("cpu"), manual_cast_dtype=None,
+                                          extra_conds=["y", "guidance"])  # as load_controlnet_flux_xlabs_mistoline
+    hint = torch.rand(1, H * 16, W * 16, 3, generator=torch.Generator().manual_seed(6))
+    assert_composes_with_controlnet(pack, (model, pos, neg), (model, *controlled(pos, neg, control, hint)), guide,
+                                    sample, shares)

@@ -15,7 +15,13 @@ import torch
 
 from comfyui_cones2.cones2_core.errors import Cones2Error
 from comfyui_cones2.cones2_core.joint_attention import flow_sigma, joint_bias
-from harness.test_helpers import CallLog, assert_share_rises_with_positive_weight
+from harness.test_helpers import (
+    CallLog,
+    assert_composes_with_controlnet,
+    assert_share_rises_with_positive_weight,
+    controlled,
+    randomise,
+)
 
 TWO_BOXES = ('{"version":1,"boxes":[{"subject":"dog","x":0.0,"y":0.0,"w":0.5,"h":1.0},'
              '{"subject":"cat","x":0.5,"y":0.1,"w":0.5,"h":0.9}]}')
@@ -218,32 +224,19 @@ def test_sd_text_on_flux_is_a_clear_error(pack, small_flux):
 
 def test_composes_with_a_flux_controlnet(pack, small_flux):
     """An XLabs-style Flux ControlNet (the host's ControlNetFlux, applied with ControlNetApplyAdvanced): guidance
-    still places the subjects, the ControlNet still acts, and at guidance_weight 0 the image is bit for bit what the
-    ControlNet alone gives."""
+    still places the subjects, the ControlNet still acts, at guidance_weight 0 the image is bit for bit what the
+    ControlNet alone gives, and the ControlNet's own attention is never biased
+    (harness.test_helpers.assert_composes_with_controlnet)."""
     import comfy.controlnet
     import comfy.ldm.flux.controlnet
     import comfy.ops
 
-    import nodes
-
     model, pos, neg = small_flux
     cfg = {k: v for k, v in SMALL_FLUX.items() if k != "image_model"}
     net = comfy.ldm.flux.controlnet.ControlNetFlux(operations=comfy.ops.disable_weight_init, **cfg)
-    g = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for name, p in sorted(net.named_parameters()):
-            p.copy_(torch.randn(p.shape, generator=g) * 0.02 if p.ndim > 1 else
-                    torch.full(p.shape, 1.0 if name.endswith("scale") else 0.0))
+    randomise(net, 5)
     control = comfy.controlnet.ControlNet(net, load_device=torch.device("cpu"), manual_cast_dtype=None,
                                           extra_conds=["y", "guidance"])
-    hint = torch.rand(1, 64, 80, 3, generator=g)
-    cpos, cneg = nodes.ControlNetApplyAdvanced().apply_controlnet(pos, neg, control, hint, 1.0, 0.0, 1.0)
-    alone = sample(model, cpos, cneg)
-    assert not torch.equal(alone, sample(model, pos, neg))  # the ControlNet acts
-    gm, gpos = guide(pack, model, cpos)
-    both = sample(gm, gpos, cneg)
-    assert min(shares(pack, gm).values()) >= 0.99
-    gm_only, gpos_only = guide(pack, model, pos)
-    assert not torch.equal(both, sample(gm_only, gpos_only, neg))  # ... and still acts under guidance
-    off, opos = guide(pack, model, cpos, gw=0.0, record=False)
-    assert torch.equal(sample(off, opos, cneg), alone)
+    hint = torch.rand(1, 64, 80, 3, generator=torch.Generator().manual_seed(5))
+    assert_composes_with_controlnet(pack, (model, pos, neg), (model, *controlled(pos, neg, control, hint)), guide,
+                                    sample, shares)

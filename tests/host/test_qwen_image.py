@@ -20,7 +20,13 @@ import torch
 from comfyui_cones2.cones2_core.errors import Cones2Error
 from harness.beds import BEDS
 from harness.host import build
-from harness.test_helpers import assert_share_rises_with_positive_weight, independent_rows
+from harness.test_helpers import (
+    assert_composes_with_controlnet,
+    assert_share_rises_with_positive_weight,
+    controlled,
+    independent_rows,
+    randomise,
+)
 
 TWO_BOXES = ('{"version":1,"boxes":[{"subject":"dog","x":0.0,"y":0.0,"w":0.5,"h":1.0},'
              '{"subject":"cat","x":0.5,"y":0.1,"w":0.5,"h":0.9}]}')
@@ -151,6 +157,60 @@ def test_a_reference_latent_is_attended_unbiased(pack, small_qwen):
         assert mask.shape[-1] == txt + h * w + 2 * 2  # the reference's 2 x 2 tokens after the image's
         assert not mask[..., txt + h * w:, :].any() and not mask[..., txt + h * w:].any()
     assert min(shares(pack, gm).values()) >= 0.99
+
+
+@pytest.fixture(scope="module")
+def qwen_bed_vae(comfy, host_dir):
+    """The Qwen-Image bed's VAE alone (the host's Wan 2.1 VAE, as VAELoader loads it): the InstantX ControlNet's
+    hint is a latent of it."""
+    import comfy.sd
+    import comfy.utils
+
+    builder = BEDS["qwen_image"].builder_module()
+    paths = build(builder.__file__, host_dir, out=builder.default_cache_dir(), timeout=1200)
+    return comfy.sd.VAE(sd=comfy.utils.load_torch_file(paths["vae"]))
+
+
+def test_composes_with_an_instantx_qwen_image_controlnet(pack, small_qwen, qwen_bed_vae):
+    """The host's QwenImageControlNetModel (InstantX Qwen-Image ControlNets, built as load_controlnet_qwen_instantx
+    builds it: one block of the small model's width, random, its output projections nonzero), applied with
+    ControlNetApplyAdvanced and the hint through the bed's VAE: guidance still places the subjects, the ControlNet
+    still acts, at guidance_weight 0 the sample is the ControlNet's alone, and the ControlNet's own joint
+    attention is never biased (harness.test_helpers.assert_composes_with_controlnet)."""
+    import comfy.controlnet
+    import comfy.latent_formats
+    import comfy.ldm.qwen_image.controlnet
+    import comfy.ops
+
+    model, pos, neg = small_qwen
+    config = {k: v for k, v in SMALL_QWEN.items() if k != "image_model"}
+    net = comfy.ldm.qwen_image.controlnet.QwenImageControlNetModel(operations=comfy.ops.disable_weight_init,
+                                                                   dtype=torch.float32, **config)
+    randomise(net, 5, scale=0.05)
+    control = comfy.controlnet.ControlNet(net, compression_ratio=1, latent_format=comfy.latent_formats.Wan21(),
+                                          load_device=torch.device("cpu"), manual_cast_dtype=None, extra_conds=[])
+    hint = torch.rand(1, 64, 80, 3, generator=torch.Generator().manual_seed(6))
+    assert_composes_with_controlnet(pack, (model, pos, neg), (model, *controlled(pos, neg, control, hint, qwen_bed_vae)),
+                                    guide, sample, shares)
+
+
+def test_composes_with_a_diffsynth_model_patch_controlnet(pack, small_qwen, qwen_bed_vae):
+    """The DiffSynth Qwen-Image ControlNets (ModelPatchLoader + QwenImageDiffsynthControlnet: a double-block patch
+    that adds a projection of the hint's latent to the image stream after every block; here one block of the small
+    model's width, random) compose the same way, applied before Layout Guidance on the MODEL."""
+    import comfy.model_patcher
+    import comfy.ops
+    from comfy_extras.nodes_model_patch import QwenImageBlockWiseControlNet, QwenImageDiffsynthControlnet
+
+    model, pos, neg = small_qwen
+    net = QwenImageBlockWiseControlNet(num_layers=1, dim=SMALL_QWEN["num_attention_heads"] *
+                                       SMALL_QWEN["attention_head_dim"], operations=comfy.ops.manual_cast)
+    randomise(net, 5, scale=0.05)
+    patch = comfy.model_patcher.ModelPatcher(net, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
+    hint = torch.rand(1, 64, 80, 3, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():  # the host runs nodes without autograd (its patch keeps the hint's latent for later)
+        patched = QwenImageDiffsynthControlnet().diffsynth_controlnet(model, patch, qwen_bed_vae, hint, 1.0)[0]
+    assert_composes_with_controlnet(pack, (model, pos, neg), (patched, pos, neg), guide, sample, shares)
 
 
 # ---- the word finder on the host's Qwen2.5 tokenizer ---------------------------------------------------------

@@ -16,7 +16,14 @@ from comfyui_cones2.cones2_core.errors import Cones2Error
 from harness import tiny_sd3
 from harness.beds import BEDS
 from harness.host import build
-from harness.test_helpers import blob_images, independent_context_rows, word_context_rows
+from harness.test_helpers import (
+    assert_composes_with_controlnet,
+    blob_images,
+    controlled,
+    independent_context_rows,
+    randomise,
+    word_context_rows,
+)
 
 TWO_BOXES = ('{"version":1,"boxes":[{"subject":"dog","x":0.0,"y":0.0,"w":0.5,"h":1.0},'
              '{"subject":"cat","x":0.5,"y":0.1,"w":0.5,"h":0.9}]}')
@@ -192,3 +199,47 @@ def test_the_exact_path_equals_the_dense_mask_path(pack, sd3, monkeypatch):
     for s in ("dog", "cat"):
         assert runs[True][1][s] == pytest.approx(runs[False][1][s], abs=1e-4)
     assert not torch.equal(runs[True][0], sample(model, pos, neg, steps=2))
+
+
+def sd3_controlnet(kind, model):
+    """The smallest ControlNet of each kind the host builds for SD3 models, random (output projections nonzero):
+    ``mmdit`` is ``load_controlnet_mmdit``'s (InstantX-style SD3 ControlNets: an MMDiT with its own joint
+    attention over text and image, here one joint block of the bed's width), ``sd35`` is ``load_controlnet_sd35``'s
+    (Stability's SD3.5 ControlNets: image-only blocks, its patch embedder copied from the model in pre_run)."""
+    import comfy.cldm.dit_embedder
+    import comfy.cldm.mmdit
+    import comfy.controlnet
+    import comfy.latent_formats
+    import comfy.ops
+
+    cpu, dtype = torch.device("cpu"), model.model.get_dtype()
+    ops = comfy.ops.disable_weight_init
+    if kind == "mmdit":
+        config = {k: v for k, v in model.model.model_config.unet_config.items() if k != "dtype"}  # as detected
+        net = comfy.cldm.mmdit.ControlNet(num_blocks=1, control_latent_channels=16, operations=ops, device=cpu,
+                                          dtype=dtype, **config)
+        randomise(net, 5)
+        latent_format = comfy.latent_formats.SD3()
+        latent_format.shift_factor = 0  # as load_controlnet_mmdit sets it
+        return comfy.controlnet.ControlNet(net, compression_ratio=1, latent_format=latent_format, load_device=cpu,
+                                           manual_cast_dtype=None)
+    net = comfy.cldm.dit_embedder.ControlNetEmbedder(
+        img_size=None, patch_size=2, in_chans=16, num_layers=1, main_model_double=2, double_y_emb=False,
+        attention_head_dim=64, num_attention_heads=2, adm_in_channels=2048, device=cpu, dtype=dtype, operations=ops)
+    randomise(net, 5)
+    return comfy.controlnet.ControlNetSD35(net, compression_ratio=1, latent_format=comfy.latent_formats.SD3(),
+                                           load_device=cpu, manual_cast_dtype=None)
+
+
+@pytest.mark.parametrize("kind", ["mmdit", "sd35"])
+def test_composes_with_an_sd3_controlnet(pack, sd3, kind):
+    """Both of the host's SD3 ControlNet kinds, applied with ControlNetApplyAdvanced (the hint through the bed's
+    VAE, as their latent format asks): guidance still places the subjects, the ControlNet still acts, at
+    guidance_weight 0 the sample is the ControlNet's alone, and the MMDiT ControlNet's own joint attention is never
+    biased (harness.test_helpers.assert_composes_with_controlnet)."""
+    model, clip, vae = sd3
+    pos, neg = apply(pack, clip, PROMPT), apply(pack, clip, "")
+    hint = torch.rand(1, 64, 64, 3, generator=torch.Generator().manual_seed(6))
+    cpos, cneg = controlled(pos, neg, sd3_controlnet(kind, model), hint, vae)
+    assert_composes_with_controlnet(pack, (model, pos, neg), (model, cpos, cneg), guide,
+                                    lambda m, p, n: sample(m, p, n, steps=1), shares)
