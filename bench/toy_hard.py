@@ -40,6 +40,8 @@ SETTINGS = {
     "gw 0.16": {"guidance_weight": 0.16},
     "gw 0.24": {"guidance_weight": 0.24},
     "gw 0.16 pw 5": {"guidance_weight": 0.16, "positive_weight": 5.0},
+    # a soft outside (the subject's words still reachable outside its box, at a cost)
+    "nw -5": {"negative_weight": -5.0},
 }
 SAMPLERS = ["euler", "dpmpp_2m", "uni_pc", "ddim", "euler_ancestral"]
 
