@@ -10,6 +10,7 @@ about as far as we can argue a real CLIP-L's do, and captions holding the bare c
 - sensitivity: the same on the fair world, for 5 steps, and the gradients of the two loss terms at the
   encoder's output rows (the diffusion loss's and the preservation term's, per row group), averaged over the
   steps after the first (the term's gradient is zero while nothing has moved).
+- train-paper: only the curve's paper run (for a second process measuring its snapshots as they come).
 - curve: plain "a photo of a dog" (the same 16 draws as bench/toy_training_effects.py) with the residual after
   each snapshot of fast mode at its defaults and of paper mode at its defaults (4000 steps, lr 5e-6,
   preservation 1e-2 / 1e-3), against the untrained and the oracle rows: lift as a share of the oracle's,
@@ -38,7 +39,7 @@ from harness import toy_text, toy_world  # noqa: E402
 from harness.host import build, find_host, import_host  # noqa: E402
 
 PAPER_POINTS = (25, 50, 100, 200, 400, 700, 1000, 1500, 2000, 3000, 4000)
-FAST_POINTS = (25, 50, 100)
+FAST_POINTS = (50, 100)
 SCAN = ("1:1", "10:1", "30:1", "30:4", "100:4", "100:10")
 
 
@@ -151,7 +152,20 @@ def world(b: tte.Bench) -> str:
     return "\n".join(lines)
 
 
-def curve(b: tte.Bench, paper_steps: int, partial_only: bool) -> str:
+def curve_runs(paper_steps: int, which=("fast", "paper")) -> list:
+    runs = [("fast", dict(mode="fast", steps=max(FAST_POINTS)), FAST_POINTS),
+            ("paper", dict(mode="paper", steps=paper_steps), tuple(k for k in PAPER_POINTS if k <= paper_steps))]
+    return [r for r in runs if r[0] in which]
+
+
+def train_paper(b: tte.Bench, paper_steps: int) -> None:
+    """Only the curve's paper-mode run (no sampling), so that another process can measure its snapshots as they
+    come (``--measure-partial``)."""
+    (_mode, kw, points), = curve_runs(paper_steps, ("paper",))
+    b.train("dog", snapshots=points, **kw)
+
+
+def curve(b: tte.Bench, paper_steps: int, partial_only: bool, which=("fast", "paper")) -> str:
     odog = b.oracle("dog")
     plain = b.measure("a photo of a dog")
     oracle = b.measure("a photo of a dog", [odog])
@@ -164,9 +178,7 @@ def curve(b: tte.Bench, paper_steps: int, partial_only: bool) -> str:
                     f"{tte.pct(oracle['unprompted'])})", "",
              "| mode | steps | CPU s | residual norm | cos to oracle | dog radius | lift, % of oracle's | dog present "
              "| unprompted |", "|---|---|---|---|---|---|---|---|---|")
-    runs = [("fast", dict(mode="fast", steps=max(FAST_POINTS)), FAST_POINTS),
-            ("paper", dict(mode="paper", steps=paper_steps), tuple(k for k in PAPER_POINTS if k <= paper_steps))]
-    for mode, kw, points in runs:
+    for mode, kw, points in curve_runs(paper_steps, which):
         if partial_only and mode == "paper":
             path = b._cache_path("dog", (b.pack.cones2_core.objective.TrainSettings(
                 resolution=toy_world.LATENT_SIZE * 8, **kw), (), points)) + ".partial"
@@ -190,7 +202,9 @@ def curve(b: tte.Bench, paper_steps: int, partial_only: bool) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--items", nargs="+", default=["sensitivity", "curve"], choices=["scan", "world", "sensitivity", "curve"])
+    ap.add_argument("--items", nargs="+", default=["sensitivity", "curve"], choices=["scan", "world", "sensitivity", "curve", "train-paper"])
+    ap.add_argument("--runs", nargs="+", default=["fast", "paper"], choices=["fast", "paper"],
+                    help="curve: the runs to measure")
     ap.add_argument("--scan", nargs="+", default=list(SCAN), help="stream:inner scales for the scan item")
     ap.add_argument("--paper-steps", type=int, default=4000)
     ap.add_argument("--measure-partial", action="store_true", help="curve: measure the paper run's snapshots kept "
@@ -200,21 +214,23 @@ def main(argv=None) -> int:
     host = find_host()
     toy_path = build(toy_world.__file__, host, show_log=True)["toy"]
     fair_path = None
-    if {"world", "sensitivity", "curve"} & set(args.items):
+    if {"world", "sensitivity", "curve", "train-paper"} & set(args.items):
         fair_path = build(toy_text.__file__, host, show_log=True)["toyfair"]
     import_host(host)
     for item in args.items:
         t0 = time.time()
         sys.stdout.write(f"\n## {item}\n\n")
-        b = tte.Bench(toy_path if item == "scan" else fair_path, not args.no_cache and item in ("world", "curve"))
+        b = tte.Bench(toy_path if item == "scan" else fair_path, not args.no_cache and item in ("world", "curve", "train-paper"))
         if item == "scan":
             scan(b, args.scan)
         elif item == "sensitivity":
             sensitivity(b)
         elif item == "world":
             world(b)
+        elif item == "train-paper":
+            train_paper(b, args.paper_steps)
         else:
-            curve(b, args.paper_steps, args.measure_partial)
+            curve(b, args.paper_steps, args.measure_partial, tuple(args.runs))
         b = None  # one world in memory at a time
         sys.stdout.write(f"\n({item}: {time.time() - t0:.0f} s)\n")
         sys.stdout.flush()
