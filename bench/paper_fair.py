@@ -1,7 +1,11 @@
 """Paper mode on the fair toy world (harness/toy_text.py): a text encoder whose AdamW steps move its outputs
 about as far as we can argue a real CLIP-L's do, and captions holding the bare class word and the 27 templates.
 
-    python bench/paper_fair.py [--items scan sensitivity curve] [--paper-steps 4000] [--measure-partial]
+    python bench/paper_fair.py [--items scan world sensitivity curve train-paper] [--runs fast paper]
+                               [--paper-steps 4000] [--measure-partial]
+
+(default items: sensitivity, curve). On a loaded machine: one process ``--items train-paper``, another
+``--items curve --runs paper --measure-partial`` now and then (each reads the snapshots kept so far).
 
 - scan: on the toy world, the encoder re-parametrised in memory (``--scan S:I ...``: stream and inner scales,
   see harness/toy_text.py; 1:1 is the toy world's own), paper mode at its defaults for 2 steps: how far the
