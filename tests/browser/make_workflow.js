@@ -74,7 +74,8 @@ function buildAll(spec) {
     note([860, 480], 'Train a Cones 2 residual for one subject from 3-5 images of it (batch them into "images" or '
       + 'name a folder under ComfyUI/input in "image_folder"). The residual is saved as '
       + 'models/cones2_residuals/<save_name>.safetensors; press R to see it in Cones2 Load Residual. '
-      + 'steps 0 = automatic: "paper" mode follows the paper (4000 steps); "fast" mode (100 steps) is much cheaper. '
+      + 'steps 0 = automatic: "fast" mode (the default, 100 steps) optimises the residual directly; "paper" mode '
+      + 'follows the paper (4000 steps, SD1.5/SD2.x/SDXL only, much slower). '
       + 'The preview shows the loss curve.');
   }
   out.train_residual = app.graph.serialize();

@@ -126,7 +126,7 @@ def test_api_conversion_skips_seed_controls(info):
     by the name 'seed'); the converter must skip it, or every later value shifts by one."""
     prompt = to_api(load("train_residual"), info)
     train = next(n["inputs"] for n in prompt.values() if n["class_type"] == "Cones2TrainResidual")
-    assert (train["seed"], train["save_name"], train["mode"], train["subject"]) == (0, "my_dog", "paper", "dog")
+    assert (train["seed"], train["save_name"], train["mode"], train["subject"]) == (0, "my_dog", "fast", "dog")
     assert train["images"][1] == 0 and "image_folder" in train
     ks = next(n["inputs"] for n in to_api(load("two_subjects_layout"), info).values()
               if n["class_type"] == "KSampler")
