@@ -73,7 +73,7 @@ def main(argv=None) -> int:
             base = None
             for setting, (guided, exact, confine) in settings.items():
                 joint.EXACT, joint.CONFINE_TEXT_QUERIES = exact, confine
-                sampler._cache.clear()  # every row sampled and timed afresh (the cache keys know nothing of these)
+                sampler.forget()  # every row sampled and timed afresh (the cache keys know nothing of these)
                 try:
                     t0 = time.perf_counter()
                     z = sampler(prompt, boxes if guided else None, sampler=name)

@@ -150,6 +150,11 @@ class Sampler:
         self.negative = nodes.CLIPTextEncode().encode(clip, "")[0]
         self._cache: dict = {}
 
+    def forget(self) -> None:
+        """Drop every cached result: the next calls sample afresh (for timing, or after changing a module switch
+        such as ``joint.EXACT`` that the cache keys do not see)."""
+        self._cache.clear()
+
     def __call__(self, prompt: str, boxes: dict | None = None, sampler: str = "euler", scheduler: str | None = None,
                  residuals=None, **guidance) -> torch.Tensor:
         """Raw world latents [n, 4, size, size]."""
