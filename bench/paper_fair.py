@@ -1,7 +1,7 @@
 """Paper mode on the fair toy world (harness/toy_text.py): a text encoder whose AdamW steps move its outputs
 about as far as we can argue a real CLIP-L's do, and captions holding the bare class word and the 27 templates.
 
-    python bench/paper_fair.py [--items scan world sensitivity curve train-paper] [--runs fast paper]
+    python bench/paper_fair.py [--items scan world sensitivity curve train-paper] [--runs fast paper scaled]
                                [--paper-steps 4000] [--measure-partial]
 
 (default items: sensitivity, curve). On a loaded machine: one process ``--items train-paper``, another
@@ -156,10 +156,23 @@ def world(b: tte.Bench) -> str:
     return "\n".join(lines)
 
 
+# paper mode with the preservation weights scaled (the node's inputs), shorter runs: is the term what holds the
+# residual back on this world? x0.07 is the paper's weights for the toy's diffusion loss (1/14 of a real one's,
+# bench/toy_training_effects.py); 0 switches the term off. Their probes also keep the instance prompt's output.
+SCALED_STEPS = 400
+SCALED_POINTS = (100, 200, 400)
+
+
 def curve_runs(paper_steps: int, which=("fast", "paper")) -> list:
+    """(label, train kwargs, snapshot points) of each run of the curve named in ``which``."""
     runs = [("fast", dict(mode="fast", steps=max(FAST_POINTS)), FAST_POINTS),
             ("paper", dict(mode="paper", steps=paper_steps), tuple(k for k in PAPER_POINTS if k <= paper_steps))]
-    return [r for r in runs if r[0] in which]
+    if "scaled" in which:
+        for label, scale, _steps in tte.PRESERVATION_SCALES:
+            runs.append((f"paper, {label}", dict(mode="paper", steps=SCALED_STEPS, probe=True,
+                                                 preservation_weight_start=1e-2 * scale,
+                                                 preservation_weight_rest=1e-3 * scale), SCALED_POINTS))
+    return [r for r in runs if r[0] in which or (r[0].startswith("paper, ") and "scaled" in which)]
 
 
 def train_paper(b: tte.Bench, paper_steps: int) -> None:
@@ -180,8 +193,9 @@ def curve(b: tte.Bench, paper_steps: int, partial_only: bool, which=("fast", "pa
                     f"unprompted {tte.pct(plain['unprompted'])}); oracle {tte.radius(oracle, 'dog')} "
                     f"(norm {tte.norm(odog):.2f}, present {tte.pct(oracle['per_object']['dog'])}, unprompted "
                     f"{tte.pct(oracle['unprompted'])})", "",
-             "| mode | steps | CPU s | residual norm | cos to oracle | dog radius | lift, % of oracle's | dog present "
-             "| unprompted |", "|---|---|---|---|---|---|---|---|---|")
+             "| mode | steps | CPU s | residual norm | instance prompt's subject row moved | cos to oracle | dog radius "
+             "| lift, % of oracle's | dog present | unprompted |", "|---|---|---|---|---|---|---|---|---|---|")
+    subj = b.pack.nodes.train_encoder.subject_rows(b.clip, "dog", "dog")
     for mode, kw, points in curve_runs(paper_steps, which):
         if partial_only and mode == "paper":
             path = b._cache_path("dog", (b.pack.cones2_core.objective.TrainSettings(
@@ -192,13 +206,15 @@ def curve(b: tte.Bench, paper_steps: int, partial_only: bool, which=("fast", "pa
         else:
             _, info = b.train("dog", snapshots=points, **kw)
             snaps, per_step = info["snapshots"], info["seconds"] / kw["steps"]
+        probes = {} if partial_only and mode == "paper" else info.get("probes") or {}
         for k in points:
             if k not in snaps:
                 continue
             r = Residual("dog", b.family, split(snaps[k], b.family))
             one = b.measure("a photo of a dog", [r])
             lift = (one["radius"]["dog"] - plain["radius"]["dog"]) / o_lift
-            tte.show(lines, f"| {mode} | {k} | {per_step * k:.0f} | {tte.norm(r):.2f} | {tte.cos(r, odog):.2f} | "
+            row = f"{float((probes[k][0] - probes[0][0])[0, subj].norm()):.2f}" if k in probes else "-"
+            tte.show(lines, f"| {mode} | {k} | {per_step * k:.0f} | {tte.norm(r):.2f} | {row} | {tte.cos(r, odog):.2f} | "
                             f"{tte.radius(one, 'dog')} | {tte.pct(lift)} | {tte.pct(one['per_object']['dog'])} | "
                             f"{tte.pct(one['unprompted'])} |")
     return "\n".join(lines)
@@ -207,8 +223,9 @@ def curve(b: tte.Bench, paper_steps: int, partial_only: bool, which=("fast", "pa
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--items", nargs="+", default=["sensitivity", "curve"], choices=["scan", "world", "sensitivity", "curve", "train-paper"])
-    ap.add_argument("--runs", nargs="+", default=["fast", "paper"], choices=["fast", "paper"],
-                    help="curve: the runs to measure")
+    ap.add_argument("--runs", nargs="+", default=["fast", "paper"], choices=["fast", "paper", "scaled"],
+                    help="curve: the runs to measure (scaled: paper mode with the preservation term x0.07 and off, "
+                         f"{SCALED_STEPS} steps)")
     ap.add_argument("--scan", nargs="+", default=list(SCAN), help="stream:inner scales for the scan item")
     ap.add_argument("--paper-steps", type=int, default=4000)
     ap.add_argument("--measure-partial", action="store_true", help="curve: measure the paper run's snapshots kept "
