@@ -160,18 +160,23 @@ def world(b: tte.Bench) -> str:
 # residual back on this world? x0.07 is the paper's weights for the toy's diffusion loss (1/14 of a real one's,
 # bench/toy_training_effects.py); 0 switches the term off. Their probes also keep the instance prompt's output.
 SCALED_STEPS = 400
-SCALED_POINTS = (100, 200, 400)
+SCALED_POINTS = (100, 200, 400, 700, 1000, 1500, 2000, 3000, 4000)
 
 
-def curve_runs(paper_steps: int, which=("fast", "paper")) -> list:
-    """(label, train kwargs, snapshot points) of each run of the curve named in ``which``."""
+def curve_runs(paper_steps: int, which=("fast", "paper"), scaled_steps: int = SCALED_STEPS,
+               scales: tuple = ()) -> list:
+    """(label, train kwargs, snapshot points) of each run of the curve named in ``which``; ``scales``: only the
+    scaled runs of these factors (all when empty), each ``scaled_steps`` long."""
     runs = [("fast", dict(mode="fast", steps=max(FAST_POINTS)), FAST_POINTS),
             ("paper", dict(mode="paper", steps=paper_steps), tuple(k for k in PAPER_POINTS if k <= paper_steps))]
     if "scaled" in which:
         for label, scale, _steps in tte.PRESERVATION_SCALES:
-            runs.append((f"paper, {label}", dict(mode="paper", steps=SCALED_STEPS, probe=True,
+            if scales and scale not in scales:
+                continue
+            runs.append((f"paper, {label}", dict(mode="paper", steps=scaled_steps, probe=True,
                                                  preservation_weight_start=1e-2 * scale,
-                                                 preservation_weight_rest=1e-3 * scale), SCALED_POINTS))
+                                                 preservation_weight_rest=1e-3 * scale),
+                         tuple(k for k in SCALED_POINTS if k <= scaled_steps)))
     return [r for r in runs if r[0] in which or (r[0].startswith("paper, ") and "scaled" in which)]
 
 
@@ -182,7 +187,7 @@ def train_paper(b: tte.Bench, paper_steps: int) -> None:
     b.train("dog", snapshots=points, **kw)
 
 
-def curve(b: tte.Bench, paper_steps: int, partial_only: bool, which=("fast", "paper")) -> str:
+def curve(b: tte.Bench, paper_steps: int, partial_only: bool, which=("fast", "paper"), **scaled) -> str:
     odog = b.oracle("dog")
     plain = b.measure("a photo of a dog")
     oracle = b.measure("a photo of a dog", [odog])
@@ -196,7 +201,7 @@ def curve(b: tte.Bench, paper_steps: int, partial_only: bool, which=("fast", "pa
              "| mode | steps | CPU s | residual norm | instance prompt's subject row moved | cos to oracle | dog radius "
              "| lift, % of oracle's | dog present | unprompted |", "|---|---|---|---|---|---|---|---|---|---|")
     subj = b.pack.nodes.train_encoder.subject_rows(b.clip, "dog", "dog")
-    for mode, kw, points in curve_runs(paper_steps, which):
+    for mode, kw, points in curve_runs(paper_steps, which, **scaled):
         if partial_only and mode == "paper":
             path = b._cache_path("dog", (b.pack.cones2_core.objective.TrainSettings(
                 resolution=toy_world.LATENT_SIZE * 8, **kw), (), points)) + ".partial"
@@ -226,6 +231,9 @@ def main(argv=None) -> int:
     ap.add_argument("--runs", nargs="+", default=["fast", "paper"], choices=["fast", "paper", "scaled"],
                     help="curve: the runs to measure (scaled: paper mode with the preservation term x0.07 and off, "
                          f"{SCALED_STEPS} steps)")
+    ap.add_argument("--scaled-steps", type=int, default=SCALED_STEPS, help="curve: the scaled runs' steps")
+    ap.add_argument("--scales", nargs="+", type=float, default=[], help="curve: only the scaled runs of these "
+                    f"factors (of {', '.join(f'{s:g}' for _, s, _ in tte.PRESERVATION_SCALES)})")
     ap.add_argument("--scan", nargs="+", default=list(SCAN), help="stream:inner scales for the scan item")
     ap.add_argument("--paper-steps", type=int, default=4000)
     ap.add_argument("--measure-partial", action="store_true", help="curve: measure the paper run's snapshots kept "
@@ -251,7 +259,8 @@ def main(argv=None) -> int:
         elif item == "train-paper":
             train_paper(b, args.paper_steps)
         else:
-            curve(b, args.paper_steps, args.measure_partial, tuple(args.runs))
+            curve(b, args.paper_steps, args.measure_partial, tuple(args.runs), scaled_steps=args.scaled_steps,
+                  scales=tuple(args.scales))
         b = None  # one world in memory at a time
         sys.stdout.write(f"\n({item}: {time.time() - t0:.0f} s)\n")
         sys.stdout.flush()
