@@ -19,7 +19,9 @@ about as far as we can argue a real CLIP-L's do, and captions holding the bare c
   each snapshot of fast mode at its defaults and of paper mode at its defaults (4000 steps, lr 5e-6,
   preservation 1e-2 / 1e-3), against the untrained and the oracle rows: lift as a share of the oracle's,
   dog presence, unprompted objects. A paper run stopped early keeps its snapshots (a .partial file);
-  ``--measure-partial`` measures the snapshots kept so far without training.
+  ``--measure-partial`` measures the snapshots kept so far without training. ``--runs scaled``: paper mode with
+  the preservation weights x0.07 and off (``--scales``, ``--scaled-steps``; default 400 steps), also probing the
+  instance prompt's subject row, to see what the term holds back.
 
 Every heavy run belongs under ``nice -n 19`` on a shared machine. Residuals and samples are cached as in
 bench/toy_training_effects.py (under ~/.cache/comfyui-cones2/bench-toy-training/<world>/).
