@@ -171,6 +171,7 @@ def curve_runs(paper_steps: int, which=("fast", "paper"), scaled_steps: int = SC
     scaled runs of these factors (all when empty), each ``scaled_steps`` long."""
     runs = [("fast", dict(mode="fast", steps=max(FAST_POINTS)), FAST_POINTS),
             ("paper", dict(mode="paper", steps=paper_steps), tuple(k for k in PAPER_POINTS if k <= paper_steps))]
+    runs = [r for r in runs if r[0] in which]
     if "scaled" in which:
         for label, scale, _steps in tte.PRESERVATION_SCALES:
             if scales and scale not in scales:
@@ -179,7 +180,7 @@ def curve_runs(paper_steps: int, which=("fast", "paper"), scaled_steps: int = SC
                                                  preservation_weight_start=1e-2 * scale,
                                                  preservation_weight_rest=1e-3 * scale),
                          tuple(k for k in SCALED_POINTS if k <= scaled_steps)))
-    return [r for r in runs if r[0] in which or (r[0].startswith("paper, ") and "scaled" in which)]
+    return runs
 
 
 def train_paper(b: tte.Bench, paper_steps: int) -> None:
@@ -209,18 +210,18 @@ def curve(b: tte.Bench, paper_steps: int, partial_only: bool, which=("fast", "pa
                 resolution=toy_world.LATENT_SIZE * 8, **kw), (), points)) + ".partial"
             snaps = torch.load(path) if os.path.exists(path) else {}
             per_step = float("nan")
+            probes: dict = {}
             tte.show(lines, f"(paper: the {len(snaps)} snapshots kept so far of a run still going or stopped)")
         else:
             _, info = b.train("dog", snapshots=points, **kw)
-            snaps, per_step = info["snapshots"], info["seconds"] / kw["steps"]
-        probes = {} if partial_only and mode == "paper" else info.get("probes") or {}
+            snaps, per_step, probes = info["snapshots"], info["seconds"] / kw["steps"], info.get("probes") or {}
         for k in points:
             if k not in snaps:
                 continue
             r = Residual("dog", b.family, split(snaps[k], b.family))
             one = b.measure("a photo of a dog", [r])
             lift = (one["radius"]["dog"] - plain["radius"]["dog"]) / o_lift
-            row = f"{float((probes[k][0] - probes[0][0])[0, subj].norm()):.2f}" if k in probes else "-"
+            row = f"{moved(probes, subj, k, 0)[1]:.2f}" if k in probes else "-"
             tte.show(lines, f"| {mode} | {k} | {per_step * k:.0f} | {tte.norm(r):.2f} | {row} | {tte.cos(r, odog):.2f} | "
                             f"{tte.radius(one, 'dog')} | {tte.pct(lift)} | {tte.pct(one['per_object']['dog'])} | "
                             f"{tte.pct(one['unprompted'])} |")
