@@ -137,12 +137,18 @@ def assert_share_rises_with_positive_weight(pack, run, margin: float = 0.2, subj
 def randomise(module, seed: int, scale: float = 0.02) -> None:
     """Deterministic random weights for a host module built with ``disable_weight_init``: every matrix or kernel
     N(0, scale) (so a ControlNet's zero-initialised output projections are nonzero and it visibly acts), the
-    vector weights (norm scales) 1, biases 0."""
+    vector weights (norm scales) 1, biases 0; and every floating buffer N(0, scale): the host makes some with
+    ``torch.empty`` for a checkpoint to fill (the SD3 MMDiT ControlNet's ``pos_embed``), and a test reading one
+    unfilled reads whatever memory it got (once NaN, failing a CI run). A caller with a meaningful value for a
+    buffer copies it in afterwards."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in sorted(module.named_parameters()):
             p.copy_(torch.randn(p.shape, generator=g) * scale if p.ndim > 1 else
                     torch.full(p.shape, 1.0 if name.endswith(("scale", "weight")) else 0.0))
+        for _name, b in sorted(module.named_buffers()):
+            if b.is_floating_point():
+                b.copy_(torch.randn(b.shape, generator=g) * scale)
 
 
 def controlled(pos, neg, control, hint, vae=None):
@@ -164,6 +170,7 @@ def assert_composes_with_controlnet(pack, plain, with_control, guide, sample, sh
     model, pos, neg = plain
     cmodel, cpos, cneg = with_control
     alone = sample(cmodel, cpos, cneg)
+    assert torch.isfinite(alone).all()
     assert not torch.equal(alone, sample(model, pos, neg))  # the ControlNet acts
     gm, gpos = guide(pack, cmodel, cpos)
     both = sample(gm, gpos, cneg)

@@ -210,6 +210,7 @@ def sd3_controlnet(kind, model):
     import comfy.cldm.mmdit
     import comfy.controlnet
     import comfy.latent_formats
+    import comfy.ldm.modules.diffusionmodules.mmdit
     import comfy.ops
 
     cpu, dtype = torch.device("cpu"), model.model.get_dtype()
@@ -219,6 +220,10 @@ def sd3_controlnet(kind, model):
         net = comfy.cldm.mmdit.ControlNet(num_blocks=1, control_latent_channels=16, operations=ops, device=cpu,
                                           dtype=dtype, **config)
         randomise(net, 5)
+        with torch.no_grad():  # a checkpoint's pos_embed: the host's 2-d sin-cos table, as the bed's own
+            size = net.pos_embed_max_size
+            net.pos_embed.copy_(comfy.ldm.modules.diffusionmodules.mmdit.get_2d_sincos_pos_embed_torch(
+                net.hidden_size, size, size)[None])
         latent_format = comfy.latent_formats.SD3()
         latent_format.shift_factor = 0  # as load_controlnet_mmdit sets it
         return comfy.controlnet.ControlNet(net, compression_ratio=1, latent_format=latent_format, load_device=cpu,
@@ -241,5 +246,8 @@ def test_composes_with_an_sd3_controlnet(pack, sd3, kind):
     pos, neg = apply(pack, clip, PROMPT), apply(pack, clip, "")
     hint = torch.rand(1, 64, 64, 3, generator=torch.Generator().manual_seed(6))
     cpos, cneg = controlled(pos, neg, sd3_controlnet(kind, model), hint, vae)
+    # the ControlNet is the same every time it is built (no weight or buffer left as torch.empty found it)
+    again = controlled(pos, neg, sd3_controlnet(kind, model), hint, vae)
+    assert torch.equal(sample(model, cpos, cneg, steps=1), sample(model, *again, steps=1))
     assert_composes_with_controlnet(pack, (model, pos, neg), (model, cpos, cneg), guide,
                                     lambda m, p, n: sample(m, p, n, steps=1), shares)
