@@ -23,6 +23,22 @@ DEV_NODES_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dev_no
 _FAILURE_MARKS = ("IMPORT FAILED", "Cannot import", "Error while calling comfy_entrypoint", "did not return", "Skip ")
 
 
+# The test session's running servers by fixture name (tests/conftest.py stops each after its last user).
+SESSION_SERVERS: dict[str, ComfyServer] = {}
+
+
+def _die_with_parent() -> None:
+    """In the server's child process before exec (Linux): the kernel sends it SIGTERM when the process that started
+    it dies, so a test run killed outright (SIGKILL, the out-of-memory killer) leaves no server holding memory."""
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(signal.SIGTERM))  # 1 = PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -89,7 +105,8 @@ class ComfyServer:
             cmd += ["--front-end-root", self.front_end_root]
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         self._log = open(self.log_path, "w")
-        self.proc = subprocess.Popen(cmd, cwd=self.host, stdout=self._log, stderr=subprocess.STDOUT, env=env)
+        self.proc = subprocess.Popen(cmd, cwd=self.host, stdout=self._log, stderr=subprocess.STDOUT, env=env,
+                                     preexec_fn=_die_with_parent if sys.platform == "linux" else None)
         deadline = time.time() + timeout
         while time.time() < deadline:
             if self.proc.poll() is not None:

@@ -42,10 +42,33 @@ SLOW = {  # seconds measured (2 cores, load 5 to 11 from other work), the slowes
 SLOW_FIXTURES = {"paper_sd15": 99}  # test_train.py's 8-step paper-mode run
 
 
+# Each session-scoped ComfyUI server stops after the last collected test that uses it, not at the session's end:
+# the three servers hold several GB, and the suite's memory peak comes late (test_train.py). Per server, the
+# fixtures through which a test reaches it (``ui`` asks for its server with request.getfixturevalue). The fixtures
+# register what they start in harness.server.SESSION_SERVERS.
+SERVER_USERS = {"server": ("server", "ui"), "beds_server": ("beds_server",), "newest_server": ("newest_server", "ui")}
+_LAST_USER: dict[str, str] = {}  # server fixture -> node id of the last collected test that uses it
+
+
 def pytest_collection_finish(session):
     if "cones2_core" in sys.modules:  # the repo root is on sys.path (pythonpath = ..), so this would import
         raise pytest.UsageError(f"a test imported the top-level cones2_core, a second copy of the pack's classes; "
                                 f"import {PACK_NAME}.cones2_core instead")
+    _LAST_USER.clear()
+    for item in session.items:
+        for name, users in SERVER_USERS.items():
+            if set(users) & set(item.fixturenames):
+                _LAST_USER[name] = item.nodeid
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_runtest_teardown(item, nextitem):
+    """Stops a session server once its last user has run (see SERVER_USERS)."""
+    from harness.server import SESSION_SERVERS
+
+    for name, last in _LAST_USER.items():
+        if last == item.nodeid and name in SESSION_SERVERS:
+            SESSION_SERVERS.pop(name).stop()
 
 
 def pytest_collection_modifyitems(config, items):
@@ -194,12 +217,13 @@ def loaded(comfy, tiny_ckpts):
 def server(host_dir, tiny_ckpts, extras_files, tmp_path_factory):
     """A real ComfyUI server with this pack, the tiny checkpoints and the tiny extras (LoRA, ControlNet, demo
     residuals, input images that the example workflows name), on a free loopback port."""
-    from harness.server import ComfyServer
+    from harness.server import SESSION_SERVERS, ComfyServer
 
     srv = ComfyServer(checkpoints=tiny_ckpts, base_dir=str(tmp_path_factory.mktemp("comfy-base")), host=host_dir)
     tiny_extras.install(extras_files, srv)
-    srv.start()
+    SESSION_SERVERS["server"] = srv.start()
     yield srv
+    SESSION_SERVERS.pop("server", None)
     srv.stop()
     if os.environ.get("CONES2_KEEP_LOG"):
         sys.stderr.write(srv.log_text())
@@ -214,7 +238,7 @@ def beds_server(host_dir, tiny_flux, tmp_path_factory):
     BEDS is installed here with no other change; the family workflows (tests/host/test_workflows.py) and the
     server tests of Flux and Qwen-Image share it, so a session starts one server for all of them."""
     from harness.beds import BEDS
-    from harness.server import ComfyServer
+    from harness.server import SESSION_SERVERS, ComfyServer
 
     srv = ComfyServer(base_dir=str(tmp_path_factory.mktemp("comfy-beds")), host=host_dir, dev_nodes=True)
     srv.bed_files = {}
@@ -225,8 +249,9 @@ def beds_server(host_dir, tiny_flux, tmp_path_factory):
         paths = tiny_flux if family == "flux" else _build(builder, host_dir, out=builder.default_cache_dir(),
                                                           timeout=1200)
         srv.bed_files[family] = builder.install(paths, srv)
-    srv.start()
+    SESSION_SERVERS["beds_server"] = srv.start()
     yield srv
+    SESSION_SERVERS.pop("beds_server", None)
     srv.stop()
     if os.environ.get("CONES2_KEEP_LOG"):
         sys.stderr.write(srv.log_text())

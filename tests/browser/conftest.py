@@ -62,13 +62,14 @@ def newest_frontend() -> str:
 @pytest.fixture(scope="session")
 def newest_server(host_dir, tiny_ckpts, extras_files, newest_frontend, tmp_path_factory):
     """The same server as ``server`` (the tiny checkpoints and extras), serving the newest frontend."""
-    from harness.server import ComfyServer
+    from harness.server import SESSION_SERVERS, ComfyServer
 
     srv = ComfyServer(checkpoints=tiny_ckpts, base_dir=str(tmp_path_factory.mktemp("comfy-newest-frontend")),
                       host=host_dir, front_end_root=newest_frontend)
     tiny_extras.install(extras_files, srv)
-    srv.start()
+    SESSION_SERVERS["newest_server"] = srv.start()  # stopped after its last user (tests/conftest.py SERVER_USERS)
     yield srv
+    SESSION_SERVERS.pop("newest_server", None)
     srv.stop()
 
 
