@@ -73,14 +73,14 @@ def pytest_runtest_teardown(item, nextitem):
 
 def pytest_collection_modifyitems(config, items):
     """Applies the tiers declared in pytest.ini: by folder (TIERS), ``toy`` to every test that uses the toy world
-    (fixtures toy_ckpt, toy_dit_files), ``slow`` to the tests in SLOW and those that use a fixture in SLOW_FIXTURES."""
+    (fixtures toy_ckpt, toy_dit_files, toy_dit_attribute_files), ``slow`` to the tests in SLOW and those that use a fixture in SLOW_FIXTURES."""
     for item in items:
         folder = os.path.relpath(str(item.path), TESTS).split(os.sep)[0]
         if folder not in TIERS:
             raise pytest.UsageError(f"{item.nodeid}: tests/{folder}/ has no tier; add it to TIERS in tests/conftest.py")
         for tier in TIERS[folder]:
             item.add_marker(tier)
-        if {"toy_ckpt", "toy_dit_files"} & set(item.fixturenames):
+        if {"toy_ckpt", "toy_dit_files", "toy_dit_attribute_files"} & set(item.fixturenames):
             item.add_marker("toy")
         base = item.nodeid.split("[")[0]
         if base in SLOW or SLOW_FIXTURES.keys() & set(item.fixturenames):
@@ -94,10 +94,10 @@ def pytest_collection_modifyitems(config, items):
         raise pytest.UsageError(f"tests/conftest.py SLOW names tests that do not exist (renamed?): {stale}")
 
 
-def _build(builder, host_dir: str, **kw) -> dict[str, str]:
+def _build(builder, host_dir: str, *args: str, **kw) -> dict[str, str]:
     """harness.host.build of a builder module; a failed build fails the test with the builder's output."""
     try:
-        return build(builder.__file__, host_dir, **kw)
+        return build(builder.__file__, host_dir, *args, **kw)
     except BuildFailed as e:
         pytest.fail(f"building {builder.__name__} failed: {e}")
 
@@ -138,6 +138,15 @@ def toy_dit_files(host_dir) -> dict[str, str]:
     built once into its versioned cache (a few minutes on two cores, a progress line every 40 steps on stderr)."""
     paths = _build(toy_dit, host_dir, out=toy_dit.default_cache_dir(), timeout=1800, show_log=True)
     assert set(paths) == {"toydit", "t5"} and all(os.path.isfile(p) for p in paths.values())
+    return paths
+
+
+@pytest.fixture(scope="session")
+def toy_dit_attribute_files(host_dir, toy_dit_files) -> dict[str, str]:
+    """{"toydit", "t5"}: the toy Chroma's attribute world (harness/toy_dit.py --long: the same recipe trained three
+    times as long, which binds "big"; about 7 minutes on two cores), beside the 480-step world and sharing its T5."""
+    paths = _build(toy_dit, host_dir, "--long", out=toy_dit.default_cache_dir(), timeout=2400, show_log=True)
+    assert paths["t5"] == toy_dit_files["t5"] and os.path.isfile(paths["toydit"])
     return paths
 
 
