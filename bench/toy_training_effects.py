@@ -110,8 +110,9 @@ class Bench:
     # ---- residuals ------------------------------------------------------------------------------------------
 
     def pictures(self, subject: str) -> list[torch.Tensor]:
-        gen = torch.Generator().manual_seed(PICTURE_SEEDS[subject])
-        return [toy_world.picture(toy_world.place(gen, [(subject, True)])) for _ in range(6)]
+        from harness import toy_measures
+
+        return toy_measures.big_pictures(subject, PICTURE_SEEDS[subject])
 
     def _cache_path(self, subject: str, settings) -> str:
         h = hashlib.sha256(repr((subject, PICTURE_SEEDS[subject], settings)).encode())

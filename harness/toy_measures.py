@@ -114,6 +114,36 @@ def _mean(xs: list[float]) -> float:
     return sum(xs) / len(xs) if xs else float("nan")
 
 
+def big_pictures(subject: str, seed: int, n: int = 6) -> list[torch.Tensor]:
+    """``n`` pictures (IMAGE rows) of one big ``subject`` each, at places drawn from ``seed``: what the residual
+    tests and benches train on."""
+    from harness import toy_world
+
+    gen = torch.Generator().manual_seed(seed)
+    return [toy_world.picture(toy_world.place(gen, [(subject, True)])) for _ in range(n)]
+
+
+def train_big_residual(pack, model, clip, vae, subject: str, seed: int, **settings):
+    """A residual trained by Train Residual's code from ``big_pictures(subject, seed)`` with the class word
+    ``subject``, at the world's own 128 px; by default fast mode at the node's defaults (``settings``: other
+    TrainSettings fields)."""
+    from harness.toy_world import LATENT_SIZE as size
+
+    config = pack.cones2_core.objective.TrainSettings(**{"mode": "fast", **settings}, resolution=size * 8)
+    residual, _losses, _evals = pack.nodes.train_node.train_residual(model, clip, vae, big_pictures(subject, seed),
+                                                                     subject, config)
+    return residual
+
+
+def residual_effects(runs, prompt: str, residual, subject: str) -> dict[str, dict]:
+    """``summarise`` of ``prompt`` (naming ``subject``) over the same draws of ``runs`` (a Sampler): ``plain``,
+    with the residual (``trained``), with it at the wrong sign (``flipped``) and at the word "photo"
+    (``elsewhere``)."""
+    return {name: summarise(runs(prompt, residuals=rs), [subject]) for name, rs in (
+        ("plain", None), ("trained", [residual]), ("flipped", [residual.with_strength(-1.0)]),
+        ("elsewhere", [residual.with_subject("photo")]))}
+
+
 def layout(boxes: dict[str, dict]) -> str:
     """The layout JSON of {subject: box}."""
     return json.dumps({"version": 1, "boxes": [{"subject": s, **b} for s, b in boxes.items()]})

@@ -113,16 +113,8 @@ def attribute_world(pack, comfy, toy_dit_attribute_files):
 def big_dog_residual_dit(pack, attribute_world):
     """Train Residual's fast mode at the node's defaults on the toy Chroma, from 6 pictures of big dogs with the
     class word "dog", at the world's 128 px (the pictures' seed is test_toy_world.py's)."""
-    import torch
-
-    from harness import toy_world
-
-    gen = torch.Generator().manual_seed(7)
-    pictures = [toy_world.picture(toy_world.place(gen, [("dog", True)])) for _ in range(6)]
-    settings = pack.cones2_core.objective.TrainSettings(mode="fast", resolution=toy_world.LATENT_SIZE * 8)
-    residual, _losses, _evals = pack.nodes.train_node.train_residual(
-        attribute_world.model, attribute_world.clip, toy_dit.WorldVAE(), pictures, "dog", settings)
-    return residual
+    return toy_measures.train_big_residual(pack, attribute_world.model, attribute_world.clip, toy_dit.WorldVAE(),
+                                           "dog", 7)
 
 
 def test_a_trained_residual_makes_the_class_word_carry_the_attribute_on_a_dit(attribute_world, big_dog_residual_dit):
@@ -131,15 +123,10 @@ def test_a_trained_residual_makes_the_class_word_carry_the_attribute_on_a_dit(at
     oracle's lift, same 16 draws), every dog present and nothing unprompted; with the wrong sign it shrinks the dog
     (1.90) and at another word of the prompt ("photo") it lifts nothing (2.78), so the lift is the residual at the
     dog's T5 rows."""
-    runs, residual = attribute_world, big_dog_residual_dit
-    prompt = "a photo of a dog"
-    plain = toy_measures.summarise(runs(prompt), ["dog"])
-    oracle = toy_measures.summarise(runs("a photo of a big dog"), ["dog"])
-    trained = toy_measures.summarise(runs(prompt, residuals=[residual]), ["dog"])
-    flipped = toy_measures.summarise(runs(prompt, residuals=[residual.with_strength(-1.0)]), ["dog"])
-    elsewhere = toy_measures.summarise(runs(prompt, residuals=[residual.with_subject("photo")]), ["dog"])
-    r = {name: s["radius"]["dog"] for name, s in (("plain", plain), ("oracle", oracle), ("trained", trained),
-                                                  ("flipped", flipped), ("elsewhere", elsewhere))}
+    effects = toy_measures.residual_effects(attribute_world, "a photo of a dog", big_dog_residual_dit, "dog")
+    effects["oracle"] = toy_measures.summarise(attribute_world("a photo of a big dog"), ["dog"])
+    trained = effects["trained"]
+    r = {name: s["radius"]["dog"] for name, s in effects.items()}
     assert r["oracle"] > r["plain"] + 0.6, r  # the world binds "big" (else there is nothing to learn)
     assert trained["presence"] >= 0.9 and trained["unprompted"] <= 0.05, trained
     assert r["trained"] > r["plain"] + 0.5, r  # at least about half of the oracle's lift

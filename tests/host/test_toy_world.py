@@ -140,13 +140,7 @@ def big_residual(pack, world, subject: str, picture_seed: int, **settings):
     """A residual trained from 6 pictures of big ``subject``s with the class word ``subject``, at the toy world's
     own 128 px (the size of its pictures); by default fast mode at the node's defaults (steps and learning rate
     automatic, batch 1)."""
-    model, clip, vae = world
-    objective = pack.cones2_core.objective
-    gen = torch.Generator().manual_seed(picture_seed)
-    pictures = [toy_world.picture(toy_world.place(gen, [(subject, True)])) for _ in range(6)]
-    settings = objective.TrainSettings(**{"mode": "fast", **settings}, resolution=toy_world.LATENT_SIZE * 8)
-    residual, _losses, _evals = pack.nodes.train_node.train_residual(model, clip, vae, pictures, subject, settings)
-    return residual
+    return toy_measures.train_big_residual(pack, *world, subject, picture_seed, **settings)
 
 
 @pytest.fixture(scope="module")
@@ -177,13 +171,9 @@ def test_a_trained_residual_makes_the_plain_class_word_carry_the_attribute(runs,
     not (so the lift is the residual at the dog's tokens, not any change of the prompt). Fast mode at the node's
     defaults; paper mode as paper_dog_residual says."""
     big_dog_residual = request.getfixturevalue("big_dog_residual" if mode == "fast" else "paper_dog_residual")
-    prompt = "a photo of a dog"
-    plain = toy_measures.summarise(runs(prompt), ["dog"])
-    trained = toy_measures.summarise(runs(prompt, residuals=[big_dog_residual]), ["dog"])
-    flipped = toy_measures.summarise(runs(prompt, residuals=[big_dog_residual.with_strength(-1.0)]), ["dog"])
-    elsewhere = toy_measures.summarise(runs(prompt, residuals=[big_dog_residual.with_subject("photo")]), ["dog"])
-    r = {name: s["radius"]["dog"] for name, s in
-         (("plain", plain), ("trained", trained), ("flipped", flipped), ("elsewhere", elsewhere))}
+    effects = toy_measures.residual_effects(runs, "a photo of a dog", big_dog_residual, "dog")
+    trained = effects["trained"]
+    r = {name: s["radius"]["dog"] for name, s in effects.items()}
     logging.getLogger(__name__).info("trained residual, dog radius: %s", r)
     assert trained["presence"] >= 0.9 and trained["unprompted"] <= 0.05, trained
     assert r["trained"] > r["plain"] + 0.5, r  # the "big dog" prompt itself lifts by about 1.7, the oracle 0.8
